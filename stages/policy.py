@@ -1,0 +1,347 @@
+"""Policies: the models that are sampled and trained, behind one small interface.
+
+A policy encodes prompts, predicts the velocity at ``(x, sigma)``, and decodes a final state to
+images. It is stored as a folder laid out like a diffusers pipeline (``transformer/``,
+``text_encoder/``, ``tokenizer/``) plus tempflow's own ``config.json``:
+
+    {"format": "tempflow.policy/1", "kind": "tiny", "model": {...}, "step": 0, "reference": null}
+
+``kind`` selects the class in :data:`POLICIES`; ``step`` counts the updates applied; ``reference``
+names the policy the KL term is measured against (``null``: the policy is its own reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from stages.errors import TempflowError
+
+POLICY_FORMAT = "tempflow.policy/1"
+
+
+def _quiet_hub_libraries() -> None:
+    """diffusers and transformers draw their own tqdm bars on save/load; progress is the CLI's job."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+Cond = dict[str, Tensor]  # prompt conditioning, every tensor batch-first
+
+
+def index_cond(cond: Cond, index: Tensor | list[int]) -> Cond:
+    """Rows ``index`` of every tensor in ``cond`` (e.g. one row per sample from one row per prompt)."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    return {name: t[index] for name, t in cond.items()}
+
+
+def tensor_hash(modules: dict[str, nn.Module]) -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer, in name order.
+
+    Independent of file format and of how the weights were loaded: two policies with the same
+    identity compute the same function.
+    """
+    digest = hashlib.sha256()
+    for prefix in sorted(modules):
+        state = modules[prefix].state_dict()
+        for name in sorted(state):
+            t = state[name].detach().cpu().contiguous()
+            digest.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class Policy(ABC):
+    """A text-conditioned flow model. ``x`` is the model's state (pixels or latents), batch-first."""
+
+    kind: ClassVar[str]
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one state ``x`` without the batch dim, e.g. ``(C, H, W)``."""
+
+    @abstractmethod
+    def encode(self, prompts: list[str]) -> Cond:
+        """Conditioning for each prompt (no gradient: text encoders stay frozen)."""
+
+    @abstractmethod
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """Predicted velocity ``~ noise - x_data`` at noise level ``sigma`` (shape ``(B,)``), float32."""
+
+    @abstractmethod
+    def decode(self, x: Tensor) -> np.ndarray:
+        """Final states to images, uint8 ``(B, H, W, 3)``."""
+
+    @abstractmethod
+    def trainable(self) -> nn.Module:
+        """The module whose parameters GRPO updates."""
+
+    @abstractmethod
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module whose weights define the policy (for its identity)."""
+
+    @abstractmethod
+    def save_weights(self, path: Path) -> None:
+        """Write the weights under ``path`` (the policy folder; config.json is written by the caller)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: Path, model_config: dict[str, Any]) -> Policy:
+        """Load from a policy folder whose config.json had ``model = model_config``."""
+
+    def identity(self) -> str:
+        """A hash of the weights: the rollout manifest records it, the update checks it."""
+        return tensor_hash(self.modules())
+
+    def to(self, device: str | torch.device) -> Policy:
+        for module in self.modules().values():
+            module.to(device)
+        self.device = torch.device(device)
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# The tiny preset: pixel-space SD3 transformer + small CLIP text encoder + word-level tokenizer.
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # CLIP pools at [EOS]; id 2 would trigger its legacy path
+DEFAULT_WORDS = (
+    "a an the and of with on in left right above below one two three four five "
+    "red green blue yellow magenta cyan white black orange purple pink gray brown "
+    "square squares circle circles triangle triangles shape shapes big small large tiny "
+    "photo picture image drawing painting cat dog tree house car flower sky sea mountain"
+).split()
+
+
+@dataclass
+class TinyConfig:
+    """Architecture of the ``tiny`` preset: a pixel-space flow model small enough for a CPU."""
+
+    image_size: int = 32
+    """Side of the square RGB image, in pixels (the state is ``(3, image_size, image_size)``)."""
+    patch_size: int = 2
+    """Transformer patch size; ``image_size`` must be a multiple of it."""
+    num_layers: int = 2
+    """Joint transformer blocks."""
+    num_attention_heads: int = 2
+    attention_head_dim: int = 16
+    text_hidden_size: int = 32
+    """Width of the text encoder, also the transformer's joint-attention and pooled widths."""
+    text_layers: int = 2
+    max_prompt_tokens: int = 16
+    """Prompts are padded/truncated to this many tokens (including [EOS])."""
+    vocab: list[str] = field(default_factory=lambda: list(DEFAULT_WORDS))
+    """Word-level vocabulary (lower case); other words map to [UNK]."""
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise TempflowError(
+                f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; "
+                "pick sizes such as 32 and 2"
+            )
+        for name in ("image_size", "patch_size", "num_layers", "num_attention_heads", "attention_head_dim",
+                     "text_hidden_size", "text_layers", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise TempflowError(f"tiny model: {name} must be >= 1, got {getattr(self, name)}")
+
+
+def build_word_tokenizer(words: list[str], max_length: int):
+    """A word-level ``PreTrainedTokenizerFast``: lower-cases, splits on whitespace and punctuation,
+    appends [EOS], pads with [PAD] to ``max_length``."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab: dict[str, int] = {}
+    for word in [*SPECIAL_TOKENS, *(w.lower() for w in words)]:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A [EOS]", special_tokens=[("[EOS]", vocab["[EOS]"])])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]", model_max_length=max_length
+    )
+
+
+class TinyPolicy(Policy):
+    """``diffusers.SD3Transformer2DModel`` on RGB pixels in [-1, 1], conditioned by a small
+    ``transformers.CLIPTextModelWithProjection`` (token states for joint attention, the pooled
+    projection for the timestep embedding)."""
+
+    kind = "tiny"
+
+    def __init__(self, config: TinyConfig, transformer=None, text_encoder=None, tokenizer=None) -> None:
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+        _quiet_hub_libraries()
+        self.config = config
+        self.device = torch.device("cpu")
+        self.tokenizer = tokenizer or build_word_tokenizer(config.vocab, config.max_prompt_tokens)
+        if text_encoder is None:
+            text_config = CLIPTextConfig(
+                vocab_size=len(self.tokenizer),
+                hidden_size=config.text_hidden_size,
+                intermediate_size=2 * config.text_hidden_size,
+                num_hidden_layers=config.text_layers,
+                num_attention_heads=max(1, config.text_hidden_size // 16),
+                max_position_embeddings=config.max_prompt_tokens,
+                projection_dim=config.text_hidden_size,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+                bos_token_id=self.tokenizer.convert_tokens_to_ids("[BOS]"),
+            )
+            text_encoder = CLIPTextModelWithProjection(text_config)
+        if transformer is None:
+            transformer = SD3Transformer2DModel(
+                sample_size=config.image_size,
+                patch_size=config.patch_size,
+                in_channels=3,
+                out_channels=3,
+                num_layers=config.num_layers,
+                attention_head_dim=config.attention_head_dim,
+                num_attention_heads=config.num_attention_heads,
+                joint_attention_dim=config.text_hidden_size,
+                caption_projection_dim=config.num_attention_heads * config.attention_head_dim,
+                pooled_projection_dim=config.text_hidden_size,
+                pos_embed_max_size=config.image_size // config.patch_size,
+            )
+        self.transformer = transformer
+        self.text_encoder = text_encoder.eval().requires_grad_(False)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return (3, self.config.image_size, self.config.image_size)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> Cond:
+        batch = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.config.max_prompt_tokens,
+            return_tensors="pt",
+        )
+        out = self.text_encoder(input_ids=batch.input_ids.to(self.device),
+                                attention_mask=batch.attention_mask.to(self.device))
+        return {"hidden": out.last_hidden_state.float(), "pooled": out.text_embeds.float()}
+
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        timestep = (1000.0 * torch.as_tensor(sigma, dtype=torch.float32, device=x.device)).reshape(-1)
+        timestep = timestep.expand(x.shape[0])  # SD3 is fed 1000 * sigma
+        out = self.transformer(
+            hidden_states=x, encoder_hidden_states=cond["hidden"], pooled_projections=cond["pooled"],
+            timestep=timestep, return_dict=False,
+        )[0]
+        return out.float()
+
+    def decode(self, x: Tensor) -> np.ndarray:
+        pixels = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+    def trainable(self) -> nn.Module:
+        return self.transformer
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"transformer": self.transformer, "text_encoder": self.text_encoder}
+
+    def save_weights(self, path: Path) -> None:
+        self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
+        self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
+        self.tokenizer.save_pretrained(path / "tokenizer")
+
+    @classmethod
+    def load(cls, path: Path, model_config: dict[str, Any]) -> TinyPolicy:
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerFast
+
+        _quiet_hub_libraries()
+        config = TinyConfig(**model_config)
+        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", local_files_only=True)
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", local_files_only=True)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer", local_files_only=True)
+        return cls(config, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+POLICIES: dict[str, type[Policy]] = {"tiny": TinyPolicy}
+PRESETS: dict[str, str] = {"tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config"}
+
+
+# --------------------------------------------------------------------------------------------
+# Policy folders
+
+
+@dataclass
+class PolicyRecord:
+    """The bookkeeping in a policy folder's config.json, beside the weights."""
+
+    kind: str
+    model: dict[str, Any]
+    step: int = 0
+    """Number of GRPO updates applied since ``init``."""
+    reference: dict[str, str] | None = None
+    """``{"path": ..., "identity": ...}`` of the KL reference policy; ``None``: this policy itself."""
+    identity: str = ""
+    """Hash of the weights when saved (recomputed and checked on load)."""
+
+
+def build_policy(preset: str, seed: int, model_overrides: dict[str, Any] | None = None) -> Policy:
+    """A freshly initialised policy of a preset (weights drawn with ``torch.manual_seed(seed)``)."""
+    if preset not in PRESETS:
+        raise TempflowError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    torch.manual_seed(seed)
+    return TinyPolicy(TinyConfig(**(model_overrides or {})))
+
+
+def model_config(policy: Policy) -> dict[str, Any]:
+    return asdict(policy.config)  # type: ignore[attr-defined]
+
+
+def save_policy(policy: Policy, path: Path, record: PolicyRecord) -> None:
+    """Write weights and config.json into ``path`` (an empty folder: callers make it atomic)."""
+    path.mkdir(parents=True, exist_ok=True)
+    policy.save_weights(path)
+    record.identity = policy.identity()
+    config = {"format": POLICY_FORMAT, **asdict(record)}
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def read_policy_record(path: Path) -> PolicyRecord:
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise TempflowError(f"{path}: not a policy folder (no config.json); create one with `tempflow init`")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise TempflowError(f"{config_path}: not valid JSON ({err.msg}); the policy folder is damaged") from None
+    if config.get("format") != POLICY_FORMAT:
+        raise TempflowError(
+            f"{config_path}: policy format {config.get('format')!r}, this tempflow reads {POLICY_FORMAT!r}"
+        )
+    if config.get("kind") not in POLICIES:
+        raise TempflowError(f"{config_path}: unknown policy kind {config.get('kind')!r}; known: {', '.join(POLICIES)}")
+    config.pop("format")
+    return PolicyRecord(**config)
+
+
+def load_policy(path: Path | str, device: str = "cpu") -> tuple[Policy, PolicyRecord]:
+    """Load a policy folder; refuses one whose weights do not match the identity it was saved with."""
+    path = Path(path)
+    record = read_policy_record(path)
+    try:
+        policy = POLICIES[record.kind].load(path, record.model)
+    except (OSError, ValueError, TypeError) as err:
+        raise TempflowError(f"{path}: cannot load the {record.kind} policy's weights ({err})") from None
+    policy.to(device)
+    if record.identity and policy.identity() != record.identity:
+        raise TempflowError(f"{path}: weights do not match the identity in config.json; the folder was modified")
+    return policy, record

@@ -1,0 +1,113 @@
+"""Rewards: functions from images and prompts to one score per image.
+
+A reward function takes ``images``, a uint8 array ``(N, H, W, 3)``, and ``prompts``, a list of N
+strings, and returns N finite floats (higher is better). Built-ins live in :data:`REWARDS`; any
+importable ``module:function`` with that signature works too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from stages.errors import TempflowError
+
+RewardFn = Callable[[np.ndarray, list[str]], Sequence[float]]
+
+
+def jpeg_size_kb(images: np.ndarray) -> np.ndarray:
+    """Size of each image as a quality-95 JPEG, in kB (1000 bytes), as DDPO defines it."""
+    from PIL import Image
+
+    sizes = []
+    for image in images:
+        buf = io.BytesIO()
+        Image.fromarray(image, mode="RGB").save(buf, format="JPEG", quality=95)
+        sizes.append(buf.tell() / 1000)
+    return np.asarray(sizes, dtype=np.float64)
+
+
+def jpeg_compressibility(images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """Minus the JPEG size in kB: simpler, smoother images score higher."""
+    return -jpeg_size_kb(images)
+
+
+def jpeg_incompressibility(images: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """The JPEG size in kB: busier, more detailed images score higher."""
+    return jpeg_size_kb(images)
+
+
+REWARDS: dict[str, RewardFn] = {
+    "jpeg_compressibility": jpeg_compressibility,
+    "jpeg_incompressibility": jpeg_incompressibility,
+}
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """One component of the reward: a built-in name or ``module:function``, and its weight."""
+
+    name: str
+    weight: float = 1.0
+
+    @property
+    def column(self) -> str:
+        """Suffix of the component's ``reward_<name>`` column (``module.function`` for user rewards)."""
+        return self.name.replace(":", ".")
+
+
+def parse_reward_spec(text: str) -> RewardSpec:
+    """``NAME``, ``NAME:WEIGHT``, ``module:function`` or ``module:function:WEIGHT``."""
+    head, sep, tail = text.rpartition(":")
+    weight = 1.0
+    if sep:
+        try:
+            weight = float(tail)
+            text = head
+        except ValueError:
+            pass  # the part after the last colon is a function name, not a weight
+    if not np.isfinite(weight):
+        raise TempflowError(f"reward {text!r}: weight must be a finite number")
+    if text not in REWARDS and ":" not in text:
+        raise TempflowError(
+            f"unknown reward {text!r}; choose one of {', '.join(REWARDS)} or give module:function"
+        )
+    return RewardSpec(text, weight)
+
+
+def resolve_reward(spec: RewardSpec) -> RewardFn:
+    """The callable behind a spec; user rewards are imported here (``module:function``)."""
+    if spec.name in REWARDS:
+        return REWARDS[spec.name]
+    module_name, _, attr = spec.name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise TempflowError(
+            f"reward {spec.name}: cannot import module {module_name!r} ({err}); is it on PYTHONPATH?"
+        ) from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise TempflowError(f"reward {spec.name}: module {module_name!r} has no function {attr!r}")
+    return fn
+
+
+def call_reward(spec: RewardSpec, fn: RewardFn, images: np.ndarray, prompts: list[str], keys: list[str]) -> np.ndarray:
+    """Run one reward on a batch and check what came back: N finite floats."""
+    try:
+        values = np.asarray(fn(images, prompts), dtype=np.float64).reshape(-1)
+    except (TypeError, ValueError) as err:
+        raise TempflowError(f"reward {spec.name} did not return numbers ({err})") from None
+    if values.shape[0] != len(keys):
+        raise TempflowError(f"reward {spec.name} returned {values.shape[0]} scores for {len(keys)} images")
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise TempflowError(
+            f"reward {spec.name} returned NaN or infinite scores ({int(bad.sum())}, first for sample "
+            f"{keys[int(np.argmax(bad))]}); fix the reward function"
+        )
+    return values

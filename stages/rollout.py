@@ -1,0 +1,350 @@
+"""The rollout stage: sample trajectories with the current policy and write trained transitions.
+
+Algorithms (DESIGN.md §2-§3):
+
+* ``tempflow`` — walk each (prompt, seed) *main path* by ODE; at each branch step ``k`` draw ``K``
+  SDE samples of ``x_{k+1}`` from the main path's ``x_k`` and finish each branch by ODE. A branch's
+  reward belongs to step ``k`` alone. The branch step reuses the main path's velocity (no extra
+  forward); finishing costs ``T - k - 1`` forwards. Continuations of every branch of a chunk of
+  main paths are batched together, whatever their step, with a per-sample sigma.
+* ``flow-grpo`` — ``G`` trajectories per prompt, SDE at every step ``0 .. T-2``; each transition of a
+  trajectory shares its final image.
+* ``flow-grpo-fast`` — ODE, an SDE window of ``w`` steps starting at a step drawn in
+  ``[0, T/2 - w]``, then ODE; only the window's transitions are written.
+
+All randomness comes from seeds derived from ``(config.seed, prompt, seed index, step, branch)``, so
+the same config gives byte-identical shards whatever the batch size's effect on scheduling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stages.artifacts import check_out_free, ShardWriter, atomic_output, npy_bytes, png_bytes, write_manifest
+from stages.errors import TempflowError
+from stages.flow import make_sigmas, ode_step, sde_step
+from stages.policy import Cond, Policy, index_cond
+from stages.progress import Progress, no_progress
+
+ALGORITHMS = {
+    "tempflow": "branch K SDE samples off an ODE main path at chosen steps; per-step process rewards",
+    "flow-grpo": "SDE at every step, G trajectories per prompt, one advantage per trajectory",
+    "flow-grpo-fast": "ODE with an SDE window of w steps at a random early position",
+}
+
+
+@dataclass
+class RolloutConfig:
+    """How to sample. Every field is also a ``tempflow rollout`` option."""
+
+    algo: str = "tempflow"
+    """Sampling algorithm: tempflow, flow-grpo or flow-grpo-fast."""
+    num_steps: int = 10
+    """T, sampling steps from pure noise to the image."""
+    shift: float = 3.0
+    """Static timestep shift of the sigma schedule (SD3 uses 3)."""
+    noise_level: float = 0.7
+    """a, the SDE noise level of Flow-GRPO (0 would make the SDE an ODE, with nothing to learn)."""
+    seeds_per_prompt: int = 2
+    """Initial noises per prompt: tempflow's main paths, or flow-grpo's G trajectories."""
+    branches: int = 4
+    """K, SDE samples per branch step (tempflow)."""
+    branch_steps: str = "all"
+    """Where tempflow branches: 'all' (0..T-2), 'first:N', 'sampled:N' (N distinct steps drawn per
+    rollout from the seed), or an explicit comma list such as '0,2,5'."""
+    window: int = 2
+    """w, SDE window length of flow-grpo-fast."""
+    batch_size: int = 32
+    """Rows per model forward pass."""
+    seed: int = 0
+    """Root of all randomness of the rollout."""
+    samples_per_shard: int = 256
+    """Samples per webdataset shard."""
+
+    def __post_init__(self) -> None:
+        if self.algo not in ALGORITHMS:
+            raise TempflowError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
+        if self.num_steps < 2:
+            raise TempflowError(f"num_steps must be >= 2 (got {self.num_steps})")
+        if not 0 < self.noise_level:
+            raise TempflowError(f"noise_level must be > 0 for GRPO to have something to learn (got {self.noise_level})")
+        for name in ("seeds_per_prompt", "branches", "batch_size", "samples_per_shard", "window"):
+            if getattr(self, name) < 1:
+                raise TempflowError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.algo == "flow-grpo" and self.seeds_per_prompt < 2:
+            raise TempflowError("flow-grpo compares trajectories of one prompt: seeds-per-prompt must be >= 2")
+        if self.algo == "tempflow" and self.branches < 2:
+            raise TempflowError("tempflow compares the branches of one step: branches must be >= 2")
+        if self.algo == "flow-grpo-fast" and self.num_steps // 2 - self.window < 0:
+            raise TempflowError(
+                f"flow-grpo-fast: window {self.window} does not fit in the first half of {self.num_steps} steps; "
+                "use a smaller --window or more --num-steps"
+            )
+        self.branch_steps = str(self.branch_steps).replace(" ", "")
+        self.resolve_branch_steps()  # validates the spec
+
+    def resolve_branch_steps(self) -> list[int]:
+        """The branch set B for this rollout, a sorted subset of 0..T-2."""
+        last = self.num_steps - 2
+        spec = self.branch_steps
+        try:
+            if spec == "all":
+                steps = list(range(last + 1))
+            elif spec.startswith("first:"):
+                steps = list(range(int(spec[6:])))
+            elif spec.startswith("sampled:"):
+                n = int(spec[8:])
+                if not 1 <= n <= last + 1:
+                    raise ValueError
+                steps = sorted(random.Random(derive_seed(self.seed, "branch-steps")).sample(range(last + 1), n))
+            else:
+                steps = sorted({int(s) for s in spec.split(",")})
+        except ValueError:
+            raise TempflowError(
+                f"branch-steps {spec!r}: use 'all', 'first:N', 'sampled:N' or a list like '0,2,5' "
+                f"with steps in 0..{last} (N between 1 and {last + 1})"
+            ) from None
+        if not steps or steps[0] < 0 or steps[-1] > last:
+            raise TempflowError(f"branch-steps {spec!r}: steps must lie in 0..{last} (T = {self.num_steps}); the last step is never trained")
+        return steps
+
+    def sde_window(self) -> list[int]:
+        """Steps sampled by SDE (and written) for the flow-grpo algorithms."""
+        if self.algo == "flow-grpo":
+            return list(range(self.num_steps - 1))
+        start = random.Random(derive_seed(self.seed, "window")).randint(0, self.num_steps // 2 - self.window)
+        return list(range(start, start + self.window))
+
+
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from any tuple of values; stable across runs, platforms and Python versions."""
+    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def seeded_normal(shape: tuple[int, ...], seeds: list[int]) -> Tensor:
+    """One standard normal tensor of ``shape`` per seed, stacked: ``(len(seeds), *shape)``, float32."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+@dataclass
+class Trajectory:
+    prompt_index: int
+    seed_index: int
+    seed: int  # the seed of the initial noise
+
+
+@dataclass
+class Branch:
+    """A tempflow branch waiting to be finished by ODE."""
+
+    traj: Trajectory
+    step: int  # k, the branch step
+    branch: int  # b
+    state: Tensor  # x_k
+    next: Tensor  # x_{k+1}, the SDE sample
+    log_prob: float
+    x: Tensor  # current state of the continuation
+    at: int  # index of the sigma x is at
+
+
+@dataclass
+class RolloutResult:
+    samples: int
+    nfe: int
+    shards: int
+    branch_steps: list[int] = field(default_factory=list)
+
+
+class _Sampler:
+    """Shared plumbing of the algorithms: model calls with NFE counting, and sample writing."""
+
+    def __init__(self, policy: Policy, prompts: list[str], config: RolloutConfig, writer: ShardWriter,
+                 progress: Progress, total_nfe: int) -> None:
+        self.policy, self.prompts, self.config, self.writer = policy, prompts, config, writer
+        self.sigmas = make_sigmas(config.num_steps, config.shift)
+        self.progress, self.total_nfe = progress, total_nfe
+        self.nfe = 0
+        self.cond_all = self._encode_all()
+
+    def _encode_all(self) -> Cond:
+        chunks = [self.policy.encode(self.prompts[i:i + 256]) for i in range(0, len(self.prompts), 256)]
+        return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+
+    @torch.no_grad()
+    def velocity(self, x: Tensor, at: Tensor, prompt_index: list[int]) -> Tensor:
+        """Velocity for states ``x`` at sigma indices ``at`` (one per row)."""
+        device = self.policy.device
+        v = self.policy.velocity(x.to(device), self.sigmas[at].to(device), index_cond(self.cond_all, prompt_index))
+        self.nfe += x.shape[0]
+        self.progress("rollout", x.shape[0], self.total_nfe)
+        return v.cpu()
+
+    def sigma_pair(self, at: Tensor) -> tuple[Tensor, Tensor]:
+        """``(s_i, s_{i+1})`` per row, shaped to broadcast against ``(B, C, H, W)``."""
+        shape = (-1,) + (1,) * len(self.policy.sample_shape)
+        return self.sigmas[at].reshape(shape), self.sigmas[at + 1].reshape(shape)
+
+    def initial_noise(self, trajs: list[Trajectory]) -> Tensor:
+        return seeded_normal(self.policy.sample_shape, [t.seed for t in trajs])
+
+    def write(self, traj: Trajectory, step: int, branch: int, state: Tensor, nxt: Tensor, log_prob: float,
+              group: str, image: np.ndarray | None, image_key: str | None = None) -> str:
+        key = f"p{traj.prompt_index:05d}_s{traj.seed_index:03d}_k{step:03d}_b{branch:02d}"
+        meta = {
+            "prompt": self.prompts[traj.prompt_index], "prompt_index": traj.prompt_index,
+            "seed": traj.seed, "seed_index": traj.seed_index, "group": group, "step": step, "branch": branch,
+            "sigma": float(self.sigmas[step]), "sigma_next": float(self.sigmas[step + 1]),
+            "log_prob": float(log_prob), "algo": self.config.algo,
+        }
+        if image_key is not None:
+            meta["image_key"] = image_key
+        fields = {
+            "meta.json": json.dumps(meta, sort_keys=True).encode(),
+            "state.npy": npy_bytes(state.numpy()),
+            "next.npy": npy_bytes(nxt.numpy()),
+        }
+        if image is not None:
+            fields["image.png"] = png_bytes(image)
+        self.writer.write(key, fields)
+        return key
+
+
+def _trajectories(config: RolloutConfig, num_prompts: int) -> list[Trajectory]:
+    return [
+        Trajectory(p, j, derive_seed(config.seed, "noise", p, j))
+        for p in range(num_prompts) for j in range(config.seeds_per_prompt)
+    ]
+
+
+def planned_nfe(config: RolloutConfig, num_prompts: int) -> int:
+    """Forward passes the rollout will make (the cost the benchmark compares)."""
+    n, T = num_prompts * config.seeds_per_prompt, config.num_steps
+    if config.algo != "tempflow":
+        return n * T
+    steps = config.resolve_branch_steps()
+    main = n * (steps[-1] + 1)  # the main path stops at the last branch step
+    return main + n * config.branches * sum(T - k - 1 for k in steps)
+
+
+def _tempflow(s: _Sampler, trajs: list[Trajectory]) -> None:
+    cfg = s.config
+    steps = cfg.resolve_branch_steps()
+    for start in range(0, len(trajs), cfg.batch_size):
+        chunk = trajs[start:start + cfg.batch_size]
+        pool: list[Branch] = []
+        x = s.initial_noise(chunk)  # (B, C, H, W)
+        pis = [t.prompt_index for t in chunk]
+        for i in range(steps[-1] + 1):
+            at = torch.full((len(chunk),), i)
+            v = s.velocity(x, at, pis)
+            sigma, sigma_next = s.sigma_pair(at)
+            if i in steps:
+                for b in range(cfg.branches):
+                    eps = seeded_normal(s.policy.sample_shape, [derive_seed(t.seed, "branch", i, b) for t in chunk])
+                    out = sde_step(v, x, sigma, sigma_next, cfg.noise_level, noise=eps)
+                    pool += [
+                        Branch(t, i, b, x[n], out.prev_sample[n], float(out.log_prob[n]), out.prev_sample[n], i + 1)
+                        for n, t in enumerate(chunk)
+                    ]
+            x = ode_step(v, x, sigma, sigma_next)
+        _finish_branches(s, pool)
+
+
+def _finish_branches(s: _Sampler, pool: list[Branch]) -> None:
+    """Run every branch to s_T = 0 by ODE, ``batch_size`` rows at a time across groups and steps."""
+    T = s.config.num_steps
+    while pool:
+        batch, pool = pool[:s.config.batch_size], pool[s.config.batch_size:]
+        at = torch.tensor([br.at for br in batch])
+        x = torch.stack([br.x for br in batch])
+        v = s.velocity(x, at, [br.traj.prompt_index for br in batch])
+        x = ode_step(v, x, *s.sigma_pair(at))
+        done = [n for n, br in enumerate(batch) if br.at + 1 == T]
+        images = s.policy.decode(x[done]) if done else None
+        for n, br in enumerate(batch):
+            br.x, br.at = x[n], br.at + 1
+        for img, n in zip(images if done else [], done):
+            br = batch[n]
+            group = f"p{br.traj.prompt_index}-s{br.traj.seed_index}-k{br.step}"
+            s.write(br.traj, br.step, br.branch, br.state, br.next, br.log_prob, group, img)
+        pool = [br for br in batch if br.at < T] + pool
+
+
+def _flow_grpo(s: _Sampler, trajs: list[Trajectory]) -> None:
+    cfg = s.config
+    window = set(cfg.sde_window())
+    for start in range(0, len(trajs), cfg.batch_size):
+        chunk = trajs[start:start + cfg.batch_size]
+        pis = [t.prompt_index for t in chunk]
+        x = s.initial_noise(chunk)
+        transitions: list[tuple[int, Tensor, Tensor, Tensor]] = []  # (step, x_k, x_{k+1}, log p)
+        for i in range(cfg.num_steps):
+            at = torch.full((len(chunk),), i)
+            v = s.velocity(x, at, pis)
+            sigma, sigma_next = s.sigma_pair(at)
+            if i in window:
+                eps = seeded_normal(s.policy.sample_shape, [derive_seed(t.seed, "sde", i) for t in chunk])
+                out = sde_step(v, x, sigma, sigma_next, cfg.noise_level, noise=eps)
+                transitions.append((i, x, out.prev_sample, out.log_prob))
+                x = out.prev_sample
+            else:
+                x = ode_step(v, x, sigma, sigma_next)
+        images = s.policy.decode(x)
+        for n, traj in enumerate(chunk):
+            owner = None
+            for step, state, nxt, log_prob in transitions:
+                # the trajectory's image is stored once, on its first transition
+                key = s.write(traj, step, 0, state[n], nxt[n], float(log_prob[n]), f"p{traj.prompt_index}",
+                              images[n] if owner is None else None, image_key=owner)
+                owner = owner or key
+
+
+def run_rollout(
+    policy: Policy,
+    prompts: list[str],
+    config: RolloutConfig,
+    out: Path,
+    policy_info: dict[str, Any],
+    progress: Progress = no_progress,
+    overwrite: bool = False,
+) -> RolloutResult:
+    """Sample with ``policy`` on ``prompts`` and write the rollout folder ``out`` atomically.
+
+    ``policy_info`` (at least ``identity``) goes into the manifest, so that the update can check that
+    it trains the policy that sampled.
+    """
+    check_out_free(out, overwrite)
+    if not prompts:
+        raise TempflowError("no prompts to roll out")
+    trajs = _trajectories(config, len(prompts))
+    total = planned_nfe(config, len(prompts))
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        tmp.mkdir()
+        writer = ShardWriter(tmp, config.samples_per_shard)
+        sampler = _Sampler(policy, prompts, config, writer, progress, total)
+        (_tempflow if config.algo == "tempflow" else _flow_grpo)(sampler, trajs)
+        shards = writer.close()
+        assert sampler.nfe == total, (sampler.nfe, total)  # planned_nfe is the documented cost
+        write_manifest(tmp, {
+            "config": asdict(config),
+            "branch_steps": config.resolve_branch_steps() if config.algo == "tempflow" else config.sde_window(),
+            "sigmas": [float(v) for v in sampler.sigmas],
+            "prompts": prompts,
+            "policy": policy_info,
+            "sample_shape": list(policy.sample_shape),
+            "samples": writer.count,
+            "nfe": sampler.nfe,
+            "shards": shards,
+        })
+    steps = config.resolve_branch_steps() if config.algo == "tempflow" else config.sde_window()
+    return RolloutResult(samples=writer.count, nfe=sampler.nfe, shards=len(shards), branch_steps=steps)

@@ -1,0 +1,98 @@
+"""The score stage: read a rollout's images, compute rewards, write one parquet row per sample."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from stages.artifacts import check_out_free, atomic_output, iter_rollout, manifest_hash, read_manifest, write_scores
+from stages.errors import TempflowError
+from stages.progress import Progress, no_progress
+from stages.rewards import RewardSpec, call_reward, resolve_reward
+
+
+@dataclass
+class ScoreResult:
+    samples: int
+    images: int
+    mean: dict[str, float]  # per column: "reward" and each "reward_<name>"
+    std: dict[str, float]
+
+
+def run_score(
+    rollout: Path,
+    specs: list[RewardSpec],
+    out: Path,
+    batch_size: int = 64,
+    progress: Progress = no_progress,
+    overwrite: bool = False,
+) -> ScoreResult:
+    """Score every image of ``rollout`` with each reward of ``specs``; write ``out`` (parquet) atomically.
+
+    Samples that share a trajectory's image (``image_key`` in their meta) get that image's rewards.
+    """
+    check_out_free(out, overwrite)
+    if not specs:
+        raise TempflowError("no reward given; pass --reward NAME[:WEIGHT] at least once")
+    if len({s.column for s in specs}) != len(specs):
+        raise TempflowError("the same reward is given twice; give each --reward once, with a weight")
+    if batch_size < 1:
+        raise TempflowError(f"batch-size must be >= 1 (got {batch_size})")
+    rollout = Path(rollout)
+    manifest = read_manifest(rollout)
+    fns = [resolve_reward(s) for s in specs]
+
+    keys: list[str] = []
+    image_of: dict[str, str] = {}  # sample key -> key of the sample holding its image
+    scored: dict[str, np.ndarray] = {}  # image key -> (components,)
+    batch: list[tuple[str, np.ndarray, str]] = []
+
+    def flush() -> None:
+        images = np.stack([img for _, img, _ in batch])
+        prompts = [p for _, _, p in batch]
+        batch_keys = [k for k, _, _ in batch]
+        values = np.stack([call_reward(s, fn, images, prompts, batch_keys) for s, fn in zip(specs, fns)], axis=1)
+        scored.update(zip(batch_keys, values))
+        progress("score", len(batch), manifest["samples"])
+        batch.clear()
+
+    for sample in iter_rollout(rollout, manifest, fields=("meta.json", "image.png")):
+        meta = sample.meta
+        keys.append(sample.key)
+        if "image.png" in sample.fields:
+            image_of[sample.key] = sample.key
+            batch.append((sample.key, sample.image(), meta["prompt"]))
+            if len(batch) == batch_size:
+                flush()
+        elif "image_key" in meta:
+            image_of[sample.key] = meta["image_key"]
+            progress("score", 1, manifest["samples"])
+        else:
+            raise TempflowError(f"{rollout}: sample {sample.key} has neither image.png nor image_key; the rollout is damaged")
+    if batch:
+        flush()
+    if len(keys) != manifest["samples"]:
+        raise TempflowError(f"{rollout}: manifest lists {manifest['samples']} samples, shards hold {len(keys)}")
+    missing = sorted({owner for owner in image_of.values() if owner not in scored})
+    if missing:
+        raise TempflowError(f"{rollout}: image_key {missing[0]} names no sample with an image; the rollout is damaged")
+
+    components = np.stack([scored[image_of[k]] for k in keys])  # (N, R)
+    weights = np.asarray([s.weight for s in specs])
+    total = components @ weights
+    columns = {s.column: components[:, i] for i, s in enumerate(specs)}
+    meta = {
+        "rewards": [asdict(s) for s in specs],
+        "rollout": str(rollout),
+        "rollout_manifest_sha256": manifest_hash(rollout),
+    }
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        write_scores(tmp, keys, total, columns, meta)
+
+    named = {"reward": total, **{f"reward_{c}": v for c, v in columns.items()}}
+    return ScoreResult(
+        samples=len(keys), images=len(scored),
+        mean={c: float(v.mean()) for c, v in named.items()}, std={c: float(v.std()) for c, v in named.items()},
+    )

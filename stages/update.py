@@ -1,0 +1,439 @@
+"""The update stage: one GRPO iteration on a scored rollout, written as a new policy folder.
+
+1. Check that the rollout was sampled by this policy and that the scores belong to the rollout.
+2. One pass over the shards' ``meta.json`` only: per-step group advantages and step weights.
+3. ``inner_epochs`` passes streaming the shards (memory bounded by the batch and shuffle buffer,
+   not by the rollout): recompute ``log p_new`` of each stored ``x_{k+1}`` given ``x_k``, clipped
+   GRPO loss + ``beta`` * KL to the reference policy, AdamW, grad-norm clipping.
+4. The very first step runs with the sampling policy's weights, so every ratio must be 1 up to float
+   error; a drift there means the trainer is not scoring what the sampler sampled, and the update
+   stops rather than train on a silently biased objective.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stages.artifacts import (
+    check_out_free,
+    Sample,
+    atomic_output,
+    check_keys_match,
+    iter_rollout,
+    manifest_hash,
+    read_manifest,
+    read_scores,
+    verify_shards,
+    write_json,
+)
+from stages.errors import TempflowError
+from stages.flow import grpo_loss, group_advantages, kl_to_reference, noise_aware_weights, sde_step
+from stages.policy import Policy, PolicyRecord, index_cond, load_policy, save_policy
+from stages.progress import Progress, no_progress
+
+WEIGHTINGS = {"noise-aware": "w_k = std_k / mean std (TempFlow-GRPO)", "uniform": "w_k = 1 (Flow-GRPO)"}
+ADV_GROUPS = {
+    "rollout": "the rollout's own groups: (prompt, seed, step) for tempflow, prompt for flow-grpo",
+    "seed": "(prompt, seed, step): branches sharing x_k",
+    "prompt": "(prompt, step) across seeds",
+}
+
+
+@dataclass
+class UpdateConfig:
+    """How to train on one rollout. Every field is also a ``tempflow update`` option."""
+
+    learning_rate: float = 3e-4
+    """AdamW learning rate."""
+    beta: float = 0.004
+    """Weight of the KL to the reference policy (0 turns it off and skips the reference model)."""
+    clip_range: float = 1e-3
+    """eps, PPO clip range of the ratio (Flow-GRPO uses 1e-4 at SD3 scale)."""
+    adv_clip: float = 5.0
+    """Advantages are clipped to [-adv_clip, adv_clip]."""
+    adv_group: str = "rollout"
+    """Advantage groups: rollout, seed or prompt."""
+    adv_std: str = "group"
+    """Normalise by the group's std ('group') or the whole rollout's ('global', a Flow-GRPO option)."""
+    weighting: str = "noise-aware"
+    """Per-step loss weights: noise-aware or uniform."""
+    inner_epochs: int = 1
+    """Passes over the rollout."""
+    batch_size: int = 32
+    """Samples per optimizer step."""
+    shuffle_buffer: int = 256
+    """Samples held for shuffling while streaming (memory scales with it, not with the rollout)."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clipping."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    ratio_tolerance: float = 1e-3
+    """Largest |ratio - 1| accepted on the first step, where the policy still equals the sampler."""
+    seed: int = 0
+    """Seed of the shuffling."""
+
+    def __post_init__(self) -> None:
+        if self.weighting not in WEIGHTINGS:
+            raise TempflowError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+        if self.adv_group not in ADV_GROUPS:
+            raise TempflowError(f"unknown adv-group {self.adv_group!r}; choose one of {', '.join(ADV_GROUPS)}")
+        if self.adv_std not in ("group", "global"):
+            raise TempflowError(f"adv-std must be 'group' or 'global' (got {self.adv_std!r})")
+        for name in ("learning_rate", "clip_range", "adv_clip", "max_grad_norm", "ratio_tolerance"):
+            if not getattr(self, name) > 0:
+                raise TempflowError(f"{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
+        for name in ("inner_epochs", "batch_size", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise TempflowError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.beta < 0 or self.weight_decay < 0:
+            raise TempflowError("beta and weight-decay must be >= 0")
+
+
+@dataclass
+class Plan:
+    """What the meta pass decides for every sample: its advantage and weight."""
+
+    advantage: dict[str, float]
+    weight: dict[str, float]
+    rewards: np.ndarray
+    skipped_groups: int
+    groups: int
+
+    @property
+    def active(self) -> int:
+        return sum(1 for a in self.advantage.values() if a != 0.0)
+
+
+def group_label(meta: dict[str, Any], mode: str) -> str:
+    """The advantage group of a sample under ``mode`` (see :data:`ADV_GROUPS`)."""
+    if mode == "rollout":
+        return str(meta["group"])
+    if mode == "seed":
+        return f"p{meta['prompt_index']}-s{meta['seed_index']}-k{meta['step']}"
+    return f"p{meta['prompt_index']}-k{meta['step']}"
+
+
+def plan_update(rollout: Path, manifest: dict, scores_path: Path, config: UpdateConfig) -> Plan:
+    """Join scores to the rollout by key and compute per-sample advantages and weights."""
+    columns, score_meta = read_scores(scores_path)
+    if score_meta.get("rollout_manifest_sha256") != manifest_hash(rollout):
+        raise TempflowError(
+            f"{scores_path} was computed for another rollout than {rollout} (manifest hash differs); "
+            f"run `tempflow score --rollout {rollout}` again"
+        )
+    metas = {s.key: s.meta for s in iter_rollout(rollout, manifest, fields=("meta.json",), verify=False)}
+    check_keys_match(columns["key"], metas, scores_path, rollout)
+    algo = manifest["config"]["algo"]
+    if config.adv_group == "seed" and algo != "tempflow":
+        raise TempflowError(
+            f"--adv-group seed needs several branches per seed; a {algo} rollout has one trajectory per seed: "
+            "use --adv-group prompt or rollout"
+        )
+    keys = list(columns["key"])
+    rewards = columns["reward"].astype(np.float64)
+    labels = [group_label(metas[k], config.adv_group) for k in keys]
+    adv = group_advantages(torch.from_numpy(rewards), labels, clip=config.adv_clip,
+                           global_std=config.adv_std == "global").numpy()
+    if config.weighting == "noise-aware":
+        step_weights = noise_aware_weights(torch.tensor(manifest["sigmas"]), manifest["config"]["noise_level"]).tolist()
+        weights = [step_weights[metas[k]["step"]] for k in keys]
+    else:
+        weights = [1.0] * len(keys)
+    by_group: dict[str, list[float]] = {}
+    for label, r in zip(labels, rewards):
+        by_group.setdefault(label, []).append(r)
+    skipped_groups = sum(1 for rs in by_group.values() if max(rs) == min(rs))
+    return Plan(
+        advantage=dict(zip(keys, adv.tolist())), weight=dict(zip(keys, weights)), rewards=rewards,
+        skipped_groups=skipped_groups, groups=len(by_group),
+    )
+
+
+def shuffled(items: Iterable[Sample], buffer_size: int, rng: random.Random) -> Iterator[Sample]:
+    """Streaming shuffle with a fixed-size buffer (holds at most ``buffer_size`` samples)."""
+    buffer: list[Sample] = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+@dataclass
+class Batch:
+    state: Tensor  # (B, C, H, W) x_k
+    next: Tensor  # (B, C, H, W) x_{k+1}
+    sigma: Tensor  # (B,)
+    sigma_next: Tensor  # (B,)
+    log_prob_old: Tensor  # (B,)
+    advantage: Tensor  # (B,)
+    weight: Tensor  # (B,)
+    prompt_index: list[int]
+
+
+def make_batch(samples: list[Sample], plan: Plan) -> Batch:
+    metas = [s.meta for s in samples]
+    return Batch(
+        state=torch.from_numpy(np.stack([s.array("state.npy") for s in samples])).float(),
+        next=torch.from_numpy(np.stack([s.array("next.npy") for s in samples])).float(),
+        sigma=torch.tensor([m["sigma"] for m in metas], dtype=torch.float32),
+        sigma_next=torch.tensor([m["sigma_next"] for m in metas], dtype=torch.float32),
+        log_prob_old=torch.tensor([m["log_prob"] for m in metas], dtype=torch.float32),
+        advantage=torch.tensor([plan.advantage[s.key] for s in samples], dtype=torch.float32),
+        weight=torch.tensor([plan.weight[s.key] for s in samples], dtype=torch.float32),
+        prompt_index=[m["prompt_index"] for m in metas],
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizer state, stored as safetensors + JSON (never pickled)
+
+OPTIMIZER_TENSORS = "optimizer.safetensors"
+OPTIMIZER_JSON = "optimizer.json"
+
+
+def save_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = optimizer.state_dict()
+    tensors = {f"{names[i]}/{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
+    save_file(tensors, folder / OPTIMIZER_TENSORS)
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
+    write_json(folder / OPTIMIZER_JSON, {"type": type(optimizer).__name__, "params": names, "param_groups": groups})
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: Path) -> bool:
+    """Restore AdamW moments saved by a previous update; False when the folder has none."""
+    from safetensors.torch import load_file
+
+    if not (folder / OPTIMIZER_JSON).is_file():
+        return False
+    info = json.loads((folder / OPTIMIZER_JSON).read_text())
+    if info.get("params") != names:
+        raise TempflowError(f"{folder}: optimizer state does not match the model's parameters; the policy folder is damaged")
+    tensors = load_file(folder / OPTIMIZER_TENSORS)
+    state: dict[int, dict[str, Tensor]] = {}
+    for flat, value in tensors.items():
+        name, _, slot = flat.rpartition("/")
+        state.setdefault(names.index(name), {})[slot] = value
+    groups = optimizer.state_dict()["param_groups"]
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# The training loop
+
+
+@dataclass
+class Stats:
+    """Running sums of the per-step metrics."""
+
+    steps: int = 0
+    loss: float = 0.0
+    policy_loss: float = 0.0
+    kl: float = 0.0
+    clipped: int = 0
+    samples: int = 0
+    ratio_min: float = float("inf")
+    ratio_max: float = float("-inf")
+    ratio_sum: float = 0.0
+    grad_norms: list[float] = field(default_factory=list)
+    first_step_ratio_deviation: float = 0.0
+
+
+class Trainer:
+    def __init__(self, policy: Policy, reference: Policy | None, prompts: list[str], noise_level: float,
+                 config: UpdateConfig) -> None:
+        self.policy, self.reference, self.config, self.noise_level = policy, reference, config, noise_level
+        self.cond = policy.encode(prompts)
+        self.params = [p for p in policy.trainable().parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.stats = Stats()
+
+    def step(self, batch: Batch) -> None:
+        cfg, device = self.config, self.policy.device
+        cond = index_cond(self.cond, batch.prompt_index)
+        shape = (-1,) + (1,) * (batch.state.ndim - 1)
+        sigma, sigma_next = batch.sigma.reshape(shape).to(device), batch.sigma_next.reshape(shape).to(device)
+        state, nxt = batch.state.to(device), batch.next.to(device)
+        v = self.policy.velocity(state, batch.sigma.to(device), cond)
+        new = sde_step(v, state, sigma, sigma_next, self.noise_level, prev_sample=nxt)
+        log_prob_old = batch.log_prob_old.to(device)
+        ratio = torch.exp(new.log_prob - log_prob_old).detach()
+        if self.stats.steps == 0:
+            self._check_on_policy(ratio)
+        policy_loss = grpo_loss(new.log_prob, log_prob_old, batch.advantage.to(device), batch.weight.to(device),
+                                cfg.clip_range).mean()
+        kl = torch.zeros((), device=device)
+        if self.reference is not None and cfg.beta > 0:
+            with torch.no_grad():
+                v_ref = self.reference.velocity(state, batch.sigma.to(device), cond)
+                ref = sde_step(v_ref, state, sigma, sigma_next, self.noise_level, prev_sample=nxt)
+            kl = kl_to_reference(new.mean, ref.mean, new.std).mean()
+        loss = policy_loss + cfg.beta * kl
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        self.optimizer.step()
+        self._record(loss, policy_loss, kl, ratio, grad_norm)
+
+    def _check_on_policy(self, ratio: Tensor) -> None:
+        deviation = float((ratio - 1).abs().max())
+        self.stats.first_step_ratio_deviation = deviation
+        if not deviation <= self.config.ratio_tolerance:
+            raise TempflowError(
+                f"first-step importance ratio is off by {deviation:.3g} (tolerance {self.config.ratio_tolerance:g}): "
+                "the trained policy does not reproduce the log-probs it sampled with. Causes: a different policy "
+                "or dtype/device than the rollout's, or batch-size-dependent kernels; roll out and update with "
+                "the same policy, dtype and device (or raise --ratio-tolerance if the drift is understood)"
+            )
+
+    def _record(self, loss: Tensor, policy_loss: Tensor, kl: Tensor, ratio: Tensor, grad_norm: Tensor) -> None:
+        s = self.stats
+        s.steps += 1
+        s.loss += float(loss.detach())
+        s.policy_loss += float(policy_loss.detach())
+        s.kl += float(kl.detach())
+        s.clipped += int(((ratio - 1).abs() > self.config.clip_range).sum())
+        s.samples += ratio.numel()
+        s.ratio_min = min(s.ratio_min, float(ratio.min()))
+        s.ratio_max = max(s.ratio_max, float(ratio.max()))
+        s.ratio_sum += float(ratio.sum())
+        s.grad_norms.append(float(grad_norm))
+
+    def metrics(self) -> dict[str, float]:
+        s, n = self.stats, max(self.stats.steps, 1)
+        return {
+            "optimizer_steps": s.steps,
+            "loss": s.loss / n,
+            "policy_loss": s.policy_loss / n,
+            "kl": s.kl / n,
+            "clip_fraction": s.clipped / max(s.samples, 1),
+            "ratio_min": s.ratio_min if s.samples else 1.0,
+            "ratio_mean": s.ratio_sum / s.samples if s.samples else 1.0,
+            "ratio_max": s.ratio_max if s.samples else 1.0,
+            "first_step_ratio_deviation": s.first_step_ratio_deviation,
+            "grad_norm": float(np.mean(s.grad_norms)) if s.grad_norms else 0.0,
+            "grad_norm_max": max(s.grad_norms, default=0.0),
+        }
+
+
+@dataclass
+class UpdateResult:
+    metrics: dict[str, Any]
+
+
+def _resolve_reference(policy_dir: Path, record: PolicyRecord, reference_dir: Path | None) -> tuple[Path, str | None]:
+    """The reference policy's folder and its expected identity (None: whatever the folder holds)."""
+    if reference_dir is not None:
+        return Path(reference_dir), None
+    if record.reference:
+        return Path(record.reference["path"]), record.reference["identity"]
+    return policy_dir, record.identity
+
+
+def run_update(
+    policy_dir: Path,
+    rollout: Path,
+    scores: Path,
+    out: Path,
+    config: UpdateConfig,
+    reference_dir: Path | None = None,
+    metrics_path: Path | None = None,
+    device: str = "cpu",
+    progress: Progress = no_progress,
+    overwrite: bool = False,
+) -> UpdateResult:
+    """Train ``policy_dir`` on ``rollout`` scored by ``scores``; write the new policy folder ``out``."""
+    policy_dir, rollout, scores, out = Path(policy_dir), Path(rollout), Path(scores), Path(out)
+    check_out_free(out, overwrite)
+    policy, record = load_policy(policy_dir, device)
+    manifest = read_manifest(rollout)
+    sampled_by = manifest["policy"].get("identity")
+    if sampled_by != record.identity:
+        raise TempflowError(
+            f"{rollout} was sampled by policy {str(sampled_by)[:12]}, but --policy {policy_dir} is "
+            f"{record.identity[:12]}: GRPO trains the policy that sampled; roll out with {policy_dir} first"
+        )
+    verify_shards(rollout, manifest)
+    plan = plan_update(rollout, manifest, scores, config)
+
+    ref_path, ref_identity = _resolve_reference(policy_dir, record, reference_dir)
+    reference = None
+    if config.beta > 0:
+        if not (ref_path / "config.json").is_file():
+            raise TempflowError(
+                f"reference policy {ref_path} (recorded in {policy_dir}/config.json) not found; "
+                "pass --reference with the policy the run started from, or --beta 0"
+            )
+        reference, _ = load_policy(ref_path, device)
+        if ref_identity is not None and reference.identity() != ref_identity:
+            raise TempflowError(f"reference policy {ref_path} changed since this run started from it; pass --reference")
+        reference.trainable().eval().requires_grad_(False)
+    ref_identity = ref_identity or (reference.identity() if reference is not None else None)
+
+    trainer = Trainer(policy, reference, manifest["prompts"], manifest["config"]["noise_level"], config)
+    names = [n for n, p in policy.trainable().named_parameters() if p.requires_grad]
+    resumed = load_optimizer(trainer.optimizer, names, policy_dir)
+    for group in trainer.optimizer.param_groups:  # this update's hyper-parameters win over stored ones
+        group.update(lr=config.learning_rate, weight_decay=config.weight_decay)
+    policy.trainable().train()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    total = plan.active * config.inner_epochs
+    for _ in range(config.inner_epochs):
+        active = (s for s in iter_rollout(rollout, manifest, fields=("meta.json", "state.npy", "next.npy"), verify=False)
+                  if plan.advantage[s.key] != 0.0)
+        batch: list[Sample] = []
+        for sample in shuffled(active, config.shuffle_buffer, rng):
+            batch.append(sample)
+            if len(batch) == config.batch_size:
+                trainer.step(make_batch(batch, plan))
+                progress("update", len(batch), total)
+                batch = []
+        if batch:
+            trainer.step(make_batch(batch, plan))
+            progress("update", len(batch), total)
+    policy.trainable().eval()
+
+    metrics = {
+        "step": record.step + 1,
+        "algo": manifest["config"]["algo"],
+        "samples": len(plan.advantage),
+        "trained_samples": plan.active,
+        "skipped_samples": len(plan.advantage) - plan.active,
+        "groups": plan.groups,
+        "skipped_groups": plan.skipped_groups,
+        "reward_mean": float(plan.rewards.mean()),
+        "reward_std": float(plan.rewards.std()),
+        "rollout_nfe": manifest["nfe"],
+        "optimizer_resumed": resumed,
+        **trainer.metrics(),
+        "config": asdict(config),
+    }
+    new_record = PolicyRecord(
+        kind=record.kind, model=record.model, step=record.step + 1,
+        reference={"path": str(ref_path), "identity": ref_identity} if ref_identity else record.reference,
+    )
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        save_policy(policy, tmp, new_record)
+        save_optimizer(trainer.optimizer, names, tmp)
+        write_json(tmp / "metrics.json", metrics)
+    if metrics_path is not None:
+        with atomic_output(metrics_path, overwrite=True) as tmp:
+            write_json(tmp, metrics)
+    return UpdateResult(metrics=metrics)

@@ -1,0 +1,228 @@
+"""The ``tempflow`` command line: parse, build a stage config, call one stage function, render.
+
+    tempflow init    --preset tiny --out POLICY
+    tempflow rollout --policy POLICY --prompts FILE --out ROLLOUT
+    tempflow score   --rollout ROLLOUT --reward jpeg_compressibility --out SCORES.parquet
+    tempflow update  --policy POLICY --rollout ROLLOUT --rewards SCORES.parquet --out NEW_POLICY
+    tempflow report  --metrics-dir DIR --out DIR
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from stages.errors import TempflowError
+from tempflow_cli.options import config_options, pop_config
+from tempflow_cli.ui import progress_bars, summary
+
+# diffusers and transformers load inside the stage functions; stages are imported inside commands.
+
+PRESET_HELP = {"tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config"}
+OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (it is replaced only once complete).")
+DEVICE = click.option("--device", default="cpu", show_default=True, help="torch device to run the model on, e.g. cuda:0.")
+
+
+class TempflowGroup(click.Group):
+    """Turns user errors into one line on stderr and a non-zero exit; --debug keeps the traceback."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
+        extra.pop("standalone_mode", None)
+        try:
+            code = super().main(args=args, prog_name=prog_name or "tempflow", standalone_mode=False, **extra)
+        except click.UsageError as err:  # bad option or value: one line, naming it, then --help
+            where = f"tempflow {err.ctx.info_name} --help" if err.ctx and err.ctx.parent else "tempflow --help"
+            click.echo(f"error: {err.format_message()} (see `{where}`)", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TempflowError as err:
+            if ctx.params.get("debug"):
+                raise
+            click.echo(f"error: {err}", err=True)
+            ctx.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: the stage's output was not written; run it again", err=True)
+            ctx.exit(130)
+
+
+@click.group(cls=TempflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
+@click.version_option(package_name="tempflow")
+def cli(debug: bool) -> None:
+    """TempFlow-GRPO: fine-tune flow-matching text-to-image models toward a reward.
+
+    Each stage reads and writes artifacts on disk: init makes a policy, rollout samples branched
+    trajectories into webdataset shards, score writes rewards to parquet, update takes one GRPO
+    step and writes a new policy. `dvc repro` chains them (dvc.yaml + params.yaml).
+    """
+
+
+@cli.command()
+@click.option("--preset", type=click.Choice(list(PRESET_HELP)), default="tiny", show_default=True,
+              help="Model to build. " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Policy folder to create.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initial weights.")
+@click.option("--image-size", type=int, default=32, show_default=True, help="Image side in pixels (tiny preset).")
+@click.option("--vocab-from", type=click.Path(path_type=Path), default=None,
+              help="Prompts file whose words join the tokenizer's vocabulary (words outside it become [UNK]).")
+@OVERWRITE
+def init(preset: str, out: Path, seed: int, image_size: int, vocab_from: Path | None, overwrite: bool) -> None:
+    """Create a policy folder from a preset (config.json + safetensors weights)."""
+    from stages.artifacts import atomic_output
+    from stages.policy import DEFAULT_WORDS, PolicyRecord, build_policy, model_config, save_policy
+    from stages.prompts import read_prompts
+
+    words = list(DEFAULT_WORDS)
+    if vocab_from is not None:
+        words += [w.lower() for p in read_prompts(vocab_from) for w in p.replace(",", " ").split()]
+    policy = build_policy(preset, seed, {"image_size": image_size, "vocab": list(dict.fromkeys(words))})
+    record = PolicyRecord(kind=policy.kind, model=model_config(policy))
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        save_policy(policy, tmp, record)
+    params = sum(p.numel() for p in policy.trainable().parameters())
+    summary(f"policy {out}", {"preset": preset, "trainable parameters": params, "image": "x".join(map(str, policy.sample_shape)),
+                              "identity": record.identity[:16]})
+
+
+def _rollout_options(fn):
+    from stages.rollout import ALGORITHMS, RolloutConfig
+
+    return config_options(RolloutConfig, choices={"algo": ALGORITHMS})(fn)
+
+
+@cli.command()
+@click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True, help="Policy folder to sample with.")
+@click.option("--prompts", type=click.Path(path_type=Path), required=True, help="Text file, one prompt per line ('#' comments).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Rollout folder to create.")
+@_rollout_options
+@DEVICE
+@OVERWRITE
+def rollout(policy_dir: Path, prompts: Path, out: Path, device: str, overwrite: bool, **kwargs: Any) -> None:
+    """Sample trajectories and write trained transitions to webdataset shards."""
+    from stages.policy import load_policy
+    from stages.prompts import read_prompts
+    from stages.rollout import RolloutConfig, run_rollout
+
+    config = pop_config(RolloutConfig, kwargs)
+    prompt_list = read_prompts(prompts)
+    policy, record = load_policy(policy_dir, device)
+    start = time.perf_counter()
+    with progress_bars("NFE") as progress:
+        result = run_rollout(policy, prompt_list, config, out,
+                             {"identity": record.identity, "path": str(policy_dir), "step": record.step},
+                             progress=progress, overwrite=overwrite)
+    seconds = time.perf_counter() - start
+    summary(f"rollout {out}", {
+        "algo": config.algo, "prompts": len(prompt_list), "samples": result.samples, "shards": result.shards,
+        "steps trained": ",".join(map(str, result.branch_steps)), "NFE": result.nfe,
+        "seconds": round(seconds, 2), "NFE/s": round(result.nfe / max(seconds, 1e-9), 1),
+    })
+
+
+class RewardParam(click.ParamType):
+    """``NAME[:WEIGHT]`` with NAME a built-in reward, or ``module:function[:WEIGHT]``."""
+
+    name = "NAME[:WEIGHT]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        from stages.rewards import parse_reward_spec
+
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse_reward_spec(value)
+        except TempflowError as err:
+            self.fail(str(err), param, ctx)
+
+
+def _reward_help() -> str:
+    return ("Reward component, repeatable; the total is the weighted sum. Built-in: "
+            "jpeg_compressibility, jpeg_incompressibility; or module:function taking "
+            "(images uint8 (N,H,W,3), prompts) and returning N floats.")
+
+
+@cli.command()
+@click.option("--rollout", "rollout_dir", type=click.Path(path_type=Path), required=True, help="Rollout folder to score.")
+@click.option("--reward", "rewards", type=RewardParam(), multiple=True, required=True, help=_reward_help())
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Parquet file to write.")
+@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per reward call.")
+@OVERWRITE
+def score(rollout_dir: Path, rewards: tuple, out: Path, batch_size: int, overwrite: bool) -> None:
+    """Compute rewards for a rollout's images; one parquet row per sample."""
+    from stages.score import run_score
+
+    with progress_bars("samples") as progress:
+        result = run_score(rollout_dir, list(rewards), out, batch_size=batch_size, progress=progress, overwrite=overwrite)
+    rows: dict[str, Any] = {"samples": result.samples, "images scored": result.images}
+    rows.update({f"{c} mean": m for c, m in result.mean.items()})
+    rows.update({f"{c} std": s for c, s in result.std.items()})
+    summary(f"scores {out}", rows)
+
+
+def _update_options(fn):
+    from stages.update import ADV_GROUPS, WEIGHTINGS, UpdateConfig
+
+    return config_options(UpdateConfig, choices={"weighting": WEIGHTINGS, "adv_group": ADV_GROUPS,
+                                                 "adv_std": {"group": "the group's std", "global": "the rollout's std"}})(fn)
+
+
+@cli.command()
+@click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True, help="Policy that sampled the rollout.")
+@click.option("--rollout", "rollout_dir", type=click.Path(path_type=Path), required=True, help="Rollout folder.")
+@click.option("--rewards", "scores", type=click.Path(path_type=Path), required=True, help="Scores parquet of that rollout.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="New policy folder to create.")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="KL reference policy. Default: the one recorded in --policy, or --policy itself on the first update.")
+@click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default=None,
+              help="Also write the update's metrics JSON here (it is always written into OUT/metrics.json).")
+@_update_options
+@DEVICE
+@OVERWRITE
+def update(policy_dir: Path, rollout_dir: Path, scores: Path, out: Path, reference: Path | None,
+           metrics_path: Path | None, device: str, overwrite: bool, **kwargs: Any) -> None:
+    """Take one GRPO iteration (inner epochs of minibatch steps) and write the new policy."""
+    from stages.update import UpdateConfig, run_update
+
+    config = pop_config(UpdateConfig, kwargs)
+    with progress_bars("samples") as progress:
+        result = run_update(policy_dir, rollout_dir, scores, out, config, reference_dir=reference,
+                            metrics_path=metrics_path, device=device, progress=progress, overwrite=overwrite)
+    m = result.metrics
+    summary(f"policy {out} (step {m['step']})", {
+        k: m[k] for k in ("reward_mean", "trained_samples", "skipped_samples", "optimizer_steps", "loss", "policy_loss",
+                          "kl", "clip_fraction", "ratio_min", "ratio_mean", "ratio_max", "first_step_ratio_deviation",
+                          "grad_norm")
+    })
+
+
+@cli.command()
+@click.option("--metrics-dir", type=click.Path(path_type=Path), required=True, help="Folder of update metrics JSON files.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for curve.json and summary.json.")
+@OVERWRITE
+def report(metrics_dir: Path, out: Path, overwrite: bool) -> None:
+    """Gather a loop's update metrics into a reward curve (for `dvc plots`) and a summary."""
+    from stages.report import write_report
+
+    summary(f"report {out}", write_report(metrics_dir, out, overwrite=overwrite))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    cli(prog_name="tempflow")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

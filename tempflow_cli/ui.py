@@ -1,0 +1,45 @@
+"""rich at the edge: progress bars fed by the stages' progress callback, and summary tables."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from stages.progress import Progress as ProgressFn
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
+    """A progress callback that draws one bar per task name on stderr (hidden when not a terminal)."""
+    bars = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+        console=err_console, transient=False,
+    )
+    tasks: dict[str, Any] = {}
+
+    def report(task: str, advance: int, total: int) -> None:
+        if task not in tasks:
+            tasks[task] = bars.add_task(task, total=total)
+        bars.update(tasks[task], advance=advance, total=total)
+
+    with bars:
+        yield report
+
+
+def summary(title: str, rows: dict[str, Any]) -> None:
+    """A two-column table on stdout."""
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    for name, value in rows.items():
+        table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
+    console.print(table)
