@@ -423,8 +423,9 @@ def run_update(
         "rollout_nfe": manifest["nfe"],
         "optimizer_resumed": resumed,
         **trainer.metrics(),
-        "config": asdict(config),
     }
+    provenance = {"config": asdict(config), "policy": str(policy_dir), "rollout": str(rollout),
+                  "rollout_manifest_sha256": manifest_hash(rollout), "scores": str(scores)}
     new_record = PolicyRecord(
         kind=record.kind, model=record.model, step=record.step + 1,
         reference={"path": str(ref_path), "identity": ref_identity} if ref_identity else record.reference,
@@ -433,6 +434,7 @@ def run_update(
         save_policy(policy, tmp, new_record)
         save_optimizer(trainer.optimizer, names, tmp)
         write_json(tmp / "metrics.json", metrics)
+        write_json(tmp / "update.json", provenance)
     if metrics_path is not None:
         with atomic_output(metrics_path, overwrite=True) as tmp:
             write_json(tmp, metrics)

@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny policy folder (16x16 images), a prompts file, and CLI/rollout helpers.
+
+Everything is small so the suite runs in minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from stages.policy import PolicyRecord, build_policy, model_config, save_policy
+from stages.rollout import RolloutConfig, run_rollout
+from tempflow_cli.main import cli
+
+PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
+
+
+@pytest.fixture(scope="session")
+def _policy_template(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "policy"
+    policy = build_policy("tiny", seed=0, model_overrides={"image_size": 16})
+    save_policy(policy, path, PolicyRecord(kind="tiny", model=model_config(policy)))
+    return path
+
+
+@pytest.fixture
+def policy_dir(_policy_template, tmp_path) -> Path:
+    """A fresh copy of a saved tiny policy (16x16 RGB), safe to modify."""
+    dest = tmp_path / "policy"
+    shutil.copytree(_policy_template, dest)
+    return dest
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def small_rollout_config(**overrides) -> RolloutConfig:
+    """A rollout that takes well under a second on the 16x16 tiny policy."""
+    values = dict(num_steps=4, seeds_per_prompt=2, branches=2, batch_size=8, samples_per_shard=10)
+    values.update(overrides)
+    return RolloutConfig(**values)
+
+
+def make_rollout(policy_dir: Path, out: Path, prompts=PROMPTS, **overrides) -> Path:
+    """Roll out the policy in ``policy_dir`` into ``out`` through the library."""
+    from stages.policy import load_policy
+
+    policy, record = load_policy(policy_dir)
+    run_rollout(policy, list(prompts), small_rollout_config(**overrides), out,
+                {"identity": record.identity, "path": str(policy_dir)})
+    return out
+
+
+def invoke(*args: str):
+    """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
