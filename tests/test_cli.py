@@ -1,0 +1,138 @@
+"""The command line: help that teaches, one-line errors for bad input, rewards by name and module."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import invoke, make_rollout
+
+
+def _one_error_line(result) -> str:
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("command", ["init", "rollout", "score", "update", "report"])
+def test_every_command_documents_its_options(command):
+    """--help shows every option, and every option has a help text."""
+    from tempflow_cli.main import cli
+
+    result = invoke(command, "--help")
+    assert result.exit_code == 0
+    for param in cli.commands[command].params:
+        assert param.help, f"{command} --{param.name} has no help"
+        assert param.opts[0] in result.stdout
+
+
+def test_top_level_help_lists_the_stages():
+    result = invoke("--help")
+    for command in ("init", "rollout", "score", "update", "report"):
+        assert command in result.stdout
+
+
+def test_update_help_explains_ablation_choices():
+    out = invoke("update", "--help").stdout
+    assert "noise-aware" in out and "uniform" in out and "(prompt, step)" in out
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--algo", "grpo"], "'--algo'"),
+    (["--branch-steps", "9"], "branch-steps"),
+    (["--branch-steps", "first:x"], "branch-steps"),
+    (["--num-steps", "1"], "num_steps"),
+    (["--branches", "1"], "branches must be >= 2"),
+    (["--algo", "flow-grpo-fast", "--window", "4", "--num-steps", "6"], "window"),
+    (["--noise-level", "0"], "noise_level"),
+])
+def test_rollout_bad_options(policy_dir, prompts_file, tmp_path, args, needle):
+    """Bad option values exit non-zero with one line naming the option; nothing is written."""
+    out = tmp_path / "r"
+    result = invoke("rollout", "--policy", policy_dir, "--prompts", prompts_file, "--out", out, *args)
+    assert result.exit_code != 0
+    assert needle in _one_error_line(result)
+    assert not out.exists()
+
+
+def test_missing_files_are_named(tmp_path, prompts_file, policy_dir):
+    """A missing policy, prompts file or rollout is named in the error."""
+    r = invoke("rollout", "--policy", tmp_path / "nope", "--prompts", prompts_file, "--out", tmp_path / "r")
+    assert r.exit_code == 1 and "nope" in _one_error_line(r)
+    r = invoke("rollout", "--policy", policy_dir, "--prompts", tmp_path / "none.txt", "--out", tmp_path / "r")
+    assert r.exit_code == 1 and "none.txt" in _one_error_line(r)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# only a comment\n\n")
+    r = invoke("rollout", "--policy", policy_dir, "--prompts", empty, "--out", tmp_path / "r")
+    assert r.exit_code == 1 and "no prompts" in _one_error_line(r)
+    r = invoke("score", "--rollout", tmp_path / "gone", "--reward", "jpeg_compressibility", "--out", tmp_path / "s")
+    assert r.exit_code == 1 and "gone" in _one_error_line(r)
+    r = invoke("report", "--metrics-dir", tmp_path, "--out", tmp_path / "rep")
+    assert r.exit_code == 1 and "metrics" in _one_error_line(r)
+
+
+def test_unknown_reward_fails_at_parse_time(tmp_path):
+    r = invoke("score", "--rollout", tmp_path, "--reward", "jpeg_compresibility", "--out", tmp_path / "s.parquet")
+    assert r.exit_code == 2
+    assert "jpeg_compressibility" in _one_error_line(r)  # the message lists the real names
+
+
+def test_user_reward_module_and_weighted_sum(policy_dir, tmp_path, monkeypatch):
+    """module:function rewards are imported; the total is the weighted sum; each component has a column."""
+    (tmp_path / "my_rewards.py").write_text(textwrap.dedent("""
+        import numpy as np
+        def brightness(images, prompts):
+            return images.reshape(len(images), -1).mean(axis=1) / 255.0
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rollout = make_rollout(policy_dir, tmp_path / "r")
+    out = tmp_path / "s.parquet"
+    r = invoke("score", "--rollout", rollout, "--reward", "my_rewards:brightness:0.5",
+               "--reward", "jpeg_compressibility:2", "--out", out)
+    assert r.exit_code == 0, r.output
+    table = pq.read_table(out)
+    cols = {name: table.column(name).to_numpy() for name in table.column_names}
+    assert set(cols) == {"key", "reward", "reward_my_rewards.brightness", "reward_jpeg_compressibility"}
+    np.testing.assert_allclose(cols["reward"], 0.5 * cols["reward_my_rewards.brightness"]
+                               + 2 * cols["reward_jpeg_compressibility"])
+    assert np.all(cols["reward_jpeg_compressibility"] < 0)
+    meta = json.loads(table.schema.metadata[b"tempflow"])
+    assert meta["rewards"] == [{"name": "my_rewards:brightness", "weight": 0.5},
+                               {"name": "jpeg_compressibility", "weight": 2.0}]
+
+
+def test_user_reward_import_errors(policy_dir, tmp_path):
+    rollout = make_rollout(policy_dir, tmp_path / "r")
+    r = invoke("score", "--rollout", rollout, "--reward", "no_such_module_xyz:f", "--out", tmp_path / "s.parquet")
+    assert r.exit_code == 1 and "no_such_module_xyz" in _one_error_line(r)
+    r = invoke("score", "--rollout", rollout, "--reward", "json:no_such_function", "--out", tmp_path / "s.parquet")
+    assert r.exit_code == 1 and "no_such_function" in _one_error_line(r)
+    assert not (tmp_path / "s.parquet").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path, prompts_file):
+    from click.testing import CliRunner
+
+    from tempflow_cli.main import cli
+
+    result = CliRunner().invoke(cli, ["--debug", "rollout", "--policy", str(tmp_path / "nope"),
+                                      "--prompts", str(prompts_file), "--out", str(tmp_path / "r")])
+    assert result.exception is not None and type(result.exception).__name__ == "TempflowError"
+
+
+def test_init_vocab_from_prompts(tmp_path):
+    """--vocab-from adds a prompts file's words to the tokenizer; the preset builds and reports."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a zebra on a skateboard\n")
+    r = invoke("init", "--out", tmp_path / "pol", "--image-size", 16, "--vocab-from", prompts)
+    assert r.exit_code == 0, r.output
+    assert "trainable parameters" in r.stdout
+    config = json.loads((tmp_path / "pol" / "config.json").read_text())
+    assert "zebra" in config["model"]["vocab"] and "skateboard" in config["model"]["vocab"]
+    assert config["model"]["image_size"] == 16
