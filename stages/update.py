@@ -40,7 +40,11 @@ from stages.flow import grpo_loss, group_advantages, kl_to_reference, noise_awar
 from stages.policy import Policy, PolicyRecord, index_cond, load_policy, save_policy
 from stages.progress import Progress, no_progress
 
-WEIGHTINGS = {"noise-aware": "w_k = std_k / mean std (TempFlow-GRPO)", "uniform": "w_k = 1 (Flow-GRPO)"}
+WEIGHTINGS = {
+    "auto": "noise-aware on tempflow rollouts, uniform on flow-grpo ones (each paper's choice)",
+    "noise-aware": "w_k = std_k / mean std (TempFlow-GRPO)",
+    "uniform": "w_k = 1 (Flow-GRPO)",
+}
 ADV_GROUPS = {
     "rollout": "the rollout's own groups: (prompt, seed, step) for tempflow, prompt for flow-grpo",
     "seed": "(prompt, seed, step): branches sharing x_k",
@@ -64,8 +68,8 @@ class UpdateConfig:
     """Advantage groups: rollout, seed or prompt."""
     adv_std: str = "group"
     """Normalise by the group's std ('group') or the whole rollout's ('global', a Flow-GRPO option)."""
-    weighting: str = "noise-aware"
-    """Per-step loss weights: noise-aware or uniform."""
+    weighting: str = "auto"
+    """Per-step loss weights: auto, noise-aware or uniform."""
     inner_epochs: int = 1
     """Passes over the rollout."""
     batch_size: int = 32
@@ -113,6 +117,12 @@ class Plan:
         return sum(1 for a in self.advantage.values() if a != 0.0)
 
 
+def resolved_weighting(config: UpdateConfig, algo: str) -> str:
+    if config.weighting != "auto":
+        return config.weighting
+    return "noise-aware" if algo == "tempflow" else "uniform"
+
+
 def group_label(meta: dict[str, Any], mode: str) -> str:
     """The advantage group of a sample under ``mode`` (see :data:`ADV_GROUPS`)."""
     if mode == "rollout":
@@ -143,7 +153,7 @@ def plan_update(rollout: Path, manifest: dict, scores_path: Path, config: Update
     labels = [group_label(metas[k], config.adv_group) for k in keys]
     adv = group_advantages(torch.from_numpy(rewards), labels, clip=config.adv_clip,
                            global_std=config.adv_std == "global").numpy()
-    if config.weighting == "noise-aware":
+    if resolved_weighting(config, algo) == "noise-aware":
         step_weights = noise_aware_weights(torch.tensor(manifest["sigmas"]), manifest["config"]["noise_level"]).tolist()
         weights = [step_weights[metas[k]["step"]] for k in keys]
     else:
@@ -413,6 +423,7 @@ def run_update(
     metrics = {
         "step": record.step + 1,
         "algo": manifest["config"]["algo"],
+        "weighting": resolved_weighting(config, manifest["config"]["algo"]),
         "samples": len(plan.advantage),
         "trained_samples": plan.active,
         "skipped_samples": len(plan.advantage) - plan.active,

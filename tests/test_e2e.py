@@ -111,7 +111,8 @@ def test_baselines_train(policy_dir, tmp_path, algo):
     rollout = make_rollout(policy_dir, tmp_path / "r", algo=algo, num_steps=6, seeds_per_prompt=3)
     run_score(rollout, COMPRESSIBILITY, tmp_path / "s.parquet")
     metrics = run_update(policy_dir, rollout, tmp_path / "s.parquet", tmp_path / "new",
-                         UpdateConfig(weighting="uniform")).metrics
+                         UpdateConfig()).metrics
+    assert metrics["weighting"] == "uniform"  # Flow-GRPO weighs every step equally
     assert metrics["groups"] == len(PROMPTS)  # one advantage group per prompt
     assert metrics["first_step_ratio_deviation"] < 1e-5
     assert metrics["trained_samples"] > 0
