@@ -64,12 +64,13 @@ def parse_reward_spec(text: str) -> RewardSpec:
     """``NAME``, ``NAME:WEIGHT``, ``module:function`` or ``module:function:WEIGHT``."""
     head, sep, tail = text.rpartition(":")
     weight = 1.0
-    if sep:
+    # a tail that is a number (and not a name such as `nan` or `inf`) is the weight
+    if sep and not tail.isidentifier():
         try:
             weight = float(tail)
             text = head
         except ValueError:
-            pass  # the part after the last colon is a function name, not a weight
+            pass
     if not np.isfinite(weight):
         raise TempflowError(f"reward {text!r}: weight must be a finite number")
     if text not in REWARDS and ":" not in text:

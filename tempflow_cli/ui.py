@@ -27,12 +27,17 @@ def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
     tasks: dict[str, Any] = {}
 
     def report(task: str, advance: int, total: int) -> None:
+        if not tasks:
+            bars.start()  # only once there is work: an early error leaves stderr with its one line
         if task not in tasks:
             tasks[task] = bars.add_task(task, total=total)
         bars.update(tasks[task], advance=advance, total=total)
 
-    with bars:
+    try:
         yield report
+    finally:
+        if tasks:
+            bars.stop()
 
 
 def summary(title: str, rows: dict[str, Any]) -> None:

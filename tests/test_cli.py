@@ -13,8 +13,8 @@ from tests.conftest import invoke, make_rollout
 
 
 def _one_error_line(result) -> str:
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, repr(result.stderr)  # no blank line from an idle progress bar either
     assert lines[0].startswith("error: ")
     assert "Traceback" not in result.output
     return lines[0]
