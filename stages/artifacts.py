@@ -166,9 +166,13 @@ class Sample:
     @property
     def meta(self) -> dict[str, Any]:
         try:
-            return json.loads(self.fields["meta.json"])
+            meta = json.loads(self.fields["meta.json"])
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise TempflowError(f"{self.where} sample {self.key}: meta.json is not valid JSON ({err})") from None
+        missing = [f for f in META_FIELDS if f not in meta] if isinstance(meta, dict) else list(META_FIELDS)
+        if missing:
+            raise TempflowError(f"{self.where} sample {self.key}: meta.json lacks {', '.join(missing)}; the rollout is damaged")
+        return meta
 
     def array(self, name: str) -> np.ndarray:
         return decode_npy(self.fields[name], f"{self.where} sample {self.key} {name}")

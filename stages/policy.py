@@ -333,9 +333,23 @@ def read_policy_record(path: Path) -> PolicyRecord:
     return PolicyRecord(**config)
 
 
+def resolve_device(device: str) -> torch.device:
+    """A torch device that exists on this machine, or a one-line error saying what does."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise TempflowError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise TempflowError(f"--device {device}: this torch has no CUDA device available; use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise TempflowError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return resolved
+
+
 def load_policy(path: Path | str, device: str = "cpu") -> tuple[Policy, PolicyRecord]:
     """Load a policy folder; refuses one whose weights do not match the identity it was saved with."""
     path = Path(path)
+    resolve_device(device)
     record = read_policy_record(path)
     try:
         policy = POLICIES[record.kind].load(path, record.model)

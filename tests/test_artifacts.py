@@ -647,3 +647,26 @@ def test_existing_out_needs_overwrite(policy_dir, prompts_file, tmp_path, stage)
     else:
         assert not (out / "keep.txt").exists()
         assert (out / ("manifest.json" if stage == "rollout" else "metrics.json")).is_file()
+
+
+def test_meta_without_required_fields_is_refused(policy_dir, tmp_path):
+    """A meta.json that lost a field (hashes fixed): score refuses, naming the field, no traceback."""
+    rollout = _rollout(policy_dir, tmp_path / "r")
+    manifest = _manifest(rollout)
+    path = rollout / manifest["shards"][0]["name"]
+    with tarfile.open(path, mode="r:") as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar]
+    index = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".meta.json"))
+    member, data = members[index]
+    meta = json.loads(data)
+    del meta["step"]
+    data = json.dumps(meta).encode()
+    member.size = len(data)
+    members[index] = (member, data)
+    with tarfile.open(path, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for m, d in members:
+            tar.addfile(m, io.BytesIO(d))
+    manifest["shards"][0]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    (rollout / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "s.parquet"
+    _assert_refused(_score_cli(rollout, out), out, "lacks step")

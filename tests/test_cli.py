@@ -136,3 +136,13 @@ def test_init_vocab_from_prompts(tmp_path):
     config = json.loads((tmp_path / "pol" / "config.json").read_text())
     assert "zebra" in config["model"]["vocab"] and "skateboard" in config["model"]["vocab"]
     assert config["model"]["image_size"] == 16
+
+
+@pytest.mark.parametrize("device, needle", [("gpu7", "not a torch device"), ("cuda:0", "CUDA")])
+def test_unusable_device_is_one_line(policy_dir, prompts_file, tmp_path, device, needle):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = invoke("rollout", "--policy", policy_dir, "--prompts", prompts_file, "--out", tmp_path / "r", "--device", device)
+    assert r.exit_code == 1 and needle in _one_error_line(r)
