@@ -57,14 +57,23 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def check_out_free(path: Path | str, overwrite: bool) -> None:
-    """Fail before any work is done when the output exists and may not be replaced."""
-    if Path(path).exists() and not overwrite:
+def check_out_free(path: Path | str, overwrite: bool, inputs: tuple[Path | str, ...] = ()) -> None:
+    """Fail before any work is done when ``path`` may not become a stage's output: it exists and
+    may not be replaced, or replacing it would delete the working folder, a parent, or an input."""
+    path = Path(path)
+    resolved, cwd = path.resolve(), Path.cwd().resolve()
+    if path.name in ("", ".", "..") or resolved == cwd or resolved in cwd.parents:
+        raise TempflowError(f"--out {path} is the working folder or one of its parents; give a new path such as runs/out")
+    for given in inputs:
+        inp = Path(given).resolve()
+        if resolved == inp or resolved in inp.parents:
+            raise TempflowError(f"--out {path} would replace the input {given}; choose another --out")
+    if path.exists() and not overwrite:
         raise TempflowError(f"{path} already exists; remove it, choose another --out, or pass --overwrite")
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output(path: Path | str, overwrite: bool = False, inputs: tuple[Path | str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary sibling of ``path`` to write into; rename it to ``path`` on success.
 
     On any exception (Ctrl-C included) the temporary is removed and ``path`` is untouched. Leftovers
@@ -72,7 +81,7 @@ def atomic_output(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
     succeeds.
     """
     path = Path(path)
-    check_out_free(path, overwrite)
+    check_out_free(path, overwrite, inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     prefix = f".{path.name}.partial-"
     for stale in path.parent.glob(prefix + "*"):
@@ -86,6 +95,11 @@ def atomic_output(path: Path | str, overwrite: bool = False) -> Iterator[Path]:
         if not tmp.exists():
             raise RuntimeError(f"stage wrote nothing to {tmp}")
         if path.exists():
+            if not overwrite:  # appeared while the stage ran
+                raise TempflowError(f"{path} appeared while the stage ran; remove it or pass --overwrite")
+            if path.is_dir() != tmp.is_dir():
+                kind = "folder" if path.is_dir() else "file"
+                raise TempflowError(f"{path} is a {kind}; --overwrite only replaces a {kind} with a {kind}")
             _remove(path)
         os.replace(tmp, path)
     except BaseException:
@@ -252,10 +266,12 @@ def read_manifest(folder: Path | str) -> dict[str, Any]:
             f"{folder / MANIFEST}: rollout schema {schema!r}, this tempflow reads {ROLLOUT_SCHEMA!r}; "
             "re-run `tempflow rollout` with this version"
         )
-    for key in ("shards", "samples", "config", "policy", "nfe"):
+    for key in ("shards", "samples", "config", "policy", "nfe", "prompts", "sigmas"):
         if key not in manifest:
             raise TempflowError(f"{folder / MANIFEST}: missing {key!r}; the manifest is damaged")
     for shard in manifest["shards"]:
+        if not isinstance(shard, dict) or not isinstance(shard.get("name"), str) or "/" in shard["name"]:
+            raise TempflowError(f"{folder / MANIFEST}: shard entry {shard!r} is not {{name, sha256, samples}}; the manifest is damaged")
         if not (folder / shard["name"]).is_file():
             raise TempflowError(f"{folder / shard['name']}: listed in the manifest but missing; the rollout is incomplete")
     return manifest
@@ -359,9 +375,13 @@ def read_scores(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]
     except (pa.ArrowException, OSError) as err:
         raise TempflowError(f"{path}: not a readable parquet file ({err})") from None
     raw = (table.schema.metadata or {}).get(b"tempflow")
-    meta = json.loads(raw) if raw else {}
-    if meta.get("schema") != SCORES_SCHEMA:
-        raise TempflowError(f"{path}: scores schema {meta.get('schema')!r}, this tempflow reads {SCORES_SCHEMA!r}")
+    try:
+        meta = json.loads(raw) if raw else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = None
+    if not isinstance(meta, dict) or meta.get("schema") != SCORES_SCHEMA:
+        found = meta.get("schema") if isinstance(meta, dict) else "unreadable metadata"
+        raise TempflowError(f"{path}: scores schema {found!r}, this tempflow reads {SCORES_SCHEMA!r}")
     if "key" not in table.column_names or "reward" not in table.column_names:
         raise TempflowError(f"{path}: needs 'key' and 'reward' columns, found {table.column_names}")
     columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}

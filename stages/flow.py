@@ -155,8 +155,10 @@ def group_advantages(
     if global_std:
         std = r.std(unbiased=False).expand_as(r)
     advantages = centred / (std + 1e-4)
-    # equal rewards in a group: centred is exactly 0 already; keep it exact under global_std too
-    advantages = torch.where(var[index] == 0, torch.zeros_like(advantages), advantages)
+    # equal rewards: the mean's rounding can leave centred at ~1e-13 instead of 0, so test max == min
+    high = torch.full((n_groups,), -torch.inf, dtype=torch.float64).scatter_reduce(0, index, r, "amax")
+    low = torch.full((n_groups,), torch.inf, dtype=torch.float64).scatter_reduce(0, index, r, "amin")
+    advantages = torch.where((high == low)[index], torch.zeros_like(advantages), advantages)
     return advantages.clamp(-clip, clip)
 
 

@@ -46,13 +46,13 @@ def index_cond(cond: Cond, index: Tensor | list[int]) -> Cond:
     return {name: t[index] for name, t in cond.items()}
 
 
-def tensor_hash(modules: dict[str, nn.Module]) -> str:
+def tensor_hash(modules: dict[str, nn.Module], extra: bytes = b"") -> str:
     """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer, in name order.
 
     Independent of file format and of how the weights were loaded: two policies with the same
     identity compute the same function.
     """
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(extra)
     for prefix in sorted(modules):
         state = modules[prefix].state_dict()
         for name in sorted(state):
@@ -101,9 +101,14 @@ class Policy(ABC):
     def load(cls, path: Path, model_config: dict[str, Any]) -> Policy:
         """Load from a policy folder whose config.json had ``model = model_config``."""
 
+    def identity_extra(self) -> bytes:
+        """What besides the weights decides the function (model config, tokenizer), as bytes."""
+        return b""
+
     def identity(self) -> str:
-        """A hash of the weights: the rollout manifest records it, the update checks it."""
-        return tensor_hash(self.modules())
+        """A hash of the weights, the model config and the tokenizer: the rollout manifest records
+        it, the update checks it."""
+        return tensor_hash(self.modules(), self.identity_extra())
 
     def to(self, device: str | torch.device) -> Policy:
         for module in self.modules().values():
@@ -251,6 +256,10 @@ class TinyPolicy(Policy):
     def trainable(self) -> nn.Module:
         return self.transformer
 
+    def identity_extra(self) -> bytes:
+        config = json.dumps(asdict(self.config), sort_keys=True)
+        return (config + self.tokenizer.backend_tokenizer.to_str()).encode()
+
     def modules(self) -> dict[str, nn.Module]:
         return {"transformer": self.transformer, "text_encoder": self.text_encoder}
 
@@ -266,8 +275,11 @@ class TinyPolicy(Policy):
 
         _quiet_hub_libraries()
         config = TinyConfig(**model_config)
-        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", local_files_only=True)
-        text_encoder = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", local_files_only=True)
+        # safetensors only: a policy folder never makes tempflow read a pickle-based weights file
+        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", local_files_only=True,
+                                                            use_safetensors=True)
+        text_encoder = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", local_files_only=True,
+                                                                   use_safetensors=True)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer", local_files_only=True)
         return cls(config, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer)
 
@@ -323,14 +335,16 @@ def read_policy_record(path: Path) -> PolicyRecord:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise TempflowError(f"{config_path}: not valid JSON ({err.msg}); the policy folder is damaged") from None
-    if config.get("format") != POLICY_FORMAT:
-        raise TempflowError(
-            f"{config_path}: policy format {config.get('format')!r}, this tempflow reads {POLICY_FORMAT!r}"
-        )
+    if not isinstance(config, dict) or config.get("format") != POLICY_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise TempflowError(f"{config_path}: policy format {found!r}, this tempflow reads {POLICY_FORMAT!r}")
     if config.get("kind") not in POLICIES:
         raise TempflowError(f"{config_path}: unknown policy kind {config.get('kind')!r}; known: {', '.join(POLICIES)}")
     config.pop("format")
-    return PolicyRecord(**config)
+    try:
+        return PolicyRecord(**config)
+    except TypeError as err:
+        raise TempflowError(f"{config_path}: unexpected policy fields ({err}); the policy folder is damaged") from None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -338,7 +352,9 @@ def resolve_device(device: str) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError:
-        raise TempflowError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise TempflowError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise TempflowError(f"--device {device}: this torch has no CUDA device available; use --device cpu")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
@@ -353,8 +369,9 @@ def load_policy(path: Path | str, device: str = "cpu") -> tuple[Policy, PolicyRe
     record = read_policy_record(path)
     try:
         policy = POLICIES[record.kind].load(path, record.model)
-    except (OSError, ValueError, TypeError) as err:
-        raise TempflowError(f"{path}: cannot load the {record.kind} policy's weights ({err})") from None
+    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TempflowError(f"{path}: cannot load the {record.kind} policy ({first_line})") from None
     policy.to(device)
     if record.identity and policy.identity() != record.identity:
         raise TempflowError(f"{path}: weights do not match the identity in config.json; the folder was modified")

@@ -13,13 +13,15 @@ Algorithms (DESIGN.md §2-§3):
   ``[0, T/2 - w]``, then ODE; only the window's transitions are written.
 
 All randomness comes from seeds derived from ``(config.seed, prompt, seed index, step, branch)``, so
-the same config gives byte-identical shards whatever the batch size's effect on scheduling.
+the noise does not depend on batching, and the same config (batch size included: CPU kernels round
+differently for other batch shapes, by ~1e-7) gives byte-identical shards.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stages.artifacts import check_out_free, ShardWriter, atomic_output, npy_bytes, png_bytes, write_manifest
+from stages.artifacts import ShardWriter, atomic_output, check_out_free, npy_bytes, png_bytes, write_manifest
 from stages.errors import TempflowError
 from stages.flow import make_sigmas, ode_step, sde_step
 from stages.policy import Cond, Policy, index_cond
@@ -75,13 +77,15 @@ class RolloutConfig:
             raise TempflowError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
         if self.num_steps < 2:
             raise TempflowError(f"num_steps must be >= 2 (got {self.num_steps})")
-        if not 0 < self.noise_level:
+        if not (math.isfinite(self.shift) and self.shift > 0):
+            raise TempflowError(f"shift must be a finite number > 0 (got {self.shift})")
+        if not (math.isfinite(self.noise_level) and self.noise_level > 0):
             raise TempflowError(f"noise_level must be > 0 for GRPO to have something to learn (got {self.noise_level})")
         for name in ("seeds_per_prompt", "branches", "batch_size", "samples_per_shard", "window"):
             if getattr(self, name) < 1:
                 raise TempflowError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.algo == "flow-grpo" and self.seeds_per_prompt < 2:
-            raise TempflowError("flow-grpo compares trajectories of one prompt: seeds-per-prompt must be >= 2")
+        if self.algo in ("flow-grpo", "flow-grpo-fast") and self.seeds_per_prompt < 2:
+            raise TempflowError(f"{self.algo} compares trajectories of one prompt: seeds-per-prompt must be >= 2")
         if self.algo == "tempflow" and self.branches < 2:
             raise TempflowError("tempflow compares the branches of one step: branches must be >= 2")
         if self.algo == "flow-grpo-fast" and self.num_steps // 2 - self.window < 0:
@@ -323,12 +327,13 @@ def run_rollout(
     ``policy_info`` (at least ``identity``) goes into the manifest, so that the update can check that
     it trains the policy that sampled.
     """
-    check_out_free(out, overwrite)
+    inputs = tuple(p for p in [policy_info.get("path")] if p)
+    check_out_free(out, overwrite, inputs)
     if not prompts:
         raise TempflowError("no prompts to roll out")
     trajs = _trajectories(config, len(prompts))
     total = planned_nfe(config, len(prompts))
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         tmp.mkdir()
         writer = ShardWriter(tmp, config.samples_per_shard)
         sampler = _Sampler(policy, prompts, config, writer, progress, total)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.artifacts import check_out_free, atomic_output, iter_rollout, manifest_hash, read_manifest, write_scores
+from stages.artifacts import atomic_output, check_out_free, iter_rollout, manifest_hash, read_manifest, write_scores
 from stages.errors import TempflowError
 from stages.progress import Progress, no_progress
 from stages.rewards import RewardSpec, call_reward, resolve_reward
@@ -33,7 +33,7 @@ def run_score(
 
     Samples that share a trajectory's image (``image_key`` in their meta) get that image's rewards.
     """
-    check_out_free(out, overwrite)
+    check_out_free(out, overwrite, inputs=(rollout,))
     if not specs:
         raise TempflowError("no reward given; pass --reward NAME[:WEIGHT] at least once")
     if len({s.column for s in specs}) != len(specs):
@@ -88,7 +88,7 @@ def run_score(
         "rollout": str(rollout),
         "rollout_manifest_sha256": manifest_hash(rollout),
     }
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=(rollout,)) as tmp:
         write_scores(tmp, keys, total, columns, meta)
 
     named = {"reward": total, **{f"reward_{c}": v for c, v in columns.items()}}

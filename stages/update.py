@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -60,8 +61,8 @@ class UpdateConfig:
     """AdamW learning rate."""
     beta: float = 0.004
     """Weight of the KL to the reference policy (0 turns it off and skips the reference model)."""
-    clip_range: float = 1e-3
-    """eps, PPO clip range of the ratio (Flow-GRPO uses 1e-4 at SD3 scale)."""
+    clip_range: float = 1e-4
+    """eps, PPO clip range of the ratio (Flow-GRPO's 1e-4 at SD3 scale; the tiny preset wants ~1e-2)."""
     adv_clip: float = 5.0
     """Advantages are clipped to [-adv_clip, adv_clip]."""
     adv_group: str = "rollout"
@@ -98,6 +99,9 @@ class UpdateConfig:
         for name in ("inner_epochs", "batch_size", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise TempflowError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name in ("learning_rate", "beta", "clip_range", "adv_clip", "max_grad_norm", "weight_decay", "ratio_tolerance"):
+            if not math.isfinite(getattr(self, name)):
+                raise TempflowError(f"{name.replace('_', '-')} must be a finite number (got {getattr(self, name)})")
         if self.beta < 0 or self.weight_decay < 0:
             raise TempflowError("beta and weight-decay must be >= 0")
 
@@ -128,8 +132,25 @@ def group_label(meta: dict[str, Any], mode: str) -> str:
     if mode == "rollout":
         return str(meta["group"])
     if mode == "seed":
-        return f"p{meta['prompt_index']}-s{meta['seed_index']}-k{meta['step']}"
+        return f"p{meta['prompt_index']}-s{meta['seed']}-k{meta['step']}"
     return f"p{meta['prompt_index']}-k{meta['step']}"
+
+
+def check_meta(key: str, meta: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """A sample's meta must describe a trainable transition of this manifest's schedule and prompts."""
+    sigmas, prompts = manifest["sigmas"], manifest["prompts"]
+    step, index, log_prob = meta["step"], meta["prompt_index"], meta["log_prob"]
+    problem = None
+    if not isinstance(step, int) or not 0 <= step <= len(sigmas) - 3:
+        problem = f"step {step!r} is not a trainable step 0..{len(sigmas) - 3}"
+    elif not isinstance(index, int) or not 0 <= index < len(prompts) or prompts[index] != meta["prompt"]:
+        problem = f"prompt_index {index!r} does not name its prompt in the manifest"
+    elif (meta["sigma"], meta["sigma_next"]) != (sigmas[step], sigmas[step + 1]):
+        problem = f"sigmas {meta['sigma']}, {meta['sigma_next']} are not step {step}'s of the manifest"
+    elif not isinstance(log_prob, (int, float)) or not math.isfinite(log_prob):
+        problem = f"log_prob {log_prob!r} is not a finite number"
+    if problem:
+        raise TempflowError(f"sample {key}: {problem}; the rollout is damaged or mixed with another one")
 
 
 def plan_update(rollout: Path, manifest: dict, scores_path: Path, config: UpdateConfig) -> Plan:
@@ -141,6 +162,8 @@ def plan_update(rollout: Path, manifest: dict, scores_path: Path, config: Update
             f"run `tempflow score --rollout {rollout}` again"
         )
     metas = {s.key: s.meta for s in iter_rollout(rollout, manifest, fields=("meta.json",), verify=False)}
+    for key, meta in metas.items():
+        check_meta(key, meta, manifest)
     check_keys_match(columns["key"], metas, scores_path, rollout)
     algo = manifest["config"]["algo"]
     if config.adv_group == "seed" and algo != "tempflow":
@@ -161,7 +184,7 @@ def plan_update(rollout: Path, manifest: dict, scores_path: Path, config: Update
     by_group: dict[str, list[float]] = {}
     for label, r in zip(labels, rewards):
         by_group.setdefault(label, []).append(r)
-    skipped_groups = sum(1 for rs in by_group.values() if max(rs) == min(rs))
+    skipped_groups = sum(1 for rs in by_group.values() if max(rs) == min(rs))  # exactly the groups with A = 0
     return Plan(
         advantage=dict(zip(keys, adv.tolist())), weight=dict(zip(keys, weights)), rewards=rewards,
         skipped_groups=skipped_groups, groups=len(by_group),
@@ -231,10 +254,16 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: P
 
     if not (folder / OPTIMIZER_JSON).is_file():
         return False
-    info = json.loads((folder / OPTIMIZER_JSON).read_text())
-    if info.get("params") != names:
+    damaged = f"{folder}: optimizer state is damaged; restore the policy folder or delete {OPTIMIZER_JSON} to start AdamW afresh"
+    try:
+        info = json.loads((folder / OPTIMIZER_JSON).read_text())
+        tensors = load_file(folder / OPTIMIZER_TENSORS)
+    except (OSError, ValueError, json.JSONDecodeError):
+        raise TempflowError(damaged) from None
+    if not isinstance(info, dict) or info.get("params") != names:
         raise TempflowError(f"{folder}: optimizer state does not match the model's parameters; the policy folder is damaged")
-    tensors = load_file(folder / OPTIMIZER_TENSORS)
+    if any(flat.rpartition("/")[0] not in names for flat in tensors):
+        raise TempflowError(damaged)
     state: dict[int, dict[str, Tensor]] = {}
     for flat, value in tensors.items():
         name, _, slot = flat.rpartition("/")
@@ -370,7 +399,10 @@ def run_update(
 ) -> UpdateResult:
     """Train ``policy_dir`` on ``rollout`` scored by ``scores``; write the new policy folder ``out``."""
     policy_dir, rollout, scores, out = Path(policy_dir), Path(rollout), Path(scores), Path(out)
-    check_out_free(out, overwrite)
+    inputs = (policy_dir, rollout, scores) + ((reference_dir,) if reference_dir else ())
+    check_out_free(out, overwrite, inputs)
+    if metrics_path is not None:
+        check_out_free(metrics_path, overwrite, inputs + (out,))
     policy, record = load_policy(policy_dir, device)
     manifest = read_manifest(rollout)
     sampled_by = manifest["policy"].get("identity")
@@ -441,12 +473,12 @@ def run_update(
         kind=record.kind, model=record.model, step=record.step + 1,
         reference={"path": str(ref_path), "identity": ref_identity} if ref_identity else record.reference,
     )
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         save_policy(policy, tmp, new_record)
         save_optimizer(trainer.optimizer, names, tmp)
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "update.json", provenance)
     if metrics_path is not None:
-        with atomic_output(metrics_path, overwrite=True) as tmp:
+        with atomic_output(metrics_path, overwrite=overwrite, inputs=inputs) as tmp:
             write_json(tmp, metrics)
     return UpdateResult(metrics=metrics)

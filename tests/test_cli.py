@@ -138,7 +138,7 @@ def test_init_vocab_from_prompts(tmp_path):
     assert config["model"]["image_size"] == 16
 
 
-@pytest.mark.parametrize("device, needle", [("gpu7", "not a torch device"), ("cuda:0", "CUDA")])
+@pytest.mark.parametrize("device, needle", [("gpu7", "not supported"), ("meta", "not supported"), ("cuda:0", "CUDA")])
 def test_unusable_device_is_one_line(policy_dir, prompts_file, tmp_path, device, needle):
     import torch
 

@@ -274,7 +274,7 @@ def test_group_advantages_seed_vs_prompt_groups():
     metas, rewards = [], []
     for (p, s), rs in table.items():
         for r in rs:
-            metas.append({"prompt_index": p, "seed_index": s, "step": 3})
+            metas.append({"prompt_index": p, "seed": s, "step": 3})
             rewards.append(r)
     seed_labels = [group_label(m, "seed") for m in metas]
     prompt_labels = [group_label(m, "prompt") for m in metas]
