@@ -161,6 +161,14 @@ class TinyConfig:
                 raise TempflowError(f"tiny model: {name} must be >= 1, got {getattr(self, name)}")
 
 
+def prompt_words(prompts: list[str]) -> list[str]:
+    """The words the word-level tokenizer sees in ``prompts`` (lower case; punctuation split off)."""
+    from tokenizers import pre_tokenizers
+
+    split = pre_tokenizers.Whitespace()
+    return [word.lower() for prompt in prompts for word, _ in split.pre_tokenize_str(prompt)]
+
+
 def build_word_tokenizer(words: list[str], max_length: int):
     """A word-level ``PreTrainedTokenizerFast``: lower-cases, splits on whitespace and punctuation,
     appends [EOS], pads with [PAD] to ``max_length``."""
@@ -301,7 +309,8 @@ class PolicyRecord:
     step: int = 0
     """Number of GRPO updates applied since ``init``."""
     reference: dict[str, str] | None = None
-    """``{"path": ..., "identity": ...}`` of the KL reference policy; ``None``: this policy itself."""
+    """``{"path": ..., "identity": ...}`` of the KL reference policy, the path relative to this
+    policy folder; ``None``: this policy itself."""
     identity: str = ""
     """Hash of the weights when saved (recomputed and checked on load)."""
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -38,7 +39,7 @@ from stages.artifacts import (
 )
 from stages.errors import TempflowError
 from stages.flow import grpo_loss, group_advantages, kl_to_reference, noise_aware_weights, sde_step
-from stages.policy import Policy, PolicyRecord, index_cond, load_policy, save_policy
+from stages.policy import Policy, PolicyRecord, index_cond, load_policy, read_policy_record, save_policy
 from stages.progress import Progress, no_progress
 
 WEIGHTINGS = {
@@ -376,12 +377,19 @@ class UpdateResult:
     metrics: dict[str, Any]
 
 
-def _resolve_reference(policy_dir: Path, record: PolicyRecord, reference_dir: Path | None) -> tuple[Path, str | None]:
-    """The reference policy's folder and its expected identity (None: whatever the folder holds)."""
+def _resolve_reference(policy_dir: Path, record: PolicyRecord, reference_dir: Path | None) -> tuple[Path, str]:
+    """The KL reference's folder and identity: ``--reference``; else the one recorded in the policy
+    (its path relative to the policy folder); else the policy itself (the run's first update)."""
     if reference_dir is not None:
-        return Path(reference_dir), None
+        ref = read_policy_record(reference_dir)
+        if (ref.kind, ref.model) != (record.kind, record.model):
+            raise TempflowError(
+                f"--reference {reference_dir} is another model than --policy {policy_dir} (kind or config differ); "
+                "give the policy this run started from"
+            )
+        return Path(reference_dir), ref.identity
     if record.reference:
-        return Path(record.reference["path"]), record.reference["identity"]
+        return policy_dir / record.reference["path"], record.reference["identity"]
     return policy_dir, record.identity
 
 
@@ -423,10 +431,9 @@ def run_update(
                 "pass --reference with the policy the run started from, or --beta 0"
             )
         reference, _ = load_policy(ref_path, device)
-        if ref_identity is not None and reference.identity() != ref_identity:
+        if reference.identity() != ref_identity:
             raise TempflowError(f"reference policy {ref_path} changed since this run started from it; pass --reference")
         reference.trainable().eval().requires_grad_(False)
-    ref_identity = ref_identity or (reference.identity() if reference is not None else None)
 
     trainer = Trainer(policy, reference, manifest["prompts"], manifest["config"]["noise_level"], config)
     names = [n for n, p in policy.trainable().named_parameters() if p.requires_grad]
@@ -471,7 +478,7 @@ def run_update(
                   "rollout_manifest_sha256": manifest_hash(rollout), "scores": str(scores)}
     new_record = PolicyRecord(
         kind=record.kind, model=record.model, step=record.step + 1,
-        reference={"path": str(ref_path), "identity": ref_identity} if ref_identity else record.reference,
+        reference={"path": os.path.relpath(ref_path, out), "identity": ref_identity},
     )
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         save_policy(policy, tmp, new_record)

@@ -34,6 +34,9 @@ class TempflowGroup(click.Group):
         extra.pop("standalone_mode", None)
         try:
             code = super().main(args=args, prog_name=prog_name or "tempflow", standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as err:  # bare `tempflow`: the help is the answer
+            click.echo(err.ctx.get_help() if err.ctx else "")
+            sys.exit(0)
         except click.UsageError as err:  # bad option or value: one line, naming it, then --help
             where = f"tempflow {err.ctx.info_name} --help" if err.ctx and err.ctx.parent else "tempflow --help"
             click.echo(f"error: {err.format_message()} (see `{where}`)", err=True)
@@ -83,12 +86,12 @@ def cli(debug: bool) -> None:
 def init(preset: str, out: Path, seed: int, image_size: int, vocab_from: Path | None, overwrite: bool) -> None:
     """Create a policy folder from a preset (config.json + safetensors weights)."""
     from stages.artifacts import atomic_output
-    from stages.policy import DEFAULT_WORDS, PolicyRecord, build_policy, model_config, save_policy
+    from stages.policy import DEFAULT_WORDS, PolicyRecord, build_policy, model_config, prompt_words, save_policy
     from stages.prompts import read_prompts
 
     words = list(DEFAULT_WORDS)
     if vocab_from is not None:
-        words += [w.lower() for p in read_prompts(vocab_from) for w in p.replace(",", " ").split()]
+        words += prompt_words(read_prompts(vocab_from))
     policy = build_policy(preset, seed, {"image_size": image_size, "vocab": list(dict.fromkeys(words))})
     record = PolicyRecord(kind=policy.kind, model=model_config(policy))
     with atomic_output(out, overwrite=overwrite) as tmp:

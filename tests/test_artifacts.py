@@ -670,3 +670,42 @@ def test_meta_without_required_fields_is_refused(policy_dir, tmp_path):
     (rollout / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "s.parquet"
     _assert_refused(_score_cli(rollout, out), out, "lacks step")
+
+
+def test_out_may_not_replace_cwd_parents_or_inputs(policy_dir, tmp_path, monkeypatch):
+    """--out . / a parent / an input is refused even with --overwrite; nothing is deleted."""
+    rollout, scores = _scored(policy_dir, tmp_path)
+    keep = tmp_path / "keep.txt"
+    keep.write_text("precious")
+    monkeypatch.chdir(rollout)
+    for out in (".", "..", str(rollout)):
+        r = invoke("score", "--rollout", rollout, "--reward", "jpeg_compressibility", "--out", out, "--overwrite")
+        assert r.exit_code == 1 and ("working folder" in r.stderr or "input" in r.stderr), r.stderr
+    r = _update_cli(policy_dir, rollout, scores, policy_dir, "--overwrite")
+    assert r.exit_code == 1 and "input" in r.stderr
+    assert keep.read_text() == "precious" and (rollout / "manifest.json").is_file() and (policy_dir / "config.json").is_file()
+
+
+def test_metrics_path_obeys_overwrite_and_kind(policy_dir, tmp_path):
+    """--metrics never replaces an existing folder, and an existing file only with --overwrite."""
+    rollout, scores = _scored(policy_dir, tmp_path)
+    folder = tmp_path / "metrics"
+    (folder / "it01.json").parent.mkdir()
+    (folder / "it01.json").write_text("{}")
+    r = _update_cli(policy_dir, rollout, scores, tmp_path / "new", "--metrics", folder)
+    assert r.exit_code == 1 and "--overwrite" in r.stderr and (folder / "it01.json").is_file()
+    r = _update_cli(policy_dir, rollout, scores, tmp_path / "new", "--metrics", folder, "--overwrite")
+    assert r.exit_code == 1 and "folder" in r.stderr and (folder / "it01.json").is_file()
+    assert not (tmp_path / "new").exists() or (tmp_path / "new" / "config.json").is_file()
+
+
+def test_meta_not_matching_the_manifest_is_refused(policy_dir, tmp_path):
+    """A meta whose sigma is not its step's in the manifest: update refuses, naming the sample."""
+    rollout, scores = _scored(policy_dir, tmp_path)
+    manifest = _manifest(rollout)
+    manifest["sigmas"][1] = 0.5  # the schedule the samples claim no longer matches
+    (rollout / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "new"
+    r = _update_cli(policy_dir, rollout, scores, out)
+    assert r.exit_code == 1 and not out.exists()
+    assert "another rollout" in r.stderr or "sigmas" in r.stderr

@@ -156,3 +156,27 @@ def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
     assert "Running stage" not in second and "up to date" in second
     shown = run("dvc", "metrics", "show")
     assert "reward_mean" in shown
+
+
+def test_reference_is_recorded_relative_and_checked(policy_dir, tmp_path, monkeypatch):
+    """The new policy names its KL reference relative to itself (so a moved run still finds it), a
+    --reference of another architecture is refused, and an explicit reference is kept with beta 0."""
+    rollout = make_rollout(policy_dir, tmp_path / "r")
+    run_score(rollout, COMPRESSIBILITY, tmp_path / "s.parquet")
+    run_update(policy_dir, rollout, tmp_path / "s.parquet", tmp_path / "p1", UpdateConfig(beta=0.0))
+    record = json.loads((tmp_path / "p1" / "config.json").read_text())
+    assert record["reference"]["path"] == "../policy"
+
+    # the second update reads the recorded reference from another working folder
+    rollout2 = make_rollout(tmp_path / "p1", tmp_path / "r2", seed=1)
+    run_score(rollout2, COMPRESSIBILITY, tmp_path / "s2.parquet")
+    monkeypatch.chdir(tmp_path / "r")
+    metrics = run_update(tmp_path / "p1", rollout2, tmp_path / "s2.parquet", tmp_path / "p2", UpdateConfig(beta=0.1)).metrics
+    assert metrics["kl"] > 0  # measured against the first policy, not against itself
+    assert json.loads((tmp_path / "p2" / "config.json").read_text())["reference"] == {
+        "path": "../policy", "identity": record["reference"]["identity"]}
+
+    assert invoke("init", "--out", tmp_path / "big", "--image-size", 32).exit_code == 0
+    with pytest.raises(TempflowError, match="another model"):
+        run_update(tmp_path / "p1", rollout2, tmp_path / "s2.parquet", tmp_path / "p3", UpdateConfig(),
+                   reference_dir=tmp_path / "big")

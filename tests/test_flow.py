@@ -414,3 +414,11 @@ def test_kl_to_reference_hand_computed():
     assert kl.shape == (2,)
     torch.testing.assert_close(kl, torch.tensor([2.5 / 3, 0.75 / 3]))
     assert torch.equal(kl_to_reference(mean_new, mean_new.clone(), std), torch.zeros(2))
+
+
+def test_constant_group_gives_exact_zero_despite_mean_rounding():
+    """[0.1]*3 has a float mean that is not exactly 0.1; the group still gets A = 0 exactly."""
+    rewards = torch.tensor([0.1, 0.1, 0.1, -0.7, -0.7, -0.7, 1.0, 2.0], dtype=torch.float64)
+    adv = group_advantages(rewards, ["a"] * 3 + ["b"] * 3 + ["c"] * 2)
+    assert torch.equal(adv[:6], torch.zeros(6, dtype=torch.float64))
+    assert adv[6] < 0 < adv[7]
