@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +13,18 @@ CURVE_FIELDS = ("reward_mean", "reward_std", "loss", "policy_loss", "kl", "clip_
                 "trained_samples", "skipped_samples", "rollout_nfe")
 
 
+def natural_key(path: Path) -> list:
+    """Order it2 before it10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path.name)]
+
+
 def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
-    """One row per update, in file-name order; ``reward_mean`` is the reward of the rollout that
+    """One row per update, in natural file-name order (it2 before it10); ``reward_mean`` is the reward of the rollout that
     update trained on, i.e. of the policy *before* it, and ``nfe`` counts forward passes so far."""
     if not metrics_files:
         raise TempflowError("no update metrics files found; run `tempflow update --metrics FILE` first")
     rows, nfe = [], 0
-    for i, path in enumerate(sorted(metrics_files)):
+    for i, path in enumerate(sorted(metrics_files, key=natural_key)):
         metrics = read_json(path, "a metrics.json written by `tempflow update`")
         missing = [f for f in CURVE_FIELDS if f not in metrics]
         if missing:
@@ -29,7 +35,7 @@ def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
 
 
 def write_report(metrics_dir: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
-    rows = build_curve(sorted(Path(metrics_dir).glob("*.json")))
+    rows = build_curve(list(Path(metrics_dir).glob("*.json")))
     summary = {
         "iterations": len(rows),
         "reward_first": rows[0]["reward_mean"],
@@ -38,7 +44,7 @@ def write_report(metrics_dir: Path, out: Path, overwrite: bool = False) -> dict[
         "reward_gain": rows[-1]["reward_mean"] - rows[0]["reward_mean"],
         "total_nfe": rows[-1]["nfe"],
     }
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=(metrics_dir,)) as tmp:
         tmp.mkdir()
         write_json(tmp / "curve.json", rows)
         write_json(tmp / "summary.json", summary)

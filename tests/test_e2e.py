@@ -135,7 +135,8 @@ def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(REPO / name, work / name)
     shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
-    shutil.copytree(REPO / "examples", work / "examples")
+    for folder in ("examples", "stages", "tempflow_cli"):  # the stages depend on the code they run
+        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
     _small_loop_params(work / "params.yaml")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
@@ -154,6 +155,8 @@ def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
     assert second_metrics["optimizer_resumed"] is True  # AdamW moments carried across iterations
     second = run("dvc", "repro")
     assert "Running stage" not in second and "up to date" in second
+    (work / "stages" / "flow.py").write_text((work / "stages" / "flow.py").read_text() + "\n# changed\n")
+    assert "Running stage 'rollout@0'" in run("dvc", "repro", "rollout@0")  # code is a dependency
     shown = run("dvc", "metrics", "show")
     assert "reward_mean" in shown
 
