@@ -393,6 +393,43 @@ def _resolve_reference(policy_dir: Path, record: PolicyRecord, reference_dir: Pa
     return policy_dir, record.identity
 
 
+def _load_reference(ref_path: Path, ref_identity: str, policy_dir: Path, device: str) -> Policy:
+    """The frozen KL reference, refused when missing or no longer the policy the run started from."""
+    if not (ref_path / "config.json").is_file():
+        raise TempflowError(
+            f"reference policy {ref_path} (recorded in {policy_dir}/config.json) not found; "
+            "pass --reference with the policy the run started from, or --beta 0"
+        )
+    reference, _ = load_policy(ref_path, device)
+    if reference.identity() != ref_identity:
+        raise TempflowError(f"reference policy {ref_path} changed since this run started from it; pass --reference")
+    reference.trainable().eval().requires_grad_(False)
+    return reference
+
+
+def _train(trainer: Trainer, rollout: Path, manifest: dict, plan: Plan, progress: Progress) -> None:
+    """``inner_epochs`` streamed passes over the samples with a non-zero advantage."""
+    config = trainer.config
+    trainer.policy.trainable().train()
+    torch.manual_seed(config.seed)
+    rng = random.Random(config.seed)
+    total = plan.active * config.inner_epochs
+    for _ in range(config.inner_epochs):
+        active = (s for s in iter_rollout(rollout, manifest, fields=("meta.json", "state.npy", "next.npy"), verify=False)
+                  if plan.advantage[s.key] != 0.0)
+        batch: list[Sample] = []
+        for sample in shuffled(active, config.shuffle_buffer, rng):
+            batch.append(sample)
+            if len(batch) == config.batch_size:
+                trainer.step(make_batch(batch, plan))
+                progress("update", len(batch), total)
+                batch = []
+        if batch:
+            trainer.step(make_batch(batch, plan))
+            progress("update", len(batch), total)
+    trainer.policy.trainable().eval()
+
+
 def run_update(
     policy_dir: Path,
     rollout: Path,
@@ -423,41 +460,13 @@ def run_update(
     plan = plan_update(rollout, manifest, scores, config)
 
     ref_path, ref_identity = _resolve_reference(policy_dir, record, reference_dir)
-    reference = None
-    if config.beta > 0:
-        if not (ref_path / "config.json").is_file():
-            raise TempflowError(
-                f"reference policy {ref_path} (recorded in {policy_dir}/config.json) not found; "
-                "pass --reference with the policy the run started from, or --beta 0"
-            )
-        reference, _ = load_policy(ref_path, device)
-        if reference.identity() != ref_identity:
-            raise TempflowError(f"reference policy {ref_path} changed since this run started from it; pass --reference")
-        reference.trainable().eval().requires_grad_(False)
-
+    reference = _load_reference(ref_path, ref_identity, policy_dir, device) if config.beta > 0 else None
     trainer = Trainer(policy, reference, manifest["prompts"], manifest["config"]["noise_level"], config)
     names = [n for n, p in policy.trainable().named_parameters() if p.requires_grad]
     resumed = load_optimizer(trainer.optimizer, names, policy_dir)
     for group in trainer.optimizer.param_groups:  # this update's hyper-parameters win over stored ones
         group.update(lr=config.learning_rate, weight_decay=config.weight_decay)
-    policy.trainable().train()
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    total = plan.active * config.inner_epochs
-    for _ in range(config.inner_epochs):
-        active = (s for s in iter_rollout(rollout, manifest, fields=("meta.json", "state.npy", "next.npy"), verify=False)
-                  if plan.advantage[s.key] != 0.0)
-        batch: list[Sample] = []
-        for sample in shuffled(active, config.shuffle_buffer, rng):
-            batch.append(sample)
-            if len(batch) == config.batch_size:
-                trainer.step(make_batch(batch, plan))
-                progress("update", len(batch), total)
-                batch = []
-        if batch:
-            trainer.step(make_batch(batch, plan))
-            progress("update", len(batch), total)
-    policy.trainable().eval()
+    _train(trainer, rollout, manifest, plan, progress)
 
     metrics = {
         "step": record.step + 1,
