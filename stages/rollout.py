@@ -260,15 +260,19 @@ def _tempflow(s: _Sampler, trajs: list[Trajectory]) -> None:
                         Branch(t, i, b, x[n], out.prev_sample[n], float(out.log_prob[n]), out.prev_sample[n], i + 1)
                         for n, t in enumerate(chunk)
                     ]
+                _advance_branches(s, pool, drain=False)  # keeps at most a batch plus one step's branches
             x = ode_step(v, x, sigma, sigma_next)
-        _finish_branches(s, pool)
+        _advance_branches(s, pool, drain=True)
 
 
-def _finish_branches(s: _Sampler, pool: list[Branch]) -> None:
-    """Run every branch to s_T = 0 by ODE, ``batch_size`` rows at a time across groups and steps."""
-    T = s.config.num_steps
-    while pool:
-        batch, pool = pool[:s.config.batch_size], pool[s.config.batch_size:]
+def _advance_branches(s: _Sampler, pool: list[Branch], drain: bool) -> None:
+    """Run pending branches to s_T = 0 by ODE, ``batch_size`` rows at a time across groups and
+    steps (per-row sigmas), writing each as it finishes. Works while a full batch is pending, or
+    until ``pool`` (mutated in place) is empty when ``drain``."""
+    T, size = s.config.num_steps, s.config.batch_size
+    while len(pool) >= size or (drain and pool):
+        batch = pool[:size]
+        del pool[:size]
         at = torch.tensor([br.at for br in batch])
         x = torch.stack([br.x for br in batch])
         v = s.velocity(x, at, [br.traj.prompt_index for br in batch])
@@ -281,7 +285,7 @@ def _finish_branches(s: _Sampler, pool: list[Branch]) -> None:
             br = batch[n]
             group = f"p{br.traj.prompt_index}-s{br.traj.seed_index}-k{br.step}"
             s.write(br.traj, br.step, br.branch, br.state, br.next, br.log_prob, group, img)
-        pool = [br for br in batch if br.at < T] + pool
+        pool[:0] = [br for br in batch if br.at < T]  # unfinished rows keep their place in the batch
 
 
 def _flow_grpo(s: _Sampler, trajs: list[Trajectory]) -> None:
