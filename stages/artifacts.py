@@ -36,6 +36,11 @@ META_FIELDS = ("prompt", "prompt_index", "seed", "group", "step", "branch", "sig
 _KEY = re.compile(r"^[A-Za-z0-9_-]+$")
 
 
+def seed_group(prompt_index: int, seed: int, step: int) -> str:
+    """The advantage group of the branches that share one ``x_k``: (prompt, seed, step)."""
+    return f"p{prompt_index}-s{seed}-k{step}"
+
+
 # --------------------------------------------------------------------------------------------
 # Atomic outputs
 

@@ -31,7 +31,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stages.artifacts import ShardWriter, atomic_output, check_out_free, npy_bytes, png_bytes, write_manifest
+from stages.artifacts import (
+    ShardWriter,
+    atomic_output,
+    check_out_free,
+    npy_bytes,
+    png_bytes,
+    seed_group,
+    write_manifest,
+)
 from stages.errors import TempflowError
 from stages.flow import make_sigmas, ode_step, sde_step
 from stages.policy import Cond, Policy, index_cond
@@ -283,7 +291,7 @@ def _advance_branches(s: _Sampler, pool: list[Branch], drain: bool) -> None:
             br.x, br.at = x[n], br.at + 1
         for img, n in zip(images if done else [], done):
             br = batch[n]
-            group = f"p{br.traj.prompt_index}-s{br.traj.seed_index}-k{br.step}"
+            group = seed_group(br.traj.prompt_index, br.traj.seed, br.step)
             s.write(br.traj, br.step, br.branch, br.state, br.next, br.log_prob, group, img)
         pool[:0] = [br for br in batch if br.at < T]  # unfinished rows keep their place in the batch
 

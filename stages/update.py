@@ -34,6 +34,7 @@ from stages.artifacts import (
     manifest_hash,
     read_manifest,
     read_scores,
+    seed_group,
     verify_shards,
     write_json,
 )
@@ -133,7 +134,7 @@ def group_label(meta: dict[str, Any], mode: str) -> str:
     if mode == "rollout":
         return str(meta["group"])
     if mode == "seed":
-        return f"p{meta['prompt_index']}-s{meta['seed']}-k{meta['step']}"
+        return seed_group(meta["prompt_index"], meta["seed"], meta["step"])
     return f"p{meta['prompt_index']}-k{meta['step']}"
 
 
@@ -182,13 +183,11 @@ def plan_update(rollout: Path, manifest: dict, scores_path: Path, config: Update
         weights = [step_weights[metas[k]["step"]] for k in keys]
     else:
         weights = [1.0] * len(keys)
-    by_group: dict[str, list[float]] = {}
-    for label, r in zip(labels, rewards):
-        by_group.setdefault(label, []).append(r)
-    skipped_groups = sum(1 for rs in by_group.values() if max(rs) == min(rs))  # exactly the groups with A = 0
+    groups = set(labels)
+    trained_groups = {label for label, a in zip(labels, adv) if a != 0.0}
     return Plan(
         advantage=dict(zip(keys, adv.tolist())), weight=dict(zip(keys, weights)), rewards=rewards,
-        skipped_groups=skipped_groups, groups=len(by_group),
+        skipped_groups=len(groups - trained_groups), groups=len(groups),
     )
 
 
@@ -400,8 +399,8 @@ def _load_reference(ref_path: Path, ref_identity: str, policy_dir: Path, device:
             f"reference policy {ref_path} (recorded in {policy_dir}/config.json) not found; "
             "pass --reference with the policy the run started from, or --beta 0"
         )
-    reference, _ = load_policy(ref_path, device)
-    if reference.identity() != ref_identity:
+    reference, loaded = load_policy(ref_path, device)  # checks the weights against loaded.identity
+    if loaded.identity != ref_identity:
         raise TempflowError(f"reference policy {ref_path} changed since this run started from it; pass --reference")
     reference.trainable().eval().requires_grad_(False)
     return reference
