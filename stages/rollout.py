@@ -77,6 +77,8 @@ class RolloutConfig:
     """Rows per model forward pass."""
     seed: int = 0
     """Root of all randomness of the rollout."""
+    prompts_per_rollout: int = 0
+    """Draw this many distinct prompts from the file for this rollout (with --seed); 0: use them all."""
     samples_per_shard: int = 256
     """Samples per webdataset shard."""
 
@@ -89,6 +91,8 @@ class RolloutConfig:
             raise TempflowError(f"shift must be a finite number > 0 (got {self.shift})")
         if not (math.isfinite(self.noise_level) and self.noise_level > 0):
             raise TempflowError(f"noise_level must be > 0 for GRPO to have something to learn (got {self.noise_level})")
+        if self.prompts_per_rollout < 0:
+            raise TempflowError(f"prompts-per-rollout must be >= 0, 0 meaning all (got {self.prompts_per_rollout})")
         for name in ("seeds_per_prompt", "branches", "batch_size", "samples_per_shard", "window"):
             if getattr(self, name) < 1:
                 raise TempflowError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
@@ -137,6 +141,15 @@ class RolloutConfig:
         return list(range(start, start + self.window))
 
 
+def select_prompts(prompts: list[str], config: RolloutConfig) -> list[str]:
+    """The prompts of this rollout: all of them, or ``prompts_per_rollout`` drawn with the seed (in file order)."""
+    n = config.prompts_per_rollout
+    if n == 0 or n >= len(prompts):
+        return list(prompts)
+    picked = random.Random(derive_seed(config.seed, "prompts")).sample(range(len(prompts)), n)
+    return [prompts[i] for i in sorted(picked)]
+
+
 def derive_seed(*parts: Any) -> int:
     """A 63-bit seed from any tuple of values; stable across runs, platforms and Python versions."""
     digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
@@ -175,6 +188,7 @@ class RolloutResult:
     nfe: int
     shards: int
     branch_steps: list[int] = field(default_factory=list)
+    prompts: int = 0
 
 
 class _Sampler:
@@ -343,6 +357,7 @@ def run_rollout(
     check_out_free(out, overwrite, inputs)
     if not prompts:
         raise TempflowError("no prompts to roll out")
+    prompts = select_prompts(prompts, config)
     trajs = _trajectories(config, len(prompts))
     total = planned_nfe(config, len(prompts))
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
@@ -364,4 +379,5 @@ def run_rollout(
             "shards": shards,
         })
     steps = config.resolve_branch_steps() if config.algo == "tempflow" else config.sde_window()
-    return RolloutResult(samples=writer.count, nfe=sampler.nfe, shards=len(shards), branch_steps=steps)
+    return RolloutResult(samples=writer.count, nfe=sampler.nfe, shards=len(shards), branch_steps=steps,
+                         prompts=len(prompts))
