@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.errors import TempflowError
+from stages.shapes import shapes_reward, shapes_strict
 
 RewardFn = Callable[[np.ndarray, list[str]], Sequence[float]]
 
@@ -44,6 +45,8 @@ def jpeg_incompressibility(images: np.ndarray, prompts: list[str]) -> np.ndarray
 REWARDS: dict[str, RewardFn] = {
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
+    "shapes": shapes_reward,  # fraction of GenEval-style requirements met (stages.shapes)
+    "shapes_strict": shapes_strict,  # 1 when all are met
 }
 
 
