@@ -121,12 +121,7 @@ class Policy(ABC):
 # The tiny preset: pixel-space SD3 transformer + small CLIP text encoder + word-level tokenizer.
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # CLIP pools at [EOS]; id 2 would trigger its legacy path
-DEFAULT_WORDS = (
-    "a an the and of with on in left right above below one two three four five "
-    "red green blue yellow magenta cyan white black orange purple pink gray brown "
-    "square squares circle circles triangle triangles shape shapes big small large tiny "
-    "photo picture image drawing painting cat dog tree house car flower sky sea mountain"
-).split()
+DEFAULT_WORDS = ["a", "an", "the", "and", "of", "with", "on", "in", "left", "right", "above", "below", "one", "two", "three", "four", "five", "red", "green", "blue", "yellow", "magenta", "cyan", "white", "black", "orange", "purple", "pink", "gray", "brown", "square", "squares", "circle", "circles", "triangle", "triangles", "shape", "shapes", "big", "small", "large", "tiny", "photo", "picture", "image", "drawing", "painting", "cat", "dog", "tree", "house", "car", "flower", "sky", "sea", "mountain"]
 
 
 @dataclass
@@ -240,6 +235,10 @@ class TinyPolicy(Policy):
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> Cond:
+        return self.encode_with_grad(prompts)
+
+    def encode_with_grad(self, prompts: list[str]) -> Cond:
+        """:meth:`encode` with autograd on, for pretraining, where the text encoder learns too."""
         batch = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.config.max_prompt_tokens,
             return_tensors="pt",
@@ -293,7 +292,16 @@ class TinyPolicy(Policy):
 
 
 POLICIES: dict[str, type[Policy]] = {"tiny": TinyPolicy}
-PRESETS: dict[str, str] = {"tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config"}
+PRESETS: dict[str, str] = {
+    "tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config",
+    "shapes": "the shapes world's model: the tiny design at patch 4, 4 blocks, width 96 (1.3M parameters)",
+}
+PRESET_MODELS: dict[str, dict[str, Any]] = {
+    "tiny": {},
+    # patch 4 keeps 64 image tokens at 32x32: on 2 CPU cores it trains at ~400 images/s (forward + backward)
+    "shapes": {"patch_size": 4, "num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 24,
+               "text_hidden_size": 64},
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -320,7 +328,7 @@ def build_policy(preset: str, seed: int, model_overrides: dict[str, Any] | None 
     if preset not in PRESETS:
         raise TempflowError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
     torch.manual_seed(seed)
-    return TinyPolicy(TinyConfig(**(model_overrides or {})))
+    return TinyPolicy(TinyConfig(**{**PRESET_MODELS[preset], **(model_overrides or {})}))
 
 
 def model_config(policy: Policy) -> dict[str, Any]:

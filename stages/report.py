@@ -34,9 +34,26 @@ def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
     return rows
 
 
-def write_report(metrics_dir: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
+def read_evals(evals: dict[str, Path]) -> dict[str, dict[str, Any]]:
+    """``name -> metrics.json`` of ``tempflow eval`` folders, reduced to what a report compares."""
+    out = {}
+    for name, folder in evals.items():
+        metrics = read_json(Path(folder) / "metrics.json", "the metrics.json of `tempflow eval`")
+        if not {"reward", "strict", "per_task", "policy"} <= set(metrics):
+            raise TempflowError(f"{folder}/metrics.json: not eval metrics (written by `tempflow eval`)")
+        out[name] = {"reward": metrics["reward"], "strict": metrics["strict"], "step": metrics["policy"]["step"],
+                     "per_task": {t: v["strict"] for t, v in metrics["per_task"].items()}}
+    return out
+
+
+def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
+                 evals: dict[str, Path] | None = None) -> dict[str, Any]:
+    """curve.json + curve.png (the training reward per iteration) and summary.json; with ``evals``
+    (e.g. ``{"base": ..., "final": ...}``) the summary also compares their held-out metrics."""
+    from stages.plots import line_chart
+
     rows = build_curve(list(Path(metrics_dir).glob("*.json")))
-    summary = {
+    summary: dict[str, Any] = {
         "iterations": len(rows),
         "reward_first": rows[0]["reward_mean"],
         "reward_last": rows[-1]["reward_mean"],
@@ -44,8 +61,30 @@ def write_report(metrics_dir: Path, out: Path, overwrite: bool = False) -> dict[
         "reward_gain": rows[-1]["reward_mean"] - rows[0]["reward_mean"],
         "total_nfe": rows[-1]["nfe"],
     }
-    with atomic_output(out, overwrite=overwrite, inputs=(metrics_dir,)) as tmp:
+    evaluated = read_evals(evals or {})
+    for name, metrics in evaluated.items():
+        summary[f"eval_{name}_reward"] = metrics["reward"]
+        summary[f"eval_{name}_strict"] = metrics["strict"]
+    if len(evaluated) >= 2:
+        first, last = next(iter(evaluated.values())), list(evaluated.values())[-1]
+        summary["eval_reward_gain"] = last["reward"] - first["reward"]
+        summary["eval_strict_gain"] = last["strict"] - first["strict"]
+    with atomic_output(out, overwrite=overwrite, inputs=(metrics_dir, *(evals or {}).values())) as tmp:
         tmp.mkdir()
         write_json(tmp / "curve.json", rows)
         write_json(tmp / "summary.json", summary)
+        _draw_curve(tmp / "curve.png", rows, evaluated, line_chart)
     return summary
+
+
+def _draw_curve(path: Path, rows: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]], line_chart: Any) -> None:
+    """Training reward (the rollouts' mean, ± their std) against forward passes; evals as stars,
+    placed at the NFE spent before the policy they measured (step s has seen s rollouts)."""
+    spent = [0] + [r["nfe"] for r in rows]
+    x = [spent[i] for i in range(len(rows))]
+    points = {f"eval {name} (step {m['step']})": (spent[min(m["step"], len(rows))], m["reward"])
+              for name, m in evaluated.items()}
+    line_chart(path, {"rollout reward (train prompts)": (x, [r["reward_mean"] for r in rows])},
+               xlabel="forward passes (NFE) spent on rollouts", ylabel="mean reward",
+               title="reward across the loop", bands={"rollout reward (train prompts)": [r["reward_std"] for r in rows]},
+               points=points)

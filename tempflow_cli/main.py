@@ -5,6 +5,8 @@
     tempflow score   --rollout ROLLOUT --reward jpeg_compressibility --out SCORES.parquet
     tempflow update  --policy POLICY --rollout ROLLOUT --rewards SCORES.parquet --out NEW_POLICY
     tempflow report  --metrics-dir DIR --out DIR
+    tempflow pretrain --world shapes --out POLICY
+    tempflow eval    --policy POLICY --out DIR
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import click
 
 from stages.errors import TempflowError
 from tempflow_cli.options import config_options, pop_config
-from tempflow_cli.ui import progress_bars, summary
+from tempflow_cli.ui import comparison, progress_bars, summary
 
 # diffusers and transformers load inside the stage functions; stages are imported inside commands.
 
-PRESET_HELP = {"tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config"}
+PRESET_HELP = {  # mirrors stages.policy.PRESETS, which would import torch just to print --help (a test checks)
+    "tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config",
+    "shapes": "the shapes world's model: the tiny design at patch 4, 4 blocks, width 96 (1.3M parameters)",
+}
 OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (it is replaced only once complete).")
 DEVICE = click.option("--device", default="cpu", show_default=True, help="torch device to run the model on, e.g. cuda:0.")
 
@@ -71,6 +76,9 @@ def cli(debug: bool) -> None:
     Each stage reads and writes artifacts on disk: init makes a policy, rollout samples branched
     trajectories into webdataset shards, score writes rewards to parquet, update takes one GRPO
     step and writes a new policy. `dvc repro` chains them (dvc.yaml + params.yaml).
+
+    The built-in shapes world needs no downloads: pretrain trains a small text-to-image model on
+    rendered shapes, eval scores a policy on prompts it never trained on.
     """
 
 
@@ -86,7 +94,14 @@ def cli(debug: bool) -> None:
 def init(preset: str, out: Path, seed: int, image_size: int, vocab_from: Path | None, overwrite: bool) -> None:
     """Create a policy folder from a preset (config.json + safetensors weights)."""
     from stages.artifacts import atomic_output
-    from stages.policy import DEFAULT_WORDS, PolicyRecord, build_policy, model_config, prompt_words, save_policy
+    from stages.policy import (
+        DEFAULT_WORDS,
+        PolicyRecord,
+        build_policy,
+        model_config,
+        prompt_words,
+        save_policy,
+    )
     from stages.prompts import read_prompts
 
     words = list(DEFAULT_WORDS)
@@ -130,7 +145,7 @@ def rollout(policy_dir: Path, prompts: Path, out: Path, device: str, overwrite: 
                              progress=progress, overwrite=overwrite)
     seconds = time.perf_counter() - start
     summary(f"rollout {out}", {
-        "algo": config.algo, "prompts": len(prompt_list), "samples": result.samples, "shards": result.shards,
+        "algo": config.algo, "prompts": result.prompts, "samples": result.samples, "shards": result.shards,
         "steps trained": ",".join(map(str, result.branch_steps)), "NFE": result.nfe,
         "seconds": round(seconds, 2), "NFE/s": round(result.nfe / max(seconds, 1e-9), 1),
     })
@@ -212,15 +227,108 @@ def update(policy_dir: Path, rollout_dir: Path, scores: Path, out: Path, referen
     })
 
 
+class EvalParam(click.ParamType):
+    """``NAME=DIR``: a `tempflow eval` output folder and the name the report gives it."""
+
+    name = "NAME=DIR"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        if not isinstance(value, str):
+            return value
+        name, sep, folder = value.partition("=")
+        if not sep or not name or not folder:
+            self.fail(f"{value!r} is not NAME=DIR, e.g. base=runs/eval/base", param, ctx)
+        return name, Path(folder)
+
+
 @cli.command()
 @click.option("--metrics-dir", type=click.Path(path_type=Path), required=True, help="Folder of update metrics JSON files.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for curve.json and summary.json.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for curve.json, curve.png and summary.json.")
+@click.option("--eval", "evals", type=EvalParam(), multiple=True,
+              help="A `tempflow eval` folder to compare, as NAME=DIR; repeat, first = before, last = after.")
 @OVERWRITE
-def report(metrics_dir: Path, out: Path, overwrite: bool) -> None:
-    """Gather a loop's update metrics into a reward curve (for `dvc plots`) and a summary."""
-    from stages.report import write_report
+def report(metrics_dir: Path, out: Path, evals: tuple, overwrite: bool) -> None:
+    """Gather a loop's update metrics into a reward curve (curve.json for `dvc plots`, curve.png) and a summary."""
+    from stages.report import read_evals, write_report
 
-    summary(f"report {out}", write_report(metrics_dir, out, overwrite=overwrite))
+    summary(f"report {out}", write_report(metrics_dir, out, overwrite=overwrite, evals=dict(evals)))
+    if evals:
+        columns = {name: {"step": m["step"], "reward": m["reward"], "strict accuracy": m["strict"],
+                          **{f"strict: {task}": v for task, v in m["per_task"].items()}}
+                   for name, m in read_evals(dict(evals)).items()}
+        comparison("eval (deterministic ODE samples)", columns)
+
+
+def _pretrain_options(fn):
+    from stages.pretrain import WORLDS, PretrainConfig
+
+    return config_options(PretrainConfig, choices={"world": WORLDS, "preset": PRESET_HELP})(fn)
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Policy folder to create.")
+@click.option("--checkpoint", type=click.Path(path_type=Path), default=None,
+              help="Resumable checkpoint folder. Default: OUT.ckpt beside OUT. A rerun with the same options "
+                   "continues from it; it is deleted once OUT is written.")
+@_pretrain_options
+@DEVICE
+@OVERWRITE
+def pretrain(out: Path, checkpoint: Path | None, device: str, overwrite: bool, **kwargs: Any) -> None:
+    """Pretrain a text-to-image policy by flow matching on a built-in world's rendered images.
+
+    The shapes world draws its training split on the fly (never its held-out pairings). An
+    interrupted run resumes from its checkpoint and ends with the same weights.
+    """
+    from stages.pretrain import PretrainConfig, run_pretrain
+
+    config = pop_config(PretrainConfig, kwargs)
+    with progress_bars("steps") as progress:
+        result = run_pretrain(config, out, checkpoint=checkpoint, device=device, progress=progress, overwrite=overwrite)
+    summary(f"pretrained policy {out}", {
+        "world": config.world, "steps": result.steps, "resumed from step": result.resumed_from,
+        "final loss (last 100 steps)": result.final_loss, "seconds": round(result.seconds, 1),
+        "images/s": round(result.images / max(result.seconds, 1e-9), 1),
+    })
+
+
+def _eval_options(fn):
+    from stages.evaluate import EvalConfig
+
+    return config_options(EvalConfig)(fn)
+
+
+@cli.command(name="eval")
+@click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True, help="Policy folder to evaluate.")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+              help="Prompts file in the shapes grammar (default: a balanced subset of --split).")
+@click.option("--split", type=click.Choice(["heldout", "train"]), default="heldout", show_default=True,
+              help="World split to draw prompts from when --prompts is not given.")
+@click.option("--per-task", type=int, default=16, show_default=True, help="Prompts per task type drawn from --split.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json, results.jsonl, grid.png.")
+@_eval_options
+@DEVICE
+@OVERWRITE
+def eval_(policy_dir: Path, prompts: Path | None, split: str, per_task: int, out: Path, device: str, overwrite: bool,
+          **kwargs: Any) -> None:
+    """Score a policy in the shapes world: deterministic ODE samples, reward and strict accuracy per task.
+
+    Prompts must follow the world's grammar: `a red circle`, `two blue squares`, `a red circle and a
+    blue square`, `a red circle left of a blue square` (also right of, above, below).
+    """
+    from stages.evaluate import EvalConfig, read_eval_prompts, run_eval
+
+    config = pop_config(EvalConfig, kwargs)
+    if per_task < 1:
+        raise click.BadParameter(f"must be >= 1, got {per_task}", param_hint="--per-task")
+    prompt_list, source = read_eval_prompts(prompts, split, per_task, config.seed)
+    with progress_bars("NFE") as progress:
+        result = run_eval(policy_dir, prompt_list, out, config, device=device, progress=progress,
+                          overwrite=overwrite, source=source)
+    m = result.metrics
+    rows: dict[str, Any] = {"prompts": f"{m['prompts']} ({source})", "images": m["images"],
+                            "reward": m["reward"], "strict accuracy": m["strict"]}
+    rows.update({f"{task}: reward / strict": f"{v['reward']:.3f} / {v['strict']:.3f}" for task, v in m["per_task"].items()})
+    summary(f"eval {out} (policy step {m['policy']['step']})", rows)
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -7,7 +7,14 @@ from collections.abc import Iterator
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from stages.progress import Progress as ProgressFn
@@ -47,4 +54,16 @@ def summary(title: str, rows: dict[str, Any]) -> None:
     table.add_column(justify="right")
     for name, value in rows.items():
         table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+def comparison(title: str, columns: dict[str, dict[str, Any]]) -> None:
+    """A table on stdout with one column per name (e.g. base, final) and a row per metric."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("")
+    for name in columns:
+        table.add_column(name, justify="right")
+    for row in dict.fromkeys(key for column in columns.values() for key in column):
+        cells = [columns[name].get(row) for name in columns]
+        table.add_row(row, *(f"{v:.3f}" if isinstance(v, float) else "" if v is None else str(v) for v in cells))
     console.print(table)

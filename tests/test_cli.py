@@ -20,7 +20,7 @@ def _one_error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("command", ["init", "rollout", "score", "update", "report"])
+@pytest.mark.parametrize("command", ["init", "rollout", "score", "update", "report", "pretrain", "eval"])
 def test_every_command_documents_its_options(command):
     """--help shows every option, and every option has a help text."""
     from tempflow_cli.main import cli
@@ -34,7 +34,7 @@ def test_every_command_documents_its_options(command):
 
 def test_top_level_help_lists_the_stages():
     result = invoke("--help")
-    for command in ("init", "rollout", "score", "update", "report"):
+    for command in ("init", "rollout", "score", "update", "report", "pretrain", "eval"):
         assert command in result.stdout
 
 

@@ -122,9 +122,11 @@ def test_baselines_train(policy_dir, tmp_path, algo):
 
 def _small_loop_params(path: Path) -> None:
     params = yaml.safe_load(path.read_text())
-    params["init"]["image-size"] = 16
-    params["rollout"].update({"num-steps": 4, "seeds-per-prompt": 1, "branches": 2})
+    params["pretrain"].update({"image-size": 16, "steps": 4, "batch-size": 4, "warmup": 1, "checkpoint-every": 2})
+    params["rollout"].update({"num-steps": 4, "seeds-per-prompt": 1, "branches": 2, "prompts-per-rollout": 3})
+    params["eval"].update({"per-task": 1, "num-steps": 2, "images-per-prompt": 1})
     params["loop"] = params["loop"][:2]
+    params["final"] = params["loop"][-1]["name"]
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -147,10 +149,12 @@ def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
 
     run("git", "init", "-q")
     first = run("dvc", "repro")
-    for stage in ("init", "rollout@0", "score@0", "update@0", "update@1", "report"):
+    for stage in ("pretrain", "rollout@0", "score@0", "update@0", "update@1", "eval@base", "eval@final",
+                  "report"):
         assert f"Running stage '{stage}'" in first
     summary = json.loads((work / "runs/report/summary.json").read_text())
-    assert summary["iterations"] == 2
+    assert summary["iterations"] == 2 and {"eval_base_strict", "eval_final_strict", "eval_reward_gain"} <= set(summary)
+    assert (work / "runs/report/curve.png").is_file() and (work / "runs/eval/final/grid.png").is_file()
     second_metrics = json.loads((work / "runs/metrics/it02.json").read_text())
     assert second_metrics["optimizer_resumed"] is True  # AdamW moments carried across iterations
     second = run("dvc", "repro")

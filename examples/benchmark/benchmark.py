@@ -1,0 +1,393 @@
+"""TempFlow-GRPO against Flow-GRPO in the shapes world, at equal forward-pass (NFE) budgets.
+
+    python examples/benchmark/benchmark.py --base runs/base --out runs/benchmark   # full: ~1 h on 2 cores
+    python examples/benchmark/benchmark.py --quick --out runs/benchmark-quick       # smoke test: ~1 min
+
+Every method starts from the same pretrained base and trains with the same update hyper-parameters
+(params.yaml's `update` group) until it has spent the same NFE on rollouts; the held-out reward and
+strict accuracy are measured along the way by `tempflow eval`'s deterministic ODE sampler. The stages
+run in-process through the library functions the CLI calls, artifacts on disk included, so the
+timings are the pipeline's. Writes OUT/results.json, OUT/table.md and OUT/benchmark.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from stages.evaluate import EvalConfig, run_eval
+from stages.policy import load_policy
+from stages.pretrain import PretrainConfig, run_pretrain
+from stages.rewards import parse_reward_spec
+from stages.rollout import RolloutConfig, run_rollout
+from stages.score import run_score
+from stages.update import UpdateConfig, run_update
+
+
+@dataclass(frozen=True)
+class Method:
+    description: str
+    rollout: dict[str, Any]
+    weighting: str
+
+
+METHODS: dict[str, Method] = {
+    "tempflow": Method("branching + noise-aware weighting (TempFlow-GRPO)",
+                       {"algo": "tempflow", "seeds_per_prompt": 2, "branches": 4, "branch_steps": "all"}, "noise-aware"),
+    "flow-grpo": Method("SDE at every step, trajectory advantage, uniform weights",
+                        {"algo": "flow-grpo", "seeds_per_prompt": 8}, "uniform"),
+    "flow-grpo-fast": Method("ODE + an SDE window of 2 steps, trajectory advantage",
+                             {"algo": "flow-grpo-fast", "seeds_per_prompt": 8, "window": 2}, "uniform"),
+    "branch-only": Method("ablation: tempflow branching, uniform weights",
+                          {"algo": "tempflow", "seeds_per_prompt": 2, "branches": 4, "branch_steps": "all"}, "uniform"),
+    "weight-only": Method("ablation: flow-grpo trajectories, noise-aware weights",
+                          {"algo": "flow-grpo", "seeds_per_prompt": 8}, "noise-aware"),
+}
+
+
+@dataclass
+class Settings:
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    nfe_budget: int = 40_000
+    """Rollout forward passes each method may spend."""
+    evals: int = 8
+    """Held-out evaluations along the budget (plus one of the base)."""
+    prompts_per_rollout: int = 8
+    eval_per_task: int = 8
+    eval_steps: int = 20
+    eval_images: int = 2
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    memory_prompts: int = 8
+    """Prompts of the 1x rollout of the memory check (8x: eight times as many)."""
+
+
+def quick_settings() -> Settings:
+    return Settings(seeds=[0], nfe_budget=2_500, evals=1, prompts_per_rollout=2, eval_per_task=2, eval_steps=6,
+                    eval_images=1, pretrain=PretrainConfig(steps=20, batch_size=16, checkpoint_every=0),
+                    memory_prompts=1)
+
+
+def load_params() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The loop's rollout and update options from params.yaml, as dataclass field names."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+
+    def fields(group: str, cls: type) -> dict[str, Any]:
+        names = {f for f in cls.__dataclass_fields__}
+        return {k.replace("-", "_"): v for k, v in params[group].items() if k.replace("-", "_") in names}
+
+    rollout = fields("rollout", RolloutConfig)
+    keep = ("num_steps", "shift", "noise_level", "batch_size")
+    return {k: v for k, v in rollout.items() if k in keep}, fields("update", UpdateConfig)
+
+
+def prompts_file(out: Path) -> Path:
+    from stages import shapes
+
+    path = out / "train-prompts.txt"
+    path.write_text("\n".join(shapes.train_prompts()) + "\n")
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# One training run: a method, a seed, the NFE budget
+
+
+def evaluate(policy: Path, out: Path, settings: Settings) -> dict[str, Any]:
+    from stages import shapes
+
+    prompts = shapes.eval_prompts("heldout", per_task=settings.eval_per_task, seed=0)
+    config = EvalConfig(num_steps=settings.eval_steps, images_per_prompt=settings.eval_images, grid_prompts=0)
+    metrics = run_eval(policy, prompts, out, config, overwrite=True).metrics
+    return {"reward": metrics["reward"], "strict": metrics["strict"]}
+
+
+def train_run(name: str, seed: int, base: Path, prompts: list[str], work: Path, settings: Settings,
+              rollout_base: dict[str, Any], update_base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Iterate rollout -> score -> update until the budget is spent; a curve row per evaluation."""
+    method = METHODS[name]
+    run_dir = work / f"{name}-s{seed}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    policy, spent, seconds, iteration = base, 0, 0.0, 0
+    base_eval = evaluate(base, run_dir / "eval", settings)
+    curve = [{"nfe": 0, "seconds": 0.0, "iteration": 0, **base_eval}]
+    next_eval = settings.nfe_budget / settings.evals
+    specs = [parse_reward_spec("shapes")]
+    while spent < settings.nfe_budget:
+        iteration += 1
+        it = run_dir / f"it{iteration:03d}"
+        rollout_config = RolloutConfig(**{**rollout_base, **method.rollout, "seed": 1000 * seed + iteration,
+                                          "prompts_per_rollout": settings.prompts_per_rollout})
+        update_config = UpdateConfig(**{**update_base, "weighting": method.weighting, "seed": 1000 * seed + iteration})
+        began = time.perf_counter()
+        model, record = load_policy(policy)
+        result = run_rollout(model, prompts, rollout_config, it / "rollout",
+                             {"identity": record.identity, "path": str(policy), "step": record.step})
+        run_score(it / "rollout", specs, it / "scores.parquet")
+        run_update(policy, it / "rollout", it / "scores.parquet", it / "policy", update_config,
+                   reference_dir=base)
+        seconds += time.perf_counter() - began
+        spent += result.nfe
+        if policy != base:
+            shutil.rmtree(policy.parent)  # the previous iteration's artifacts: only the new policy is needed
+        policy = it / "policy"
+        shutil.rmtree(it / "rollout")
+        if spent >= next_eval or spent >= settings.nfe_budget:
+            curve.append({"nfe": spent, "seconds": seconds, "iteration": iteration,
+                          **evaluate(policy, run_dir / "eval", settings)})
+            next_eval += settings.nfe_budget / settings.evals
+        print(f"  {name} seed {seed} it {iteration}: NFE {spent} / {settings.nfe_budget}, "
+              f"{seconds:.0f} s, held-out reward {curve[-1]['reward']:.3f}", flush=True)
+    shutil.rmtree(run_dir)
+    return curve
+
+
+# --------------------------------------------------------------------------------------------
+# Stage efficiency and update memory
+
+
+def bare_throughput(policy_dir: Path, batch: int, backward: bool, reference: bool, reps: int = 10) -> float:
+    """Images per second of the bare model at ``batch``: forward only, or forward + backward (+ the
+    KL reference's forward), on random states; no artifacts, no sampler, no optimizer."""
+    model, _ = load_policy(policy_dir)
+    ref = load_policy(policy_dir)[0] if reference else None
+    cond = model.encode(["a red circle left of a blue square"] * batch)
+    x, sigma = torch.randn(batch, *model.sample_shape), torch.rand(batch)
+    model.trainable().requires_grad_(backward)
+
+    def once() -> None:
+        with torch.set_grad_enabled(backward):
+            v = model.velocity(x, sigma, cond)
+            if ref is not None:
+                with torch.no_grad():
+                    ref.velocity(x, sigma, cond)
+            if backward:
+                v.square().mean().backward()
+
+    once()
+    began = time.perf_counter()
+    for _ in range(reps):
+        once()
+    return batch * reps / (time.perf_counter() - began)
+
+
+def stage_efficiency(base: Path, prompts: list[str], work: Path, rollout_base: dict[str, Any],
+                     update_base: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    it = work / "efficiency"
+    shutil.rmtree(it, ignore_errors=True)
+    config = RolloutConfig(**{**rollout_base, **METHODS["tempflow"].rollout, "seed": 7,
+                              "prompts_per_rollout": settings.prompts_per_rollout})
+    model, record = load_policy(base)
+    began = time.perf_counter()
+    result = run_rollout(model, prompts, config, it / "rollout", {"identity": record.identity, "path": str(base)})
+    rollout_rate = result.nfe / (time.perf_counter() - began)
+    began = time.perf_counter()
+    run_score(it / "rollout", [parse_reward_spec("shapes")], it / "scores.parquet")
+    score_rate = result.samples / (time.perf_counter() - began)
+    update_config = UpdateConfig(**update_base)
+    began = time.perf_counter()
+    run_update(base, it / "rollout", it / "scores.parquet", it / "policy", update_config)
+    update_rate = result.samples / (time.perf_counter() - began)
+    shutil.rmtree(it)
+    forward = bare_throughput(base, config.batch_size, backward=False, reference=False)
+    fwd_bwd = bare_throughput(base, update_config.batch_size, backward=True, reference=False)
+    fwd_bwd_ref = bare_throughput(base, update_config.batch_size, backward=True, reference=update_config.beta > 0)
+    return {
+        "rollout_nfe_per_s": rollout_rate, "bare_forward_per_s": forward,
+        "rollout_overhead_pct": 100 * (1 - rollout_rate / forward),
+        "score_images_per_s": score_rate,
+        "update_samples_per_s": update_rate, "bare_fwd_bwd_per_s": fwd_bwd, "bare_fwd_bwd_ref_per_s": fwd_bwd_ref,
+        "update_overhead_pct": 100 * (1 - update_rate / fwd_bwd),
+        "update_overhead_vs_fwd_bwd_ref_pct": 100 * (1 - update_rate / fwd_bwd_ref),
+        "rollout_batch": config.batch_size, "update_batch": update_config.batch_size, "rollout_samples": result.samples,
+    }
+
+
+def update_memory(base: Path, prompts: list[str], work: Path, rollout_base: dict[str, Any],
+                  update_base: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Peak resident memory of `run_update` on a rollout of 1x and 8x the size, each in a fresh process."""
+    rows = {}
+    for scale in (1, 8):
+        it = work / f"memory-{scale}x"
+        shutil.rmtree(it, ignore_errors=True)
+        config = RolloutConfig(**{**rollout_base, **METHODS["tempflow"].rollout, "seed": 11,
+                                  "prompts_per_rollout": settings.memory_prompts * scale})
+        model, record = load_policy(base)
+        result = run_rollout(model, prompts, config, it / "rollout", {"identity": record.identity, "path": str(base)})
+        run_score(it / "rollout", [parse_reward_spec("shapes")], it / "scores.parquet")
+        (it / "update.json").write_text(json.dumps(update_base))
+        out = subprocess.run([sys.executable, __file__, "--measure-update", str(base), str(it)],
+                             check=True, capture_output=True, text=True).stdout
+        rows[f"{scale}x"] = {"samples": result.samples, **json.loads(out.strip().splitlines()[-1])}
+        shutil.rmtree(it)
+    return rows
+
+
+def _status_mib(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (resident peak) of this process, in MiB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_update(base: Path, it: Path) -> None:
+    """(Child process) run one update; print resident memory before it and its peak during it, in MiB.
+
+    The peak is reset just before the update (``/proc/self/clear_refs``), so it is the update's own,
+    not the import's or the model load's."""
+    config = UpdateConfig(**json.loads((it / "update.json").read_text()))
+    load_policy(base)  # libraries resident and warmed up before the update starts
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    before = _status_mib("VmRSS")
+    run_update(base, it / "rollout", it / "scores.parquet", it / "policy", config)
+    peak = _status_mib("VmHWM")
+    print(json.dumps({"rss_before_mib": round(before, 1), "peak_rss_mib": round(peak, 1),
+                      "update_peak_increase_mib": round(peak - before, 1)}))
+
+
+# --------------------------------------------------------------------------------------------
+# Summaries
+
+
+def mean_curve(curves: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Seeds aligned by evaluation index: x (mean NFE), mean seconds, mean and std of ``key``."""
+    n = min(len(c) for c in curves)
+    nfe = np.mean([[row["nfe"] for row in c[:n]] for c in curves], axis=0)
+    secs = np.mean([[row["seconds"] for row in c[:n]] for c in curves], axis=0)
+    values = np.array([[row[key] for row in c[:n]] for c in curves])
+    return nfe, secs, values.mean(axis=0), values.std(axis=0)
+
+
+def nfe_to_reach(curves: list[list[dict[str, Any]]], target: float) -> float | None:
+    nfe, _, mean, _ = mean_curve(curves, "reward")
+    hits = np.nonzero(mean >= target)[0]
+    return float(nfe[hits[0]]) if len(hits) else None
+
+
+def summarise(results: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
+    target = mean_curve(results["flow-grpo"], "reward")[2][-1] if "flow-grpo" in results else None
+    rows = []
+    for name, curves in results.items():
+        nfe, secs, reward, reward_std = mean_curve(curves, "reward")
+        _, _, strict, strict_std = mean_curve(curves, "strict")
+        rows.append({"method": name, "base_reward": reward[0], "final_reward": reward[-1], "final_reward_std": reward_std[-1],
+                     "base_strict": strict[0], "final_strict": strict[-1], "final_strict_std": strict_std[-1],
+                     "nfe": nfe[-1], "seconds": secs[-1],
+                     "nfe_to_flow_grpo_final": nfe_to_reach(curves, target) if target is not None else None})
+    return rows
+
+
+def table_markdown(rows: list[dict[str, Any]], seeds: int) -> str:
+    lines = [(f"| method | held-out reward: base → final (± std, {seeds} seeds) | strict: base → final | NFE | "
+             "train seconds | NFE to reach flow-grpo's final reward |"), "|---|---|---|---|---|---|"]
+    for r in rows:
+        reach = "not reached" if r["nfe_to_flow_grpo_final"] is None else f"{r['nfe_to_flow_grpo_final']:,.0f}"
+        lines.append(f"| {r['method']} | {r['base_reward']:.3f} → {r['final_reward']:.3f} ± {r['final_reward_std']:.3f} | "
+                     f"{r['base_strict']:.3f} → {r['final_strict']:.3f} ± {r['final_strict_std']:.3f} | "
+                     f"{r['nfe']:,.0f} | {r['seconds']:.0f} | {reach} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=100)
+    for name, curves in results.items():
+        for row, key in enumerate(("reward", "strict")):
+            nfe, secs, mean, std = mean_curve(curves, key)
+            for col, x in enumerate((nfe, secs)):
+                ax = axes[row][col]
+                line, = ax.plot(x, mean, marker="o", markersize=3, label=name)
+                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+    for row, key in enumerate(("held-out reward", "held-out strict accuracy")):
+        for col, xlabel in enumerate(("rollout NFE", "training wall-clock (s, 2 CPU cores)")):
+            axes[row][col].set_xlabel(xlabel)
+            axes[row][col].set_ylabel(key)
+            axes[row][col].grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("shapes world: mean ± std over seeds, equal rollout NFE budget")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/benchmark"))
+    parser.add_argument("--base", type=Path, default=None,
+                        help="Pretrained base policy (e.g. runs/base of `dvc repro`); default: pretrain one here.")
+    parser.add_argument("--quick", action="store_true", help="Tiny budget, one seed: a smoke test of the whole script.")
+    parser.add_argument("--seeds", type=str, default=None, help="Comma list of training seeds (default 0,1,2).")
+    parser.add_argument("--nfe-budget", type=int, default=None)
+    parser.add_argument("--methods", type=str, default=",".join(METHODS))
+    parser.add_argument("--measure-update", nargs=2, type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.measure_update:
+        measure_update(*args.measure_update)
+        return
+    settings = quick_settings() if args.quick else Settings()
+    if args.seeds:
+        settings = replace(settings, seeds=[int(s) for s in args.seeds.split(",")])
+    if args.nfe_budget:
+        settings = replace(settings, nfe_budget=args.nfe_budget)
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    rollout_base, update_base = load_params()
+    from stages import shapes
+
+    prompts = shapes.train_prompts()
+    base = args.base
+    if base is None:
+        base = out / "base"
+        if not base.exists():
+            print(f"pretraining a base policy into {base} ...", flush=True)
+            run_pretrain(settings.pretrain, base)
+    began = time.perf_counter()
+    results: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
+    for seed in settings.seeds:
+        for name in methods:
+            results[name].append(train_run(name, seed, base, prompts, work, settings, rollout_base, update_base))
+    print("measuring stage efficiency and update memory ...", flush=True)
+    efficiency = stage_efficiency(base, prompts, work, rollout_base, update_base, settings)
+    memory = update_memory(base, prompts, work, rollout_base, update_base, settings)
+    rows = summarise(results)
+    report = {"settings": {**asdict(settings), "pretrain": asdict(settings.pretrain)}, "methods": {
+        m: asdict(METHODS[m]) for m in methods}, "rollout": rollout_base, "update": update_base,
+        "curves": results, "summary": rows, "efficiency": efficiency, "memory": memory,
+        "seconds_total": time.perf_counter() - began, "torch_threads": torch.get_num_threads(),
+        "command": " ".join(sys.argv)}
+    (out / "results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
+    (out / "table.md").write_text(table_markdown(rows, len(settings.seeds)))
+    plot(results, out / "benchmark.png")
+    shutil.rmtree(work, ignore_errors=True)
+    print(table_markdown(rows, len(settings.seeds)))
+    print(json.dumps({"efficiency": efficiency, "memory": memory}, indent=2, default=float))
+    print(f"wrote {out}/results.json, table.md, benchmark.png in {report['seconds_total']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Pretrain, eval and report in the shapes world: resumable pretraining, deterministic evaluation,
+prompts outside the grammar refused, the before/after report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from stages import shapes
+from stages.errors import TempflowError
+from stages.evaluate import EvalConfig, run_eval
+from stages.policy import load_policy
+from stages.pretrain import (
+    PretrainConfig,
+    default_checkpoint,
+    run_pretrain,
+    world_batch,
+)
+from tests.conftest import invoke
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_pretrain(**overrides) -> PretrainConfig:
+    """A pretraining run of a few seconds: 16x16 images, 4x4 patch tokens."""
+    values = {"image_size": 16, "steps": 6, "batch_size": 4, "warmup": 2, "checkpoint_every": 2}
+    values.update(overrides)
+    return PretrainConfig(**values)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("pretrain") / "base"
+    run_pretrain(tiny_pretrain(), out)
+    return out
+
+
+def test_world_batch_is_a_function_of_seed_and_step():
+    config = tiny_pretrain()
+    prompts, x0 = world_batch(config, 3)
+    again, x0_again = world_batch(config, 3)
+    assert prompts == again and np.array_equal(x0.numpy(), x0_again.numpy())
+    assert x0.shape == (4, 3, 16, 16) and float(x0.min()) >= -1 and float(x0.max()) <= 1
+    assert world_batch(config, 4)[0] != prompts or not np.array_equal(world_batch(config, 4)[1], x0)
+    held_out = set(shapes.heldout_prompts())
+    assert not held_out & set(prompts)  # pretraining never sees the held-out split
+
+
+def test_pretrain_writes_a_policy_and_learns(pretrained, tmp_path):
+    policy, record = load_policy(pretrained)
+    assert record.step == 0 and policy.sample_shape == (3, 16, 16)
+    report = json.loads((pretrained / "pretrain.json").read_text())
+    assert len(report["losses"]) == 6 and report["resumed_from"] == 0
+    assert not default_checkpoint(pretrained).exists()  # removed once the policy is written
+    # a longer run lowers the flow-matching loss: the model learns the world, not noise
+    losses = run_pretrain(tiny_pretrain(steps=40, checkpoint_every=0, learning_rate=3e-3), tmp_path / "longer")
+    curve = json.loads((tmp_path / "longer" / "pretrain.json").read_text())["losses"]
+    assert np.mean(curve[-8:]) < 0.8 * np.mean(curve[:8]), (losses, curve)
+
+
+def test_interrupted_pretrain_resumes_to_the_same_weights(pretrained, tmp_path):
+    out = tmp_path / "base"
+
+    def interrupt_at_step_5(task, advance, total, seen=[0]):  # noqa: B006 - a counter across calls
+        seen[0] += advance
+        if seen[0] >= 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(tiny_pretrain(), out, progress=interrupt_at_step_5)
+    assert not out.exists()
+    state = json.loads((default_checkpoint(out) / "state.json").read_text())
+    assert state["step"] == 4  # the last multiple of checkpoint_every reached
+    result = run_pretrain(tiny_pretrain(), out)
+    assert result.resumed_from == 4
+    assert load_policy(out)[1].identity == load_policy(pretrained)[1].identity  # bit for bit
+
+
+def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
+    out = tmp_path / "base"
+    with pytest.raises(KeyboardInterrupt):
+        def stop(task, advance, total, seen=[0]):  # noqa: B006
+            seen[0] += advance
+            if seen[0] >= 3:
+                raise KeyboardInterrupt
+        run_pretrain(tiny_pretrain(), out, progress=stop)
+    assert default_checkpoint(out).exists()
+    assert run_pretrain(tiny_pretrain(learning_rate=5e-4), out).resumed_from == 0
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"world": "mnist"}, "unknown world"), ({"image_size": 24}, "multiple of 16"),
+    ({"ema": 1.0}, "--ema"), ({"steps": 0}, "--steps"),
+])
+def test_pretrain_config_errors_name_the_option(bad, match):
+    with pytest.raises(TempflowError, match=match):
+        tiny_pretrain(**bad)
+
+
+def test_eval_is_deterministic_and_writes_its_report(pretrained, tmp_path):
+    prompts = ["a red circle", "two blue squares", "a green triangle and a white circle",
+               "a cyan square left of a yellow circle"]
+    config = EvalConfig(num_steps=4, images_per_prompt=2, grid_prompts=4)
+    first = run_eval(pretrained, prompts, tmp_path / "e1", config).metrics
+    second = run_eval(pretrained, prompts, tmp_path / "e2", config).metrics
+    assert first["reward"] == second["reward"] and first["per_task"] == second["per_task"]
+    assert set(first["per_task"]) == {"single", "counting", "two_objects", "position"}
+    assert first["images"] == 8 and first["nfe"] == 32 and 0 <= first["strict"] <= first["reward"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "e1" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and rows[0]["requirements"]
+    assert np.mean([r["reward"] for r in rows]) == pytest.approx(first["reward"])
+    grid = Image.open(tmp_path / "e1" / "grid.png")
+    assert grid.width > 4 * 16 and grid.height > 16 * 4  # four enlarged images with captions under them
+
+
+def test_eval_cli_refuses_a_prompt_outside_the_grammar(pretrained, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na purple circle\n")
+    result = invoke("eval", "--policy", pretrained, "--prompts", prompts, "--out", tmp_path / "e")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "prompt 2" in result.stderr and "purple" in result.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_cli_on_the_held_out_split(pretrained, tmp_path):
+    result = invoke("eval", "--policy", pretrained, "--out", tmp_path / "e", "--per-task", 1, "--num-steps", 2,
+                    "--images-per-prompt", 1)
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["prompts"] == 4 and metrics["prompts_source"] == "shapes:heldout:1-per-task"
+    assert "strict accuracy" in result.stdout
+
+
+def test_report_compares_base_and_final_evals(pretrained, tmp_path):
+    config = EvalConfig(num_steps=2, images_per_prompt=1)
+    run_eval(pretrained, ["a red circle", "two blue squares"], tmp_path / "base", config)
+    run_eval(pretrained, ["a red circle", "two blue squares"], tmp_path / "final", config)
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    row = {"reward_mean": 0.5, "reward_std": 0.1, "loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0,
+           "grad_norm": 1.0, "trained_samples": 10, "skipped_samples": 0, "rollout_nfe": 100}
+    for i in (1, 2):
+        (metrics / f"it0{i}.json").write_text(json.dumps({**row, "reward_mean": 0.5 + 0.1 * i}))
+    result = invoke("report", "--metrics-dir", metrics, "--eval", f"base={tmp_path / 'base'}",
+                    "--eval", f"final={tmp_path / 'final'}", "--out", tmp_path / "rep")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["eval_reward_gain"] == 0.0 and summary["reward_gain"] == pytest.approx(0.1)
+    assert Image.open(tmp_path / "rep" / "curve.png").format == "PNG"
+    bad = invoke("report", "--metrics-dir", metrics, "--eval", "base", "--out", tmp_path / "rep2")
+    assert bad.exit_code == 2 and "NAME=DIR" in bad.stderr
+
+
+def test_the_shipped_train_prompts_are_the_world_train_split():
+    shipped = (REPO / "examples" / "prompts" / "shapes-train.txt").read_text().splitlines()
+    assert [p for p in shipped if p and not p.startswith("#")] == shapes.train_prompts()
