@@ -115,7 +115,7 @@ def run_eval(policy_dir: Path, prompts: list[str], out: Path, config: EvalConfig
     rows = []
     for (p, i), image in zip(pairs, images):
         verdict = shapes.check(image, scenes[p])
-        rows.append({"prompt": prompts[p], "task": scenes[p].task, "image": i, "reward": verdict.score,
+        rows.append({"prompt": prompts[p], "task": scenes[p].task, "image": i, "reward": verdict.score, "clean": verdict.clean,
                      "strict": bool(verdict.strict),
                      "requirements": dict(zip(shapes.requirements(scenes[p]), map(bool, verdict.met)))})
     metrics = {

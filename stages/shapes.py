@@ -18,6 +18,8 @@ components of one colour are objects, and each component's shape is read off its
 
 from __future__ import annotations
 
+from collections import Counter
+
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
@@ -736,16 +738,28 @@ class Verdict:
 
     requirements: list[str]
     met: list[bool]
+    clean: float = 1.0
+    """Share of the detected objects that were asked for (0 when nothing is detected); the last
+    requirement, "nothing else", is met when it is 1."""
 
     @property
     def score(self) -> float:
-        """Fraction of requirements met, in [0, 1]."""
-        return sum(self.met) / len(self.met)
+        """Fraction of requirements met, in [0, 1], "nothing else" counted by :attr:`clean` (partial
+        credit, so that a policy drawing clutter has a gradient toward drawing less of it)."""
+        return (sum(self.met[:-1]) + self.clean) / len(self.met)
 
     @property
     def strict(self) -> bool:
         """Every requirement met (GenEval's per-image correctness)."""
         return all(self.met)
+
+
+NOTHING_ELSE = "nothing else in the image"
+"""The last requirement of every scene: every detected object is one that was asked for (a missing
+one is the presence requirement's loss, an extra copy the count's and this one's). GenEval's
+detector ignores clutter; a geometric classifier does not, and without this requirement a policy
+learns to fill the canvas with fragments of the asked colours until one of them passes for the
+asked shape (observed: held-out reward up, images worse)."""
 
 
 def requirements(scene: Scene) -> list[str]:
@@ -755,6 +769,7 @@ def requirements(scene: Scene) -> list[str]:
         names.append(f"exactly {COUNT_WORDS[scene.count]} {scene.objects[0].plural}")
     if scene.task == "position":
         names.append(f"{scene.objects[0].name} {scene.relation} {scene.objects[1].name}")
+    names.append(NOTHING_ELSE)
     return names
 
 
@@ -768,7 +783,22 @@ def judge(found: list[Detection], scene: Scene, height: int, width: int) -> Verd
         margin = MARGIN_FRACTION * (width if scene.relation in ("left of", "right of") else height)
         met.append(any(holds(scene.relation, (a.cx, a.cy), (b.cx, b.cy), margin)
                        for a in matches[0] for b in matches[1]))
-    return Verdict(requirements(scene), met)
+    clean = _share_asked(found, scene)
+    met.append(clean == 1.0)
+    return Verdict(requirements(scene), met, clean)
+
+
+def _share_asked(found: list[Detection], scene: Scene) -> float:
+    """Detections that fill an asked-for copy (each copy filled once), over all detections."""
+    left = Counter((o.colour, o.shape) for o in scene.copies)
+    filled = 0
+    for d in found:
+        if left[(d.colour, d.shape)] > 0:
+            left[(d.colour, d.shape)] -= 1
+            filled += 1
+    if not found:
+        return 0.0  # an empty canvas shows nothing that was asked for
+    return filled / len(found)
 
 
 def check(image: np.ndarray, scene: Scene) -> Verdict:

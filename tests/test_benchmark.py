@@ -23,7 +23,7 @@ def test_quick_benchmark_writes_table_plot_and_measurements(tmp_path):
     budget = results["settings"]["nfe_budget"]
     for name, curves in results["curves"].items():
         (curve,) = curves  # one seed in --quick
-        assert curve[0]["nfe"] == 0 and curve[-1]["nfe"] >= budget, name  # each spent the same budget
+        assert curve[0]["nfe"] == 0 and 0 < curve[-1]["nfe"] <= budget, name  # whole iterations within the budget
         assert all(0 <= row["strict"] <= row["reward"] <= 1 for row in curve)
     memory = results["memory"]
     assert memory["8x"]["samples"] == 8 * memory["1x"]["samples"]

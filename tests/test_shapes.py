@@ -243,8 +243,9 @@ CORRUPTED = ["a red circle", "three blue squares", "two white triangles", "a gre
 
 
 def _lost_first(scene: Scene) -> list[bool]:
-    """What is met when the first placed object is gone: its kind's presence (unless counting still has
-    others), the count, and any relation."""
+    """What is met when the first placed object is gone or is another kind: its kind's presence
+    (unless counting still has others), the count, and any relation; "nothing else" is the caller's:
+    it fails when the first object became another kind, holds when it is just gone."""
     if scene.task == "counting":
         return [True, False]
     return [False] + [True] * (len(scene.objects) - 1) + ([False] if scene.relation else [])
@@ -260,19 +261,20 @@ def test_wrong_colour_or_shape_or_missing_object(prompt):
         other_shape = next(s for s in ("square", "circle") if s != first.obj.shape)
         reshaped = Placed(Obj(first.obj.colour, other_shape), first.top, first.left, first.side)
         assert _met(shapes.paint(placed), scene) == [True] * len(shapes.requirements(scene))
-        for corrupted in ([recoloured] + placed[1:], placed[1:]):
-            assert _met(shapes.paint(corrupted), scene) == _lost_first(scene), (prompt, seed)
+        assert _met(shapes.paint([recoloured] + placed[1:]), scene) == _lost_first(scene) + [False], (prompt, seed)
+        # just gone: nothing else is there, unless nothing at all is (an empty canvas meets nothing)
+        assert _met(shapes.paint(placed[1:]), scene) == _lost_first(scene) + [len(placed) > 1], (prompt, seed)
         if Obj(first.obj.colour, other_shape) not in scene.objects:
-            assert _met(shapes.paint([reshaped] + placed[1:]), scene) == _lost_first(scene), (prompt, seed)
+            assert _met(shapes.paint([reshaped] + placed[1:]), scene) == _lost_first(scene) + [False], (prompt, seed)
 
 
 @pytest.mark.parametrize("count", [2, 3])
-def test_an_extra_object_fails_only_the_count(count):
+def test_an_extra_object_fails_the_count_and_nothing_else(count):
     obj = Obj("green", "circle")
     for seed in range(20):
         rng = np.random.default_rng(seed)
         image = shapes.render(Scene("counting", (obj,), count=count + 1), rng)
-        assert _met(image, Scene("counting", (obj,), count=count)) == [True, False]
+        assert _met(image, Scene("counting", (obj,), count=count)) == [True, False, False]  # count, nothing else
 
 
 @pytest.mark.parametrize("relation", shapes.RELATIONS)
@@ -282,9 +284,9 @@ def test_the_opposite_relation_fails_only_the_relation(relation):
     for seed in range(30):
         rng = np.random.default_rng(seed)
         image = shapes.render(Scene("position", objects, relation=OPPOSITE[relation]), rng)
-        assert _met(image, scene) == [True, True, False], seed
+        assert _met(image, scene) == [True, True, False, True], seed
         if relation in ("left of", "right of"):  # mirrored left-right, the scene is the opposite too
-            assert _met(shapes.render(scene, rng)[:, ::-1], scene) == [True, True, False], seed
+            assert _met(shapes.render(scene, rng)[:, ::-1], scene) == [True, True, False, True], seed
 
 
 def test_relation_margin():
@@ -393,6 +395,23 @@ def test_partial_credit_is_the_fraction_met():
     placed = shapes.layout(scene, np.random.default_rng(0), 32)
     only_circle = shapes.paint(placed[:1])
     verdict = shapes.check(only_circle, scene)
-    assert verdict.requirements == ["red circle present", "blue square present", "red circle left of blue square"]
-    assert verdict.met == [True, False, False]
-    assert verdict.score == pytest.approx(1 / 3) and not verdict.strict
+    assert verdict.requirements == ["red circle present", "blue square present", "red circle left of blue square",
+                                    "nothing else in the image"]
+    assert verdict.met == [True, False, False, True]
+    assert verdict.score == pytest.approx(2 / 4) and not verdict.strict
+
+
+def test_clutter_fails_nothing_else_but_keeps_the_rest():
+    """A fragment of the asked colour beside a correct object: presence holds, "nothing else" fails."""
+    scene = parse_prompt("a red circle")
+    tested = 0
+    for seed in range(40):
+        image = shapes.render(scene, np.random.default_rng(seed))
+        if image[:5, :5].any():  # the corner (with a gap) must be free for the fragment
+            continue
+        image[:3, :3] = (255, 0, 0)  # a 3x3 red square: area 9, above the minimum
+        verdict = shapes.check(image, scene)
+        assert verdict.met == [True, False] and verdict.clean == 0.5, seed  # one of two objects was asked for
+        assert verdict.score == pytest.approx(0.75) and not verdict.strict
+        tested += 1
+    assert tested >= 10

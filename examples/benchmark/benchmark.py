@@ -33,7 +33,7 @@ from stages.evaluate import EvalConfig, run_eval
 from stages.policy import load_policy
 from stages.pretrain import PretrainConfig, run_pretrain
 from stages.rewards import parse_reward_spec
-from stages.rollout import RolloutConfig, run_rollout
+from stages.rollout import RolloutConfig, planned_nfe, run_rollout
 from stages.score import run_score
 from stages.update import UpdateConfig, run_update
 
@@ -63,7 +63,7 @@ METHODS: dict[str, Method] = {
 class Settings:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     nfe_budget: int = 40_000
-    """Rollout forward passes each method may spend."""
+    """Rollout forward passes each method may spend (whole iterations only, never more)."""
     evals: int = 8
     """Held-out evaluations along the budget (plus one of the base)."""
     prompts_per_rollout: int = 8
@@ -127,7 +127,8 @@ def train_run(name: str, seed: int, base: Path, prompts: list[str], work: Path, 
     curve = [{"nfe": 0, "seconds": 0.0, "iteration": 0, **base_eval}]
     next_eval = settings.nfe_budget / settings.evals
     specs = [parse_reward_spec("shapes")]
-    while spent < settings.nfe_budget:
+    per_iteration = planned_nfe(RolloutConfig(**{**rollout_base, **method.rollout}), settings.prompts_per_rollout)
+    while spent + per_iteration <= settings.nfe_budget:  # no method spends more than the budget
         iteration += 1
         it = run_dir / f"it{iteration:03d}"
         rollout_config = RolloutConfig(**{**rollout_base, **method.rollout, "seed": 1000 * seed + iteration,
@@ -146,7 +147,8 @@ def train_run(name: str, seed: int, base: Path, prompts: list[str], work: Path, 
             shutil.rmtree(policy.parent)  # the previous iteration's artifacts: only the new policy is needed
         policy = it / "policy"
         shutil.rmtree(it / "rollout")
-        if spent >= next_eval or spent >= settings.nfe_budget:
+        last = spent + per_iteration > settings.nfe_budget
+        if spent >= next_eval or last:
             curve.append({"nfe": spent, "seconds": seconds, "iteration": iteration,
                           **evaluate(policy, run_dir / "eval", settings)})
             next_eval += settings.nfe_budget / settings.evals
