@@ -70,7 +70,8 @@ class Settings:
     eval_per_task: int = 8
     eval_steps: int = 20
     eval_images: int = 2
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    pretrain: PretrainConfig | None = None
+    """Pretraining of the base when no --base is given (None: params.yaml's `pretrain` group)."""
     memory_prompts: int = 8
     """Prompts of the 1x rollout of the memory check (8x: eight times as many)."""
 
@@ -81,8 +82,8 @@ def quick_settings() -> Settings:
                     memory_prompts=1)
 
 
-def load_params() -> tuple[dict[str, Any], dict[str, Any]]:
-    """The loop's rollout and update options from params.yaml, as dataclass field names."""
+def load_params() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The default run's rollout, update and pretrain options from params.yaml, as dataclass field names."""
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
 
     def fields(group: str, cls: type) -> dict[str, Any]:
@@ -91,7 +92,8 @@ def load_params() -> tuple[dict[str, Any], dict[str, Any]]:
 
     rollout = fields("rollout", RolloutConfig)
     keep = ("num_steps", "shift", "noise_level", "batch_size")
-    return {k: v for k, v in rollout.items() if k in keep}, fields("update", UpdateConfig)
+    kept = {k: v for k, v in rollout.items() if k in keep}
+    return kept, fields("update", UpdateConfig), fields("pretrain", PretrainConfig)
 
 
 def prompts_file(out: Path) -> Path:
@@ -358,7 +360,8 @@ def main() -> None:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     work = out / "work"
-    rollout_base, update_base = load_params()
+    rollout_base, update_base, pretrain_params = load_params()
+    pretrain = settings.pretrain or PretrainConfig(**pretrain_params)
     from stages import shapes
 
     prompts = shapes.train_prompts()
@@ -367,7 +370,7 @@ def main() -> None:
         base = out / "base"
         if not base.exists():
             print(f"pretraining a base policy into {base} ...", flush=True)
-            run_pretrain(settings.pretrain, base)
+            run_pretrain(pretrain, base)
     began = time.perf_counter()
     results: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
     for seed in settings.seeds:
@@ -377,7 +380,8 @@ def main() -> None:
     efficiency = stage_efficiency(base, prompts, work, rollout_base, update_base, settings)
     memory = update_memory(base, prompts, work, rollout_base, update_base, settings)
     rows = summarise(results)
-    report = {"settings": {**asdict(settings), "pretrain": asdict(settings.pretrain)}, "methods": {
+    report = {"settings": {**asdict(settings), "pretrain": asdict(pretrain) if args.base is None else None,
+                           "base": str(base)}, "methods": {
         m: asdict(METHODS[m]) for m in methods}, "rollout": rollout_base, "update": update_base,
         "curves": results, "summary": rows, "efficiency": efficiency, "memory": memory,
         "seconds_total": time.perf_counter() - began, "torch_threads": torch.get_num_threads(),
