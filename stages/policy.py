@@ -1,7 +1,7 @@
 """Policies: the models that are sampled and trained, behind one small interface.
 
 A policy encodes prompts, predicts the velocity at ``(x, sigma)``, and decodes a final state to
-images. It is stored as a folder laid out like a diffusers pipeline (``transformer/``,
+images. It is stored as a folder laid out like a diffusers pipeline (``transformer/`` or ``unet/``,
 ``text_encoder/``, ``tokenizer/``) plus tempflow's own ``config.json``:
 
     {"format": "tempflow.policy/1", "kind": "tiny", "model": {...}, "step": 0, "reference": null}
@@ -118,7 +118,8 @@ class Policy(ABC):
 
 
 # --------------------------------------------------------------------------------------------
-# The tiny preset: pixel-space SD3 transformer + small CLIP text encoder + word-level tokenizer.
+# The tiny presets: a pixel-space denoiser (SD3 transformer or UNet) + small CLIP text encoder +
+# word-level tokenizer.
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # CLIP pools at [EOS]; id 2 would trigger its legacy path
 DEFAULT_WORDS = ["a", "an", "the", "and", "of", "with", "on", "in", "left", "right", "above", "below", "one", "two", "three", "four", "five", "red", "green", "blue", "yellow", "magenta", "cyan", "white", "black", "orange", "purple", "pink", "gray", "brown", "square", "squares", "circle", "circles", "triangle", "triangles", "shape", "shapes", "big", "small", "large", "tiny", "photo", "picture", "image", "drawing", "painting", "cat", "dog", "tree", "house", "car", "flower", "sky", "sea", "mountain"]
@@ -130,11 +131,16 @@ class TinyConfig:
 
     image_size: int = 32
     """Side of the square RGB image, in pixels (the state is ``(3, image_size, image_size)``)."""
+    denoiser: str = "sd3"
+    """``sd3``: ``diffusers.SD3Transformer2DModel`` (patch tokens, joint attention with the text);
+    ``unet``: ``diffusers.UNet2DConditionModel`` (convolutions, cross-attention at the coarsest
+    level), whose convolutions learn clean shape edges in far fewer steps on a CPU."""
     patch_size: int = 2
-    """Transformer patch size; ``image_size`` must be a multiple of it."""
+    """Transformer patch size; ``image_size`` must be a multiple of it (``sd3`` only)."""
     num_layers: int = 2
-    """Joint transformer blocks."""
+    """Joint transformer blocks (``sd3`` only)."""
     num_attention_heads: int = 2
+    """Attention heads (``unet``: of its cross-attention blocks)."""
     attention_head_dim: int = 16
     text_hidden_size: int = 32
     """Width of the text encoder, also the transformer's joint-attention and pooled widths."""
@@ -143,8 +149,21 @@ class TinyConfig:
     """Prompts are padded/truncated to this many tokens (including [EOS])."""
     vocab: list[str] = field(default_factory=lambda: list(DEFAULT_WORDS))
     """Word-level vocabulary (lower case); other words map to [UNK]."""
+    unet_channels: list[int] = field(default_factory=lambda: [24, 48, 96])
+    """UNet channels per resolution level, finest first; the coarsest level cross-attends to the
+    text (``unet`` only)."""
 
     def __post_init__(self) -> None:
+        if self.denoiser not in DENOISERS:
+            raise TempflowError(f"tiny model: unknown denoiser {self.denoiser!r}; choose one of {', '.join(DENOISERS)}")
+        if self.denoiser == "unet":
+            levels = len(self.unet_channels)
+            if levels < 2 or any(c < 8 or c % 8 for c in self.unet_channels):
+                raise TempflowError(f"tiny model: unet_channels {self.unet_channels} needs >= 2 levels, each a "
+                                    "multiple of 8 (the group-norm groups)")
+            if self.image_size % 2 ** (levels - 1):
+                raise TempflowError(f"image_size {self.image_size} is not divisible by {2 ** (levels - 1)}, "
+                                    f"which {levels} UNet levels need")
         if self.image_size % self.patch_size:
             raise TempflowError(
                 f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}; "
@@ -154,6 +173,43 @@ class TinyConfig:
                      "text_hidden_size", "text_layers", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise TempflowError(f"tiny model: {name} must be >= 1, got {getattr(self, name)}")
+
+
+DENOISERS = {"sd3": "transformer", "unet": "unet"}  # denoiser -> its folder in a policy
+
+
+def _build_denoiser(config: TinyConfig) -> nn.Module:
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    if config.denoiser == "unet":
+        levels = len(config.unet_channels)
+        return UNet2DConditionModel(
+            sample_size=config.image_size,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=tuple(config.unet_channels),
+            down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+            layers_per_block=1,
+            norm_num_groups=8,
+            cross_attention_dim=config.text_hidden_size,
+            attention_head_dim=config.num_attention_heads,  # diffusers' legacy name: the number of heads
+            class_embed_type="projection",  # the pooled text joins the timestep embedding, as in SD3
+            projection_class_embeddings_input_dim=config.text_hidden_size,
+        )
+    return SD3Transformer2DModel(
+        sample_size=config.image_size,
+        patch_size=config.patch_size,
+        in_channels=3,
+        out_channels=3,
+        num_layers=config.num_layers,
+        attention_head_dim=config.attention_head_dim,
+        num_attention_heads=config.num_attention_heads,
+        joint_attention_dim=config.text_hidden_size,
+        caption_projection_dim=config.num_attention_heads * config.attention_head_dim,
+        pooled_projection_dim=config.text_hidden_size,
+        pos_embed_max_size=config.image_size // config.patch_size,
+    )
 
 
 def prompt_words(prompts: list[str]) -> list[str]:
@@ -184,14 +240,14 @@ def build_word_tokenizer(words: list[str], max_length: int):
 
 
 class TinyPolicy(Policy):
-    """``diffusers.SD3Transformer2DModel`` on RGB pixels in [-1, 1], conditioned by a small
-    ``transformers.CLIPTextModelWithProjection`` (token states for joint attention, the pooled
-    projection for the timestep embedding)."""
+    """A diffusers denoiser on RGB pixels in [-1, 1] (``SD3Transformer2DModel`` or
+    ``UNet2DConditionModel``, see :attr:`TinyConfig.denoiser`), conditioned by a small
+    ``transformers.CLIPTextModelWithProjection``: token states for attention, the pooled projection
+    joins the timestep embedding."""
 
     kind = "tiny"
 
-    def __init__(self, config: TinyConfig, transformer=None, text_encoder=None, tokenizer=None) -> None:
-        from diffusers import SD3Transformer2DModel
+    def __init__(self, config: TinyConfig, denoiser=None, text_encoder=None, tokenizer=None) -> None:
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
         _quiet_hub_libraries()
@@ -212,21 +268,7 @@ class TinyPolicy(Policy):
                 bos_token_id=self.tokenizer.convert_tokens_to_ids("[BOS]"),
             )
             text_encoder = CLIPTextModelWithProjection(text_config)
-        if transformer is None:
-            transformer = SD3Transformer2DModel(
-                sample_size=config.image_size,
-                patch_size=config.patch_size,
-                in_channels=3,
-                out_channels=3,
-                num_layers=config.num_layers,
-                attention_head_dim=config.attention_head_dim,
-                num_attention_heads=config.num_attention_heads,
-                joint_attention_dim=config.text_hidden_size,
-                caption_projection_dim=config.num_attention_heads * config.attention_head_dim,
-                pooled_projection_dim=config.text_hidden_size,
-                pos_embed_max_size=config.image_size // config.patch_size,
-            )
-        self.transformer = transformer
+        self.denoiser = denoiser if denoiser is not None else _build_denoiser(config)
         self.text_encoder = text_encoder.eval().requires_grad_(False)
 
     @property
@@ -250,10 +292,14 @@ class TinyPolicy(Policy):
     def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
         timestep = (1000.0 * torch.as_tensor(sigma, dtype=torch.float32, device=x.device)).reshape(-1)
         timestep = timestep.expand(x.shape[0])  # SD3 is fed 1000 * sigma
-        out = self.transformer(
-            hidden_states=x, encoder_hidden_states=cond["hidden"], pooled_projections=cond["pooled"],
-            timestep=timestep, return_dict=False,
-        )[0]
+        if self.config.denoiser == "unet":
+            out = self.denoiser(x, timestep, encoder_hidden_states=cond["hidden"], class_labels=cond["pooled"],
+                                return_dict=False)[0]
+        else:
+            out = self.denoiser(
+                hidden_states=x, encoder_hidden_states=cond["hidden"], pooled_projections=cond["pooled"],
+                timestep=timestep, return_dict=False,
+            )[0]
         return out.float()
 
     def decode(self, x: Tensor) -> np.ndarray:
@@ -261,46 +307,50 @@ class TinyPolicy(Policy):
         return pixels.permute(0, 2, 3, 1).cpu().numpy()
 
     def trainable(self) -> nn.Module:
-        return self.transformer
+        return self.denoiser
 
     def identity_extra(self) -> bytes:
         config = json.dumps(asdict(self.config), sort_keys=True)
         return (config + self.tokenizer.backend_tokenizer.to_str()).encode()
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"transformer": self.transformer, "text_encoder": self.text_encoder}
+        return {DENOISERS[self.config.denoiser]: self.denoiser, "text_encoder": self.text_encoder}
 
     def save_weights(self, path: Path) -> None:
-        self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
+        self.denoiser.save_pretrained(path / DENOISERS[self.config.denoiser], safe_serialization=True)
         self.text_encoder.save_pretrained(path / "text_encoder", safe_serialization=True)
         self.tokenizer.save_pretrained(path / "tokenizer")
 
     @classmethod
     def load(cls, path: Path, model_config: dict[str, Any]) -> TinyPolicy:
-        from diffusers import SD3Transformer2DModel
+        from diffusers import SD3Transformer2DModel, UNet2DConditionModel
         from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
         _quiet_hub_libraries()
         config = TinyConfig(**model_config)
+        model_class = UNet2DConditionModel if config.denoiser == "unet" else SD3Transformer2DModel
         # safetensors only: a policy folder never makes tempflow read a pickle-based weights file
-        transformer = SD3Transformer2DModel.from_pretrained(path / "transformer", local_files_only=True,
-                                                            use_safetensors=True)
+        denoiser = model_class.from_pretrained(path / DENOISERS[config.denoiser], local_files_only=True,
+                                               use_safetensors=True)
         text_encoder = CLIPTextModelWithProjection.from_pretrained(path / "text_encoder", local_files_only=True,
                                                                    use_safetensors=True)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(path / "tokenizer", local_files_only=True)
-        return cls(config, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer)
+        return cls(config, denoiser=denoiser, text_encoder=text_encoder, tokenizer=tokenizer)
 
 
 POLICIES: dict[str, type[Policy]] = {"tiny": TinyPolicy}
 PRESETS: dict[str, str] = {
     "tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config",
-    "shapes": "the shapes world's model: the tiny design at patch 4, 4 blocks, width 96 (1.3M parameters)",
+    "shapes": "the shapes world's model: a pixel-space UNet, channels 24/48/96, text cross-attention at 8x8 "
+              "(2.2M parameters)",
 }
 PRESET_MODELS: dict[str, dict[str, Any]] = {
     "tiny": {},
-    # patch 4 keeps 64 image tokens at 32x32: on 2 CPU cores it trains at ~400 images/s (forward + backward)
-    "shapes": {"patch_size": 4, "num_layers": 4, "num_attention_heads": 4, "attention_head_dim": 24,
-               "text_hidden_size": 64},
+    # Measured on 2 CPU cores: the SD3 transformer at patch 4 (1.3M parameters, 0.23 s per batch-64
+    # step) still drew shapes as scattered 4x4 fragments after 2,000 steps (held-out strict accuracy 0);
+    # at patch 2 it drew ragged blobs. This UNet (0.62 s per step) draws clean squares, circles and
+    # triangles after 800 steps.
+    "shapes": {"denoiser": "unet", "unet_channels": [24, 48, 96], "num_attention_heads": 4, "text_hidden_size": 64},
 }
 
 

@@ -241,7 +241,7 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
                 p.copy_(ema[n])
     for module in modules.values():
         module.eval().requires_grad_(False)
-    policy.transformer.requires_grad_(True)  # the trainable part of a policy, as `init` leaves it
+    policy.trainable().requires_grad_(True)  # the trainable part of a policy, as `init` leaves it
     record = PolicyRecord(kind=policy.kind, model=model_config(policy))
     tail = losses[-100:]
     report = {"world": config.world, "config": asdict(config), "steps": config.steps, "resumed_from": start,

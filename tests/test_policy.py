@@ -55,7 +55,7 @@ def test_identity_depends_on_every_weight():
     b = build_policy("tiny", seed=0, model_overrides={"image_size": 16})
     assert a.identity() == b.identity()  # seeded init is reproducible
     with torch.no_grad():
-        next(b.transformer.parameters()).view(-1)[0] += 1e-6
+        next(b.denoiser.parameters()).view(-1)[0] += 1e-6
     assert tensor_hash(a.modules()) != tensor_hash(b.modules())
 
 
@@ -81,3 +81,35 @@ def test_decode_maps_minus_one_to_one_onto_uint8(policy_dir):
 def test_bad_model_config_is_explained():
     with pytest.raises(TempflowError, match="multiple of patch_size"):
         build_policy("tiny", seed=0, model_overrides={"image_size": 15})
+
+
+def test_unet_policy_round_trip_in_its_own_folder(tmp_path):
+    """The shapes preset's UNet saves under unet/, loads back to the same function and identity."""
+    from stages.policy import PolicyRecord, model_config, save_policy
+
+    policy = build_policy("shapes", seed=0, model_overrides={"image_size": 16})
+    save_policy(policy, tmp_path / "p", PolicyRecord(kind=policy.kind, model=model_config(policy)))
+    assert (tmp_path / "p" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert not (tmp_path / "p" / "transformer").exists()
+    again, record = load_policy(tmp_path / "p")
+    assert record.identity == policy.identity() == again.identity()
+    x = torch.randn(2, 3, 16, 16)
+    sigma = torch.tensor([0.9, 0.2])
+    prompts = ["a red circle", "two blue squares"]
+    with torch.no_grad():
+        v1 = policy.velocity(x, sigma, policy.encode(prompts))
+        v2 = again.velocity(x, sigma, again.encode(prompts))
+        v3 = again.velocity(x, sigma, again.encode(["a green circle", "two blue squares"]))
+    assert v1.shape == x.shape and torch.equal(v1, v2)
+    assert not torch.equal(v1[0], v3[0]) and torch.equal(v1[1], v3[1])  # the text conditions each row
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"denoiser": "vit"}, "unknown denoiser"),
+    ({"denoiser": "unet", "unet_channels": [24]}, ">= 2 levels"),
+    ({"denoiser": "unet", "unet_channels": [24, 44]}, "multiple of 8"),
+    ({"denoiser": "unet", "unet_channels": [8, 8, 8, 8, 8], "image_size": 24}, "divisible by 16"),
+])
+def test_bad_unet_config_is_explained(overrides, match):
+    with pytest.raises(TempflowError, match=match):
+        build_policy("tiny", seed=0, model_overrides=overrides)
