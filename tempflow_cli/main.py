@@ -275,10 +275,11 @@ def _pretrain_options(fn):
 @DEVICE
 @OVERWRITE
 def pretrain(out: Path, checkpoint: Path | None, device: str, overwrite: bool, **kwargs: Any) -> None:
-    """Pretrain a text-to-image policy by flow matching on a built-in world's rendered images.
+    """Pretrain a text-to-image policy on a built-in world's rendered images: for a latent preset
+    (shapes) first its autoencoder, then flow matching on the latents.
 
     The shapes world draws its training split on the fly (never its held-out pairings). An
-    interrupted run resumes from its checkpoint and ends with the same weights.
+    interrupted run resumes from its checkpoint, in either phase, and ends with the same weights.
     """
     from stages.pretrain import PretrainConfig, run_pretrain
 

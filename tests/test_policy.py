@@ -84,16 +84,18 @@ def test_bad_model_config_is_explained():
 
 
 def test_unet_policy_round_trip_in_its_own_folder(tmp_path):
-    """The shapes preset's UNet saves under unet/, loads back to the same function and identity."""
+    """The shapes preset's UNet saves under unet/ (its autoencoder under vae/), loads back to the same
+    function and identity."""
     from stages.policy import PolicyRecord, model_config, save_policy
 
     policy = build_policy("shapes", seed=0, model_overrides={"image_size": 16})
     save_policy(policy, tmp_path / "p", PolicyRecord(kind=policy.kind, model=model_config(policy)))
     assert (tmp_path / "p" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (tmp_path / "p" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
     assert not (tmp_path / "p" / "transformer").exists()
     again, record = load_policy(tmp_path / "p")
     assert record.identity == policy.identity() == again.identity()
-    x = torch.randn(2, 3, 16, 16)
+    x = torch.randn(2, *policy.sample_shape)
     sigma = torch.tensor([0.9, 0.2])
     prompts = ["a red circle", "two blue squares"]
     with torch.no_grad():
@@ -113,3 +115,48 @@ def test_unet_policy_round_trip_in_its_own_folder(tmp_path):
 def test_bad_unet_config_is_explained(overrides, match):
     with pytest.raises(TempflowError, match=match):
         build_policy("tiny", seed=0, model_overrides=overrides)
+
+
+def _latent_policy():
+    """A 16x16 policy on the 4x4x4 latents of a 3-level autoencoder, like the shapes preset."""
+    return build_policy("tiny", seed=0, model_overrides={"image_size": 16, "latent_channels": 4,
+                                                          "vae_channels": [8, 8, 16], "denoiser": "unet",
+                                                          "unet_channels": [8, 16]})
+
+
+def test_latent_policy_round_trip_keeps_states_decoding_and_scaling(tmp_path):
+    from stages.policy import PolicyRecord, model_config, save_policy
+
+    policy = _latent_policy()
+    assert policy.sample_shape == (4, 4, 4)
+    policy.autoencoder.register_to_config(shift_factor=0.25, scaling_factor=2.0)
+    save_policy(policy, tmp_path / "p", PolicyRecord(kind="tiny", model=model_config(policy)))
+    again, record = load_policy(tmp_path / "p")
+    assert record.identity == policy.identity()
+    assert (again.autoencoder.config.shift_factor, again.autoencoder.config.scaling_factor) == (0.25, 2.0)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    latents = again.encode_images(images)
+    assert latents.shape == (2, *again.sample_shape)
+    raw = policy.autoencoder.encode(images).latent_dist.mean
+    torch.testing.assert_close(latents, (raw - 0.25) * 2.0)  # SD3's convention: (mean - shift) * scale
+    decoded = again.decode(latents)
+    assert decoded.dtype == np.uint8 and decoded.shape == (2, 16, 16, 3)
+    expected = ((policy.autoencoder.decode(raw).sample.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    np.testing.assert_array_equal(decoded, expected.permute(0, 2, 3, 1).numpy())
+
+
+def test_latent_scaling_is_part_of_the_identity():
+    a, b = _latent_policy(), _latent_policy()
+    assert a.identity() == b.identity()
+    b.autoencoder.register_to_config(scaling_factor=1.5)  # same weights, another decoding of the states
+    assert a.identity() != b.identity()
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"latent_channels": -1}, "latent_channels"),
+    ({"latent_channels": 4, "vae_channels": [16]}, "vae_channels"),
+    ({"latent_channels": 4, "vae_channels": [8] * 6}, "image_size 16 is not divisible by 32"),
+])
+def test_latent_config_errors_name_the_field(overrides, match):
+    with pytest.raises(TempflowError, match=match):
+        build_policy("tiny", seed=0, model_overrides={"image_size": 16, **overrides})

@@ -26,8 +26,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def tiny_pretrain(**overrides) -> PretrainConfig:
-    """A pretraining run of a few seconds: 16x16 images, 4x4 patch tokens."""
-    values = {"image_size": 16, "steps": 6, "batch_size": 4, "warmup": 2, "checkpoint_every": 2}
+    """A pretraining run of a few seconds: 16x16 images, their 4x4x4 latents."""
+    values = {"image_size": 16, "steps": 6, "batch_size": 4, "warmup": 2, "checkpoint_every": 2,
+              "autoencoder_steps": 4, "autoencoder_batch_size": 2}
     values.update(overrides)
     return PretrainConfig(**values)
 
@@ -52,9 +53,10 @@ def test_world_batch_is_a_function_of_seed_and_step():
 
 def test_pretrain_writes_a_policy_and_learns(pretrained, tmp_path):
     policy, record = load_policy(pretrained)
-    assert record.step == 0 and policy.sample_shape == (3, 16, 16)
+    assert record.step == 0 and policy.sample_shape == (4, 4, 4)  # 16x16 images, 4x smaller latents
     report = json.loads((pretrained / "pretrain.json").read_text())
     assert len(report["losses"]) == 6 and report["resumed_from"] == 0
+    assert len(report["autoencoder"]["losses"]) == 4
     assert not default_checkpoint(pretrained).exists()  # removed once the policy is written
     # a longer run lowers the flow-matching loss: the model learns the world, not noise
     losses = run_pretrain(tiny_pretrain(steps=40, checkpoint_every=0, learning_rate=3e-3), tmp_path / "longer")
@@ -62,32 +64,40 @@ def test_pretrain_writes_a_policy_and_learns(pretrained, tmp_path):
     assert np.mean(curve[-8:]) < 0.8 * np.mean(curve[:8]), (losses, curve)
 
 
-def test_interrupted_pretrain_resumes_to_the_same_weights(pretrained, tmp_path):
-    out = tmp_path / "base"
+def interrupt_at(phase: str, step: int):
+    """A progress listener that stops the run (like Ctrl-C) once ``step`` steps of ``phase`` are done."""
+    done: dict[str, int] = {}
 
-    def interrupt_at_step_5(task, advance, total, seen=[0]):  # noqa: B006 - a counter across calls
-        seen[0] += advance
-        if seen[0] >= 5:
+    def listen(task: str, advance: int, total: int) -> None:
+        done[task] = done.get(task, 0) + advance
+        if task == phase and done[task] >= step:
             raise KeyboardInterrupt
 
+    return listen
+
+
+@pytest.mark.parametrize("phase, step, saved", [("autoencoder", 3, 2), ("pretrain", 5, 4)])
+def test_interrupted_pretrain_resumes_to_the_same_weights(pretrained, tmp_path, phase, step, saved):
+    """Stopped in the autoencoder phase or in flow matching, a rerun continues from the checkpoint
+    and ends bit for bit where an uninterrupted run ends (latent scaling included)."""
+    out = tmp_path / "base"
     with pytest.raises(KeyboardInterrupt):
-        run_pretrain(tiny_pretrain(), out, progress=interrupt_at_step_5)
+        run_pretrain(tiny_pretrain(), out, progress=interrupt_at(phase, step))
     assert not out.exists()
     state = json.loads((default_checkpoint(out) / "state.json").read_text())
-    assert state["step"] == 4  # the last multiple of checkpoint_every reached
+    assert state["step"] == saved  # the last multiple of checkpoint_every reached
+    assert state["phase"] == {"autoencoder": "autoencoder", "pretrain": "flow"}[phase]
     result = run_pretrain(tiny_pretrain(), out)
-    assert result.resumed_from == 4
+    assert result.resumed_from == (saved if phase == "pretrain" else 0)
     assert load_policy(out)[1].identity == load_policy(pretrained)[1].identity  # bit for bit
+    report = json.loads((out / "pretrain.json").read_text())
+    assert report["autoencoder"] == json.loads((pretrained / "pretrain.json").read_text())["autoencoder"]
 
 
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
     out = tmp_path / "base"
     with pytest.raises(KeyboardInterrupt):
-        def stop(task, advance, total, seen=[0]):  # noqa: B006
-            seen[0] += advance
-            if seen[0] >= 3:
-                raise KeyboardInterrupt
-        run_pretrain(tiny_pretrain(), out, progress=stop)
+        run_pretrain(tiny_pretrain(), out, progress=interrupt_at("pretrain", 3))
     assert default_checkpoint(out).exists()
     assert run_pretrain(tiny_pretrain(learning_rate=5e-4), out).resumed_from == 0
 
