@@ -46,10 +46,22 @@ def read_evals(evals: dict[str, Path]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def eval_folders(folder: Path) -> dict[str, Path]:
+    """Every ``tempflow eval`` output under ``folder`` (a subfolder with a metrics.json), by name,
+    ordered by the step of the policy it measured (so the base comes first, the final policy last)."""
+    found = {sub.name: sub for sub in sorted(Path(folder).iterdir(), key=natural_key)
+             if (sub / "metrics.json").is_file()} if Path(folder).is_dir() else {}
+    if not found:
+        raise TempflowError(f"--eval-dir {folder}: no `tempflow eval` folders (with a metrics.json) in it")
+    steps = {name: read_evals({name: sub})[name]["step"] for name, sub in found.items()}
+    return {name: found[name] for name in sorted(found, key=lambda name: steps[name])}  # stable: ties keep name order
+
+
 def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
                  evals: dict[str, Path] | None = None) -> dict[str, Any]:
     """curve.json + curve.png (the training reward per iteration) and summary.json; with ``evals``
-    (e.g. ``{"base": ..., "final": ...}``) the summary also compares their held-out metrics."""
+    (e.g. ``{"base": ..., "final": ...}``, before to after) the summary also compares the first and
+    the last of their held-out metrics, and the curve draws them all."""
     from stages.plots import line_chart
 
     rows = build_curve(list(Path(metrics_dir).glob("*.json")))
@@ -78,13 +90,16 @@ def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
 
 
 def _draw_curve(path: Path, rows: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]], line_chart: Any) -> None:
-    """Training reward (the rollouts' mean, ± their std) against forward passes; evals as stars,
-    placed at the NFE spent before the policy they measured (step s has seen s rollouts)."""
+    """Training reward (the rollouts' mean, ± their std) against forward passes; the evaluations'
+    reward and strict accuracy as lines, each point placed at the NFE spent before the policy it
+    measured (step s has seen s rollouts)."""
     spent = [0] + [r["nfe"] for r in rows]
     x = [spent[i] for i in range(len(rows))]
-    points = {f"eval {name} (step {m['step']})": (spent[min(m["step"], len(rows))], m["reward"])
-              for name, m in evaluated.items()}
-    line_chart(path, {"rollout reward (train prompts)": (x, [r["reward_mean"] for r in rows])},
-               xlabel="forward passes (NFE) spent on rollouts", ylabel="mean reward",
-               title="reward across the loop", bands={"rollout reward (train prompts)": [r["reward_std"] for r in rows]},
-               points=points)
+    rollout = "rollout reward (train prompts, SDE)"
+    series = {rollout: (x, [r["reward_mean"] for r in rows])}
+    if evaluated:
+        at = [spent[min(m["step"], len(rows))] for m in evaluated.values()]
+        series["eval reward (ODE)"] = (at, [m["reward"] for m in evaluated.values()])
+        series["eval strict accuracy (ODE)"] = (at, [m["strict"] for m in evaluated.values()])
+    line_chart(path, series, xlabel="forward passes (NFE) spent on rollouts", ylabel="mean reward / accuracy",
+               title="reward across the loop", bands={rollout: [r["reward_std"] for r in rows]})

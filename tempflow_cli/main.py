@@ -247,16 +247,23 @@ class EvalParam(click.ParamType):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for curve.json, curve.png and summary.json.")
 @click.option("--eval", "evals", type=EvalParam(), multiple=True,
               help="A `tempflow eval` folder to compare, as NAME=DIR; repeat, first = before, last = after.")
+@click.option("--eval-dir", type=click.Path(path_type=Path), default=None,
+              help="A folder of `tempflow eval` folders, each named for the policy it measured; taken in the "
+                   "order of their policies' steps (after any --eval).")
 @OVERWRITE
-def report(metrics_dir: Path, out: Path, evals: tuple, overwrite: bool) -> None:
-    """Gather a loop's update metrics into a reward curve (curve.json for `dvc plots`, curve.png) and a summary."""
-    from stages.report import read_evals, write_report
+def report(metrics_dir: Path, out: Path, evals: tuple, eval_dir: Path | None, overwrite: bool) -> None:
+    """Gather a loop's update metrics into a reward curve (curve.json for `dvc plots`, curve.png) and a
+    summary; with evaluations, a table of them from first to last."""
+    from stages.report import eval_folders, read_evals, write_report
 
-    summary(f"report {out}", write_report(metrics_dir, out, overwrite=overwrite, evals=dict(evals)))
+    evals = dict(evals)
+    if eval_dir is not None:
+        evals.update(eval_folders(eval_dir))
+    summary(f"report {out}", write_report(metrics_dir, out, overwrite=overwrite, evals=evals))
     if evals:
         columns = {name: {"step": m["step"], "reward": m["reward"], "strict accuracy": m["strict"],
                           **{f"strict: {task}": v for task, v in m["per_task"].items()}}
-                   for name, m in read_evals(dict(evals)).items()}
+                   for name, m in read_evals(evals).items()}
         comparison("eval (deterministic ODE samples)", columns)
 
 

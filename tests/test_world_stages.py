@@ -168,3 +168,29 @@ def test_report_compares_base_and_final_evals(pretrained, tmp_path):
 def test_the_shipped_train_prompts_are_the_world_train_split():
     shipped = (REPO / "examples" / "prompts" / "shapes-train.txt").read_text().splitlines()
     assert [p for p in shipped if p and not p.startswith("#")] == shapes.train_prompts()
+
+
+def test_report_takes_an_eval_dir_in_the_order_of_policy_steps(pretrained, tmp_path):
+    """--eval-dir reads every eval folder in it and orders them by the step of the policy each
+    measured, whatever their names: the first is the before, the last the after."""
+    evals, metrics = tmp_path / "evals", tmp_path / "metrics"
+    metrics.mkdir()
+    row = {"reward_mean": 0.5, "reward_std": 0.1, "loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0,
+           "grad_norm": 1.0, "trained_samples": 10, "skipped_samples": 0, "rollout_nfe": 100}
+    for i in (1, 2):
+        (metrics / f"it0{i}.json").write_text(json.dumps(row))
+    config = EvalConfig(num_steps=2, images_per_prompt=1)
+    for name, step, reward in (("final", 2, 0.75), ("base", 0, 0.25), ("mid", 1, 0.5)):
+        run_eval(pretrained, ["a red circle"], evals / name, config)
+        path = evals / name / "metrics.json"
+        written = json.loads(path.read_text())  # stand-ins for the policies of later steps
+        path.write_text(json.dumps({**written, "reward": reward, "policy": {**written["policy"], "step": step}}))
+    (evals / "notes").mkdir()  # not an eval folder: ignored
+    result = invoke("report", "--metrics-dir", metrics, "--eval-dir", evals, "--out", tmp_path / "rep")
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["eval_reward_gain"] == pytest.approx(0.5)  # final (step 2) minus base (step 0)
+    header = next(line for line in result.stdout.splitlines() if all(n in line for n in ("base", "mid", "final")))
+    assert header.index("base") < header.index("mid") < header.index("final")
+    empty = invoke("report", "--metrics-dir", metrics, "--eval-dir", evals / "notes", "--out", tmp_path / "rep2")
+    assert empty.exit_code == 1 and "no `tempflow eval` folders" in empty.stderr
