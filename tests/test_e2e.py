@@ -122,11 +122,12 @@ def test_baselines_train(policy_dir, tmp_path, algo):
 
 def _small_loop_params(path: Path) -> None:
     params = yaml.safe_load(path.read_text())
-    params["pretrain"].update({"image-size": 16, "steps": 4, "batch-size": 4, "warmup": 1, "checkpoint-every": 2})
+    params["pretrain"].update({"image-size": 16, "steps": 4, "batch-size": 4, "warmup": 1, "checkpoint-every": 2,
+                               "autoencoder-steps": 2, "autoencoder-batch-size": 2})
     params["rollout"].update({"num-steps": 4, "seeds-per-prompt": 1, "branches": 2, "prompts-per-rollout": 3})
     params["eval"].update({"per-task": 1, "num-steps": 2, "images-per-prompt": 1})
     params["loop"] = params["loop"][:2]
-    params["final"] = params["loop"][-1]["name"]
+    params["evals"] = {"base": "base", "final": f"policies/{params['loop'][-1]['name']}"}
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 

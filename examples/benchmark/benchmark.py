@@ -62,14 +62,15 @@ METHODS: dict[str, Method] = {
 @dataclass
 class Settings:
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    nfe_budget: int = 40_000
-    """Rollout forward passes each method may spend (whole iterations only, never more)."""
+    nfe_budget: int = 96_768
+    """Rollout forward passes each method may spend (whole iterations only, never more): the default
+    loop's, 16 TempFlow-GRPO iterations of 6,048."""
     evals: int = 8
     """Held-out evaluations along the budget (plus one of the base)."""
-    prompts_per_rollout: int = 8
-    eval_per_task: int = 8
+    prompts_per_rollout: int = 16
+    eval_per_task: int = 16
     eval_steps: int = 20
-    eval_images: int = 2
+    eval_images: int = 4
     pretrain: PretrainConfig | None = None
     """Pretraining of the base when no --base is given (None: params.yaml's `pretrain` group)."""
     memory_prompts: int = 8
@@ -78,7 +79,8 @@ class Settings:
 
 def quick_settings() -> Settings:
     return Settings(seeds=[0], nfe_budget=2_500, evals=1, prompts_per_rollout=2, eval_per_task=2, eval_steps=6,
-                    eval_images=1, pretrain=PretrainConfig(steps=20, batch_size=16, checkpoint_every=0),
+                    eval_images=1, pretrain=PretrainConfig(steps=20, batch_size=16, checkpoint_every=0,
+                                                           autoencoder_steps=10, autoencoder_batch_size=4),
                     memory_prompts=1)
 
 
