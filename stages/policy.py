@@ -118,8 +118,8 @@ class Policy(ABC):
 
 
 # --------------------------------------------------------------------------------------------
-# The tiny presets: a pixel-space denoiser (SD3 transformer or UNet) + small CLIP text encoder +
-# word-level tokenizer.
+# The tiny presets: a denoiser (SD3 transformer or UNet) on pixels or on a small autoencoder's
+# latents + small CLIP text encoder + word-level tokenizer.
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # CLIP pools at [EOS]; id 2 would trigger its legacy path
 DEFAULT_WORDS = ["a", "an", "the", "and", "of", "with", "on", "in", "left", "right", "above", "below", "one", "two", "three", "four", "five", "red", "green", "blue", "yellow", "magenta", "cyan", "white", "black", "orange", "purple", "pink", "gray", "brown", "square", "squares", "circle", "circles", "triangle", "triangles", "shape", "shapes", "big", "small", "large", "tiny", "photo", "picture", "image", "drawing", "painting", "cat", "dog", "tree", "house", "car", "flower", "sky", "sea", "mountain"]
@@ -127,7 +127,7 @@ DEFAULT_WORDS = ["a", "an", "the", "and", "of", "with", "on", "in", "left", "rig
 
 @dataclass
 class TinyConfig:
-    """Architecture of the ``tiny`` preset: a pixel-space flow model small enough for a CPU."""
+    """Architecture of the tiny policies: a flow model on pixels or latents, small enough for a CPU."""
 
     image_size: int = 32
     """Side of the square RGB image, in pixels (the state is ``(3, image_size, image_size)``)."""
@@ -417,7 +417,7 @@ POLICIES: dict[str, type[Policy]] = {"tiny": TinyPolicy}
 PRESETS: dict[str, str] = {
     "tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config",
     "shapes": "the shapes world's model: a UNet (channels 32/64, text cross-attention at its coarsest "
-              "level) on the 4x8x8 latents of a small AutoencoderKL",
+              "level) on the 4x8x8 latents of a small AutoencoderKL; `tempflow pretrain` trains both",
 }
 PRESET_MODELS: dict[str, dict[str, Any]] = {
     "tiny": {},

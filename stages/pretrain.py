@@ -43,7 +43,7 @@ from stages.progress import Progress, no_progress
 from stages.rollout import derive_seed
 
 WORLDS = {"shapes": "GenEval-like coloured squares, circles and triangles on black (stages.shapes)"}
-CHECKPOINT_FORMAT = "tempflow.pretrain-checkpoint/1"
+CHECKPOINT_FORMAT = "tempflow.pretrain-checkpoint/2"  # /2: phases (autoencoder, flow)
 
 
 @dataclass
