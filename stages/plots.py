@@ -34,9 +34,8 @@ def image_grid(images: np.ndarray, captions: Sequence[str], columns: int = 6, sc
 
 
 def line_chart(path: Path, series: dict[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str,
-               title: str, bands: dict[str, Sequence[float]] | None = None, points: dict[str, tuple[float, float]] | None = None) -> None:
-    """One PNG: a line per series ``name -> (x, y)``; optional ``bands[name]`` (± the given spread
-    around y) and labelled single ``points``."""
+               title: str) -> None:
+    """One PNG: a line per series ``name -> (x, y)``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -44,12 +43,7 @@ def line_chart(path: Path, series: dict[str, tuple[Sequence[float], Sequence[flo
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for name, (x, y) in series.items():
-        line, = ax.plot(x, y, marker="o", markersize=3, label=name)
-        if bands and name in bands:
-            y_arr, spread = np.asarray(y, dtype=float), np.asarray(bands[name], dtype=float)
-            ax.fill_between(x, y_arr - spread, y_arr + spread, color=line.get_color(), alpha=0.2)
-    for name, (x, y) in (points or {}).items():
-        ax.scatter([x], [y], marker="*", s=90, zorder=3, label=name)
+        ax.plot(x, y, marker="o", markersize=3, label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)

@@ -90,9 +90,9 @@ def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
 
 
 def _draw_curve(path: Path, rows: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]], line_chart: Any) -> None:
-    """Training reward (the rollouts' mean, ± their std) against forward passes; the evaluations'
-    reward and strict accuracy as lines, each point placed at the NFE spent before the policy it
-    measured (step s has seen s rollouts)."""
+    """Training reward (each rollout's mean; the rollouts draw different prompts, so it wanders) against
+    forward passes; the evaluations' reward and strict accuracy as lines, each point placed at the NFE
+    spent before the policy it measured (step s has seen s rollouts)."""
     spent = [0] + [r["nfe"] for r in rows]
     x = [spent[i] for i in range(len(rows))]
     rollout = "rollout reward (train prompts, SDE)"
@@ -102,4 +102,4 @@ def _draw_curve(path: Path, rows: list[dict[str, Any]], evaluated: dict[str, dic
         series["eval reward (ODE)"] = (at, [m["reward"] for m in evaluated.values()])
         series["eval strict accuracy (ODE)"] = (at, [m["strict"] for m in evaluated.values()])
     line_chart(path, series, xlabel="forward passes (NFE) spent on rollouts", ylabel="mean reward / accuracy",
-               title="reward across the loop", bands={rollout: [r["reward_std"] for r in rows]})
+               title="reward across the loop")
