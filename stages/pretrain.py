@@ -120,6 +120,7 @@ class PretrainResult:
     final_loss: float
     seconds: float
     images: int
+    """Images rendered and trained on by this run, both phases."""
 
 
 PHASES = ("flow", "autoencoder")  # index = the phase's stream of rendered data
@@ -291,10 +292,12 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
     state = ckpt.load(config)
     began = time.perf_counter()
     autoencoder_losses: list[float] = []
+    autoencoder_images = 0  # rendered for the autoencoder by this run (none when resumed past it)
     if policy.autoencoder is not None and (state is None or state["phase"] == "autoencoder"):
         phase = _autoencoder_phase(policy, config)
         if state is not None:
             ckpt.restore(state, phase)
+        autoencoder_images = (config.autoencoder_steps - phase.step) * config.autoencoder_batch_size
         _train(phase, config, config.autoencoder_steps, ckpt, progress,
                lambda step: _autoencoder_step(policy, config, step, phase))
         set_latent_scaling(policy, config)
@@ -328,8 +331,9 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
         import shutil
 
         shutil.rmtree(ckpt.path, ignore_errors=True)
+    images = (config.steps - resumed_from) * config.batch_size + autoencoder_images
     return PretrainResult(steps=config.steps, resumed_from=resumed_from, final_loss=report["final_loss"],
-                          seconds=seconds, images=(config.steps - resumed_from) * config.batch_size)
+                          seconds=seconds, images=images)
 
 
 def _autoencoder_phase(policy: TinyPolicy, config: PretrainConfig) -> Phase:

@@ -294,7 +294,7 @@ def pretrain(out: Path, checkpoint: Path | None, device: str, overwrite: bool, *
     with progress_bars("steps") as progress:
         result = run_pretrain(config, out, checkpoint=checkpoint, device=device, progress=progress, overwrite=overwrite)
     summary(f"pretrained policy {out}", {
-        "world": config.world, "steps": result.steps, "resumed from step": result.resumed_from,
+        "world": config.world, "flow-matching steps": result.steps, "resumed from step": result.resumed_from,
         "final loss (last 100 steps)": result.final_loss, "seconds": round(result.seconds, 1),
         "images/s": round(result.images / max(result.seconds, 1e-9), 1),
     })
