@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from PIL import Image
@@ -33,3 +35,37 @@ def test_quick_benchmark_writes_table_plot_and_measurements(tmp_path):
     table = (out / "table.md").read_text()
     assert all(f"| {m} |" in table for m in methods)
     assert Image.open(out / "benchmark.png").size[0] > 500
+    assert sorted(f.name for f in (out / "runs").iterdir()) == sorted(f"{m}-s0.json" for m in methods)
+
+
+def _benchmark_module():
+    spec = importlib.util.spec_from_file_location("benchmark", REPO / "examples/benchmark/benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finished_runs_are_kept_only_for_the_same_settings(tmp_path):
+    bench = _benchmark_module()
+    settings = bench.Settings(nfe_budget=1000)
+    store = bench.RunStore(tmp_path, {"settings": asdict(settings), "base": "/b", "rollout": {}, "update": {}})
+    curve = [{"nfe": 0, "seconds": 0.0, "iteration": 0, "reward": 0.5, "strict": 0.25}]
+    assert store.load("tempflow", 0) is None
+    store.save("tempflow", 0, curve)
+    assert store.load("tempflow", 0) == curve
+    assert store.load("tempflow", 1) is None and store.load("flow-grpo", 0) is None
+    other = bench.RunStore(tmp_path, {"settings": asdict(replace(settings, nfe_budget=2000)), "base": "/b",
+                                      "rollout": {}, "update": {}})
+    assert other.load("tempflow", 0) is None  # another budget: rerun, never mix
+
+
+def test_base_digest_follows_contents_not_path(tmp_path):
+    bench = _benchmark_module()
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder in (a, b):
+        (folder / "sub").mkdir(parents=True)
+        (folder / "sub" / "w.bin").write_bytes(b"weights")
+    assert bench.folder_digest(a) == bench.folder_digest(b)
+    (b / "sub" / "w.bin").write_bytes(b"retrained")
+    assert bench.folder_digest(a) != bench.folder_digest(b)

@@ -7,12 +7,15 @@ Every method starts from the same pretrained base and trains with the same updat
 (params.yaml's `update` group) until it has spent the same NFE on rollouts; the held-out reward and
 strict accuracy are measured along the way by `tempflow eval`'s deterministic ODE sampler. The stages
 run in-process through the library functions the CLI calls, artifacts on disk included, so the
-timings are the pipeline's. Writes OUT/results.json, OUT/table.md and OUT/benchmark.png.
+timings are the pipeline's. Writes OUT/results.json, OUT/table.md and OUT/benchmark.png. Each finished
+(method, seed) run is kept in OUT/runs/: run the same command again after an interruption and it
+goes on from there.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -160,6 +163,40 @@ def train_run(name: str, seed: int, base: Path, prompts: list[str], work: Path, 
               f"{seconds:.0f} s, held-out reward {curve[-1]['reward']:.3f}", flush=True)
     shutil.rmtree(run_dir)
     return curve
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over a folder's file names and bytes: the identity of a base policy."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(folder)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class RunStore:
+    """Finished training runs, one JSON file each, so that an interrupted benchmark resumes where it
+    stopped. A file is reused only when it was written with the same settings, base and params."""
+
+    def __init__(self, folder: Path, key: dict[str, Any]) -> None:
+        self.folder = folder
+        self.key = json.loads(json.dumps(key, default=str))
+
+    def path(self, name: str, seed: int) -> Path:
+        return self.folder / f"{name}-s{seed}.json"
+
+    def load(self, name: str, seed: int) -> list[dict[str, Any]] | None:
+        path = self.path(name, seed)
+        if not path.exists():
+            return None
+        saved = json.loads(path.read_text())
+        return saved["curve"] if saved.get("key") == self.key else None
+
+    def save(self, name: str, seed: int, curve: list[dict[str, Any]]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(name, seed).with_suffix(".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "curve": curve}, indent=1, default=float) + "\n")
+        tmp.replace(self.path(name, seed))
 
 
 # --------------------------------------------------------------------------------------------
@@ -375,9 +412,17 @@ def main() -> None:
             run_pretrain(pretrain, base)
     began = time.perf_counter()
     results: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
+    runs = RunStore(out / "runs", {"settings": asdict(replace(settings, seeds=[])), "base": folder_digest(base),
+                                   "rollout": rollout_base, "update": update_base})
     for seed in settings.seeds:
         for name in methods:
-            results[name].append(train_run(name, seed, base, prompts, work, settings, rollout_base, update_base))
+            curve = runs.load(name, seed)
+            if curve is None:
+                curve = train_run(name, seed, base, prompts, work, settings, rollout_base, update_base)
+                runs.save(name, seed, curve)
+            else:
+                print(f"  {name} seed {seed}: kept from {runs.path(name, seed)}", flush=True)
+            results[name].append(curve)
     print("measuring stage efficiency and update memory ...", flush=True)
     efficiency = stage_efficiency(base, prompts, work, rollout_base, update_base, settings)
     memory = update_memory(base, prompts, work, rollout_base, update_base, settings)
