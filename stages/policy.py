@@ -130,13 +130,14 @@ class TinyConfig:
     """Architecture of the tiny policies: a flow model on pixels or latents, small enough for a CPU."""
 
     image_size: int = 32
-    """Side of the square RGB image, in pixels (the state is ``(3, image_size, image_size)``)."""
+    """Side of the square RGB image, in pixels (the state: ``(3, image_size, image_size)`` in pixel space,
+    ``(latent_channels, state_size, state_size)`` on latents)."""
     denoiser: str = "sd3"
     """``sd3``: ``diffusers.SD3Transformer2DModel`` (patch tokens, joint attention with the text);
     ``unet``: ``diffusers.UNet2DConditionModel`` (convolutions, cross-attention at the coarsest
     level), whose convolutions learn clean shape edges in far fewer steps on a CPU."""
     patch_size: int = 2
-    """Transformer patch size; ``image_size`` must be a multiple of it (``sd3`` only)."""
+    """Transformer patch size; the state's side (``state_size``) must be a multiple of it (``sd3`` only)."""
     num_layers: int = 2
     """Joint transformer blocks (``sd3`` only)."""
     num_attention_heads: int = 2
@@ -239,8 +240,8 @@ def _build_denoiser(config: TinyConfig) -> nn.Module:
 def _build_autoencoder(config: TinyConfig) -> nn.Module:
     """SD3's kind of autoencoder, small: convolutions only (no attention in its middle block).
 
-    ``scaling_factor`` and ``shift_factor`` (latent = (mean - shift) * scale, as in SD3) start at 1
-    and 0; pretraining sets them from the data once the autoencoder is trained."""
+    ``scaling_factor`` and ``shift_factor`` (latent = (mean - shift) * scale, as in SD3) keep diffusers'
+    defaults here; pretraining sets them from the data once the autoencoder is trained."""
     from diffusers import AutoencoderKL
 
     levels = len(config.vae_channels)

@@ -94,10 +94,12 @@ class PretrainConfig:
             raise TempflowError(f"pretrain: --sigma-shift must be > 0, got {self.sigma_shift}")
         if not 0.0 <= self.ema < 1.0:
             raise TempflowError(f"pretrain: --ema must be in [0, 1), got {self.ema}")
-        if self.learning_rate <= 0 or self.autoencoder_learning_rate <= 0:
-            raise TempflowError("pretrain: --learning-rate and --autoencoder-learning-rate must be > 0")
-        if self.warmup < 0 or self.checkpoint_every < 0 or self.autoencoder_steps < 0:
-            raise TempflowError("pretrain: --warmup, --checkpoint-every and --autoencoder-steps must be >= 0")
+        for name in ("learning_rate", "autoencoder_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise TempflowError(f"pretrain: --{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name in ("warmup", "checkpoint_every", "autoencoder_steps"):
+            if getattr(self, name) < 0:
+                raise TempflowError(f"pretrain: --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
 
     def learning_rate_at(self, step: int) -> float:
         """Flow matching's: linear warm-up, then cosine from the peak down to a tenth of it."""
@@ -121,6 +123,8 @@ class PretrainResult:
     seconds: float
     images: int
     """Images rendered and trained on by this run, both phases."""
+    resumed: str = ""
+    """Where this run took up its checkpoint, e.g. ``autoencoder step 400``; empty for a fresh start."""
 
 
 PHASES = ("flow", "autoencoder")  # index = the phase's stream of rendered data
@@ -304,6 +308,8 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
         autoencoder_losses = phase.losses
 
     flow = _flow_phase(policy, config, autoencoder_losses)
+    if autoencoder_losses and config.checkpoint_every:
+        ckpt.save(flow, config)  # the finished autoencoder: a stop before the first flow checkpoint keeps it
     if state is not None and state["phase"] == "flow":
         ckpt.restore(state, flow)  # the autoencoder's weights and latent scaling come back with it
         if policy.autoencoder is not None:
@@ -333,7 +339,8 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
         shutil.rmtree(ckpt.path, ignore_errors=True)
     images = (config.steps - resumed_from) * config.batch_size + autoencoder_images
     return PretrainResult(steps=config.steps, resumed_from=resumed_from, final_loss=report["final_loss"],
-                          seconds=seconds, images=images)
+                          seconds=seconds, images=images,
+                          resumed=f"{state['phase']} step {state['step']}" if state is not None else "")
 
 
 def _autoencoder_phase(policy: TinyPolicy, config: PretrainConfig) -> Phase:
@@ -392,7 +399,8 @@ def _autoencoder_step(policy: TinyPolicy, config: PretrainConfig, step: int, pha
     _, images = world_batch(config, step, "autoencoder")
     generator = torch.Generator().manual_seed(derive_seed("autoencoder-noise", config.seed, step))
     for group in phase.optimizer.param_groups:
-        group["lr"] = _warmup_cosine(config.autoencoder_learning_rate, step, 50, config.autoencoder_steps)
+        group["lr"] = _warmup_cosine(config.autoencoder_learning_rate, step, min(50, config.autoencoder_steps // 10),
+                                     config.autoencoder_steps)
     return _optimize(phase, autoencoder_loss(policy.autoencoder, images.to(policy.device), generator))
 
 

@@ -54,6 +54,14 @@ def eval_folders(folder: Path) -> dict[str, Path]:
     if not found:
         raise TempflowError(f"--eval-dir {folder}: no `tempflow eval` folders (with a metrics.json) in it")
     steps = {name: read_evals({name: sub})[name]["step"] for name, sub in found.items()}
+    seen: dict[str, str] = {}
+    for name, sub in found.items():
+        identity = (read_json(sub / "metrics.json", "the metrics.json of `tempflow eval`")["policy"].get("identity")
+                    or name)
+        if identity in seen:
+            raise TempflowError(f"--eval-dir {folder}: {seen[identity]} and {name} measured the same policy "
+                                f"(step {steps[name]}); delete the stale one")
+        seen[identity] = name
     return {name: found[name] for name in sorted(found, key=lambda name: steps[name])}  # stable: ties keep name order
 
 

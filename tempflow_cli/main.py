@@ -88,7 +88,7 @@ def cli(debug: bool) -> None:
               help="Model to build. " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Policy folder to create.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initial weights.")
-@click.option("--image-size", type=int, default=32, show_default=True, help="Image side in pixels (tiny preset).")
+@click.option("--image-size", type=int, default=32, show_default=True, help="Image side in pixels (the tiny and shapes presets).")
 @click.option("--vocab-from", type=click.Path(path_type=Path), default=None,
               help="Prompts file whose words join the tokenizer's vocabulary (words outside it become [UNK]).")
 @OVERWRITE
@@ -113,7 +113,7 @@ def init(preset: str, out: Path, seed: int, image_size: int, vocab_from: Path | 
     with atomic_output(out, overwrite=overwrite) as tmp:
         save_policy(policy, tmp, record)
     params = sum(p.numel() for p in policy.trainable().parameters())
-    summary(f"policy {out}", {"preset": preset, "trainable parameters": params, "image": "x".join(map(str, policy.sample_shape)),
+    summary(f"policy {out}", {"preset": preset, "trainable parameters": params, "state (sampled)": "x".join(map(str, policy.sample_shape)),
                               "identity": record.identity[:16]})
 
 
@@ -256,9 +256,12 @@ def report(metrics_dir: Path, out: Path, evals: tuple, eval_dir: Path | None, ov
     summary; with evaluations, a table of them from first to last."""
     from stages.report import eval_folders, read_evals, write_report
 
-    evals = dict(evals)
-    if eval_dir is not None:
-        evals.update(eval_folders(eval_dir))
+    named = list(evals) + (list(eval_folders(eval_dir).items()) if eval_dir is not None else [])
+    evals = dict(named)
+    if len(evals) < len(named):
+        twice = sorted({name for name, _ in named if sum(n == name for n, _ in named) > 1})
+        raise TempflowError(f"report: eval name(s) {', '.join(twice)} given twice (--eval and --eval-dir share one "
+                            "namespace); rename one")
     summary(f"report {out}", write_report(metrics_dir, out, overwrite=overwrite, evals=evals))
     if evals:
         columns = {name: {"step": m["step"], "reward": m["reward"], "strict accuracy": m["strict"],
@@ -294,7 +297,7 @@ def pretrain(out: Path, checkpoint: Path | None, device: str, overwrite: bool, *
     with progress_bars("steps") as progress:
         result = run_pretrain(config, out, checkpoint=checkpoint, device=device, progress=progress, overwrite=overwrite)
     summary(f"pretrained policy {out}", {
-        "world": config.world, "flow-matching steps": result.steps, "resumed from step": result.resumed_from,
+        "world": config.world, "flow-matching steps": result.steps, "resumed from": result.resumed or "-",
         "final loss (last 100 steps)": result.final_loss, "seconds": round(result.seconds, 1),
         "images/s": round(result.images / max(result.seconds, 1e-9), 1),
     })

@@ -4,6 +4,7 @@ prompts outside the grammar refused, the before/after report."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -76,7 +77,7 @@ def interrupt_at(phase: str, step: int):
     return listen
 
 
-@pytest.mark.parametrize("phase, step, saved", [("autoencoder", 3, 2), ("pretrain", 5, 4)])
+@pytest.mark.parametrize("phase, step, saved", [("autoencoder", 3, 2), ("pretrain", 1, 0), ("pretrain", 5, 4)])
 def test_interrupted_pretrain_resumes_to_the_same_weights(pretrained, tmp_path, phase, step, saved):
     """Stopped in the autoencoder phase or in flow matching, a rerun continues from the checkpoint
     and ends bit for bit where an uninterrupted run ends (latent scaling included)."""
@@ -85,10 +86,11 @@ def test_interrupted_pretrain_resumes_to_the_same_weights(pretrained, tmp_path, 
         run_pretrain(tiny_pretrain(), out, progress=interrupt_at(phase, step))
     assert not out.exists()
     state = json.loads((default_checkpoint(out) / "state.json").read_text())
-    assert state["step"] == saved  # the last multiple of checkpoint_every reached
+    assert state["step"] == saved  # the last multiple of checkpoint_every reached (flow step 0: the autoencoder's end)
     assert state["phase"] == {"autoencoder": "autoencoder", "pretrain": "flow"}[phase]
     result = run_pretrain(tiny_pretrain(), out)
     assert result.resumed_from == (saved if phase == "pretrain" else 0)
+    assert result.resumed == f"{state['phase']} step {saved}"
     assert load_policy(out)[1].identity == load_policy(pretrained)[1].identity  # bit for bit
     report = json.loads((out / "pretrain.json").read_text())
     assert report["autoencoder"] == json.loads((pretrained / "pretrain.json").read_text())["autoencoder"]
@@ -105,6 +107,8 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
 @pytest.mark.parametrize("bad, match", [
     ({"world": "mnist"}, "unknown world"), ({"image_size": 24}, "multiple of 16"),
     ({"ema": 1.0}, "--ema"), ({"steps": 0}, "--steps"),
+    ({"autoencoder_learning_rate": 0.0}, "--autoencoder-learning-rate must be > 0, got 0.0"),
+    ({"warmup": -1}, "--warmup must be >= 0, got -1"),
 ])
 def test_pretrain_config_errors_name_the_option(bad, match):
     with pytest.raises(TempflowError, match=match):
@@ -184,7 +188,8 @@ def test_report_takes_an_eval_dir_in_the_order_of_policy_steps(pretrained, tmp_p
         run_eval(pretrained, ["a red circle"], evals / name, config)
         path = evals / name / "metrics.json"
         written = json.loads(path.read_text())  # stand-ins for the policies of later steps
-        path.write_text(json.dumps({**written, "reward": reward, "policy": {**written["policy"], "step": step}}))
+        path.write_text(json.dumps({**written, "reward": reward, "policy": {**written["policy"], "step": step,
+                                                                                   "identity": f"stand-in-{step}"}}))
     (evals / "notes").mkdir()  # not an eval folder: ignored
     result = invoke("report", "--metrics-dir", metrics, "--eval-dir", evals, "--out", tmp_path / "rep")
     assert result.exit_code == 0, result.stderr
@@ -194,3 +199,9 @@ def test_report_takes_an_eval_dir_in_the_order_of_policy_steps(pretrained, tmp_p
     assert header.index("base") < header.index("mid") < header.index("final")
     empty = invoke("report", "--metrics-dir", metrics, "--eval-dir", evals / "notes", "--out", tmp_path / "rep2")
     assert empty.exit_code == 1 and "no `tempflow eval` folders" in empty.stderr
+    twice = invoke("report", "--metrics-dir", metrics, "--eval", f"base={evals / 'mid'}", "--eval-dir", evals,
+                   "--out", tmp_path / "rep3")
+    assert twice.exit_code == 1 and "base given twice" in twice.stderr
+    shutil.copytree(evals / "final", evals / "it02")  # a stale folder left after renaming `final` in evals:
+    stale = invoke("report", "--metrics-dir", metrics, "--eval-dir", evals, "--out", tmp_path / "rep4")
+    assert stale.exit_code == 1 and "final and it02 measured the same policy (step 2)" in stale.stderr
