@@ -36,6 +36,21 @@ def test_quick_benchmark_writes_table_plot_and_measurements(tmp_path):
     assert all(f"| {m} |" in table for m in methods)
     assert Image.open(out / "benchmark.png").size[0] > 500
     assert sorted(f.name for f in (out / "runs").iterdir()) == sorted(f"{m}-s0.json" for m in methods)
+    assert results["runs_reused"] == []
+
+    again = subprocess.run([sys.executable, str(REPO / "examples/benchmark/benchmark.py"), "--quick", "--out", str(out),
+                            "--methods", "tempflow"], capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-4000:]
+    assert "tempflow seed 0: kept from" in again.stdout  # an interrupted benchmark goes on where it stopped
+    rerun = json.loads((out / "results.json").read_text())
+    assert rerun["runs_reused"] == ["tempflow-s0"] and rerun["curves"]["tempflow"] == results["curves"]["tempflow"]
+
+    record = json.loads((out / "base" / "pretrain.json").read_text())
+    record["config"]["seed"] += 1  # as if OUT/base came from another recipe
+    (out / "base" / "pretrain.json").write_text(json.dumps(record))
+    stale = subprocess.run([sys.executable, str(REPO / "examples/benchmark/benchmark.py"), "--quick", "--out", str(out)],
+                           capture_output=True, text=True, cwd=tmp_path, check=False)
+    assert stale.returncode == 1 and "pretrained with other settings" in stale.stderr
 
 
 def _benchmark_module():

@@ -165,13 +165,19 @@ def train_run(name: str, seed: int, base: Path, prompts: list[str], work: Path, 
     return curve
 
 
-def folder_digest(folder: Path) -> str:
-    """sha256 over a folder's file names and bytes: the identity of a base policy."""
+def folder_digest(folder: Path, pattern: str = "*") -> str:
+    """sha256 over the names and bytes of a folder's files matching ``pattern``: the identity of a
+    base policy (all its files) or of the code that trains it (``*.py``)."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+    for path in sorted(p for p in folder.rglob(pattern) if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+def code_digest() -> str:
+    """The library and this script: a run trained by other code is not reused."""
+    return hashlib.sha256((folder_digest(ROOT / "stages", "*.py") + Path(__file__).read_text()).encode()).hexdigest()
 
 
 class RunStore:
@@ -410,10 +416,13 @@ def main() -> None:
         if not base.exists():
             print(f"pretraining a base policy into {base} ...", flush=True)
             run_pretrain(pretrain, base)
+        elif json.loads((base / "pretrain.json").read_text())["config"] != asdict(pretrain):
+            sys.exit(f"{base} was pretrained with other settings (a --quick run's?); delete it or choose another --out")
     began = time.perf_counter()
     results: dict[str, list[list[dict[str, Any]]]] = {m: [] for m in methods}
     runs = RunStore(out / "runs", {"settings": asdict(replace(settings, seeds=[])), "base": folder_digest(base),
-                                   "rollout": rollout_base, "update": update_base})
+                                   "code": code_digest(), "rollout": rollout_base, "update": update_base})
+    reused = []
     for seed in settings.seeds:
         for name in methods:
             curve = runs.load(name, seed)
@@ -422,6 +431,7 @@ def main() -> None:
                 runs.save(name, seed, curve)
             else:
                 print(f"  {name} seed {seed}: kept from {runs.path(name, seed)}", flush=True)
+                reused.append(f"{name}-s{seed}")
             results[name].append(curve)
     print("measuring stage efficiency and update memory ...", flush=True)
     efficiency = stage_efficiency(base, prompts, work, rollout_base, update_base, settings)
@@ -431,7 +441,9 @@ def main() -> None:
                            "base": str(base)}, "methods": {
         m: asdict(METHODS[m]) for m in methods}, "rollout": rollout_base, "update": update_base,
         "curves": results, "summary": rows, "efficiency": efficiency, "memory": memory,
-        "seconds_total": time.perf_counter() - began, "torch_threads": torch.get_num_threads(),
+        "seconds_total": time.perf_counter() - began, "runs_reused": reused,
+        "seconds_training_all_runs": sum(c[-1]["seconds"] for curves in results.values() for c in curves),
+        "torch_threads": torch.get_num_threads(),
         "command": " ".join(sys.argv)}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
     (out / "table.md").write_text(table_markdown(rows, len(settings.seeds)))
@@ -439,7 +451,7 @@ def main() -> None:
     shutil.rmtree(work, ignore_errors=True)
     print(table_markdown(rows, len(settings.seeds)))
     print(json.dumps({"efficiency": efficiency, "memory": memory}, indent=2, default=float))
-    print(f"wrote {out}/results.json, table.md, benchmark.png in {report['seconds_total']:.0f} s")
+    print(f"wrote {out}/results.json, table.md, benchmark.png; this invocation took {report['seconds_total']:.0f} s")
 
 
 if __name__ == "__main__":
