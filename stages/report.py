@@ -42,6 +42,7 @@ def read_evals(evals: dict[str, Path]) -> dict[str, dict[str, Any]]:
         if not {"reward", "strict", "per_task", "policy"} <= set(metrics):
             raise TempflowError(f"{folder}/metrics.json: not eval metrics (written by `tempflow eval`)")
         out[name] = {"reward": metrics["reward"], "strict": metrics["strict"], "step": metrics["policy"]["step"],
+                     "identity": metrics["policy"].get("identity"),
                      "per_task": {t: v["strict"] for t, v in metrics["per_task"].items()}}
     return out
 
@@ -53,16 +54,16 @@ def eval_folders(folder: Path) -> dict[str, Path]:
              if (sub / "metrics.json").is_file()} if Path(folder).is_dir() else {}
     if not found:
         raise TempflowError(f"--eval-dir {folder}: no `tempflow eval` folders (with a metrics.json) in it")
-    steps = {name: read_evals({name: sub})[name]["step"] for name, sub in found.items()}
+    measured = read_evals(found)
     seen: dict[str, str] = {}
-    for name, sub in found.items():
-        identity = (read_json(sub / "metrics.json", "the metrics.json of `tempflow eval`")["policy"].get("identity")
-                    or name)
+    for name, metrics in measured.items():
+        identity = metrics["identity"] or name
         if identity in seen:
             raise TempflowError(f"--eval-dir {folder}: {seen[identity]} and {name} measured the same policy "
-                                f"(step {steps[name]}); delete the stale one")
+                                f"(step {metrics['step']}); delete the stale one")
         seen[identity] = name
-    return {name: found[name] for name in sorted(found, key=lambda name: steps[name])}  # stable: ties keep name order
+    # stable sort: ties keep name order
+    return {name: found[name] for name in sorted(found, key=lambda name: measured[name]["step"])}
 
 
 def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -258,8 +259,8 @@ def report(metrics_dir: Path, out: Path, evals: tuple, eval_dir: Path | None, ov
 
     named = list(evals) + (list(eval_folders(eval_dir).items()) if eval_dir is not None else [])
     evals = dict(named)
-    if len(evals) < len(named):
-        twice = sorted({name for name, _ in named if sum(n == name for n, _ in named) > 1})
+    twice = sorted(name for name, count in Counter(name for name, _ in named).items() if count > 1)
+    if twice:
         raise TempflowError(f"report: eval name(s) {', '.join(twice)} given twice (--eval and --eval-dir share one "
                             "namespace); rename one")
     summary(f"report {out}", write_report(metrics_dir, out, overwrite=overwrite, evals=evals))

@@ -32,6 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from stages.artifacts import atomic_output
 from stages.evaluate import EvalConfig, run_eval
 from stages.policy import load_policy
 from stages.pretrain import PretrainConfig, run_pretrain
@@ -199,10 +200,8 @@ class RunStore:
         return saved["curve"] if saved.get("key") == self.key else None
 
     def save(self, name: str, seed: int, curve: list[dict[str, Any]]) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(name, seed).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"key": self.key, "curve": curve}, indent=1, default=float) + "\n")
-        tmp.replace(self.path(name, seed))
+        with atomic_output(self.path(name, seed), overwrite=True) as tmp:
+            tmp.write_text(json.dumps({"key": self.key, "curve": curve}, indent=1, default=float) + "\n")
 
 
 # --------------------------------------------------------------------------------------------
