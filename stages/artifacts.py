@@ -1,23 +1,38 @@
 """The on-disk contract between stages (DESIGN.md §4), read and written only here.
 
-* Outputs appear atomically: a stage writes into a hidden sibling and renames it into place.
+* Outputs appear atomically: a stage writes into a locked slot beside the output and renames it into
+  place; ``--overwrite`` swaps so that the old or the new output is whole at every instant.
+* Inputs are read once and verified: a :class:`Rollout` holds its shards open, so a stage trains on
+  exactly the bytes whose sha256 it checked.
 * A rollout is ``manifest.json`` + webdataset shards ``shard-000000.tar`` ...; one sample per trained
   transition with the fields ``meta.json``, ``state.npy``, ``next.npy`` and (optionally) ``image.png``.
 * Scores are one parquet file with a ``key`` column, ``reward`` and ``reward_<name>`` columns.
-* Nothing is ever unpickled: arrays are ``.npy`` read with ``allow_pickle=False``, and a shard member
-  that is not one of the known fields (a ``.pth``, a pickle, anything else) is refused.
+* Nothing is ever unpickled: an ``.npy`` header is parsed and checked (float32, the manifest's shape,
+  the byte count) before its data is viewed, and a shard member that is not one of the known fields
+  (a ``.pth``, a pickle, anything else) is refused.
+* Every value a later stage relies on is checked where it enters: manifest fields, sample metas,
+  arrays (finite), PNG sizes, reward columns (finite numbers within :data:`REWARD_LIMIT`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import ctypes
+import errno
+import fcntl
+import functools
 import hashlib
 import io
 import json
+import math
 import os
 import re
+import secrets
 import shutil
+import signal
 import tarfile
+import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,16 +58,35 @@ def seed_group(prompt_index: int, seed: int, step: int) -> str:
 
 # --------------------------------------------------------------------------------------------
 # Atomic outputs
+#
+# A stage writes its output into a *slot*: ``PARENT/.tempflow-partial/<pid>-<random>/new``, where
+# PARENT is the output's parent folder. The process holds an flock on its slot folder for as long
+# as it lives, so a slot that nobody holds is a leftover of a killed run, whatever its name or PID,
+# and is removed by the next stage that writes into PARENT (several processes, e.g. the ranks of a
+# distributed run, share the scheme: each holds its own slot). The slot is moved into place in one
+# rename; with --overwrite a folder is swapped in with one ``renameat2(RENAME_EXCHANGE)`` on Linux,
+# elsewhere the old output is first moved into the slot (``old``) and a killed swap is undone by the
+# cleaner, so that at every instant the old or the new output is whole.
+
+PARTIALS = ".tempflow-partial"
+_PROTECTED: contextvars.ContextVar[tuple[Path, ...]] = contextvars.ContextVar("tempflow_protected", default=())
+_COMMITTED: list[Path] = []
 
 
-def _pid_alive(pid: int) -> bool:
+@contextlib.contextmanager
+def protected_inputs(paths: Iterable[Path | str]) -> Iterator[None]:
+    """Every output written inside this block is checked against ``paths`` too (the CLI passes every
+    path option a command reads, so no option can name an input that ``--overwrite`` then deletes)."""
+    token = _PROTECTED.set(_PROTECTED.get() + tuple(Path(p) for p in paths))
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        yield
+    finally:
+        _PROTECTED.reset(token)
+
+
+def committed_outputs() -> list[Path]:
+    """Outputs this process has moved into place (so an interrupted command can say what it kept)."""
+    return list(_COMMITTED)
 
 
 def _remove(path: Path) -> None:
@@ -62,53 +96,199 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def check_out_free(path: Path | str, overwrite: bool, inputs: tuple[Path | str, ...] = ()) -> None:
-    """Fail before any work is done when ``path`` may not become a stage's output: it exists and
-    may not be replaced, or replacing it would delete the working folder, a parent, or an input."""
+def within(path: Path, folder: Path) -> bool:
+    """``path`` is ``folder`` or lies inside it (both resolved by the caller)."""
+    return path == folder or folder in path.parents
+
+
+def check_out_free(path: Path | str, overwrite: bool, inputs: tuple[Path | str, ...] = (),
+                   kind: str = "dir") -> None:
+    """Fail before any work is done when ``path`` may not become a stage's output (a ``kind``:
+    ``dir`` or ``file``): it exists and may not be replaced, or is of the other kind; replacing it
+    would delete the working folder, a parent, or an input; or it lies inside an input."""
     path = Path(path)
     resolved, cwd = path.resolve(), Path.cwd().resolve()
     if path.name in ("", ".", "..") or resolved == cwd or resolved in cwd.parents:
         raise TempflowError(f"--out {path} is the working folder or one of its parents; give a new path such as runs/out")
-    for given in inputs:
+    if PARTIALS in path.parts:
+        raise TempflowError(f"{path}: {PARTIALS} folders hold tempflow's unfinished outputs; choose another path")
+    for given in (*inputs, *_PROTECTED.get()):
         inp = Path(given).resolve()
-        if resolved == inp or resolved in inp.parents:
-            raise TempflowError(f"--out {path} would replace the input {given}; choose another --out")
-    if path.exists() and not overwrite:
-        raise TempflowError(f"{path} already exists; remove it, choose another --out, or pass --overwrite")
+        if within(inp, resolved):
+            raise TempflowError(f"{path} would replace the input {given}; choose another output path")
+        if not inp.is_file() and within(resolved, inp):  # a folder, or one a stage is yet to write
+            raise TempflowError(f"{path} lies inside the input {given}; write outputs outside the folders a stage reads")
+    exists = path.exists() or path.is_symlink()
+    if exists and not overwrite:
+        raise TempflowError(f"{path} already exists; remove it, choose another path, or pass --overwrite")
+    if exists and path.is_dir() != (kind == "dir"):
+        found, wanted = ("folder", "file") if path.is_dir() else ("file", "folder")
+        raise TempflowError(f"{path} is a {found}; this stage writes a {wanted} there and --overwrite only "
+                            f"replaces a {wanted} with a {wanted}")
+    _check_parent_writable(path)
+
+
+def _check_parent_writable(path: Path) -> None:
+    """The nearest existing ancestor of ``path`` must be a folder this process may write in."""
+    ancestor = path.absolute().parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise TempflowError(f"{path}: {ancestor} is a file, not a folder; choose another path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise TempflowError(f"{path}: no permission to write in {ancestor}; choose another path")
+
+
+def _lock(folder: Path) -> int | None:
+    """An exclusive, non-blocking flock on ``folder``: its fd, or None when another process holds it."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def clean_partials(parent: Path) -> None:
+    """Remove every slot under ``parent/.tempflow-partial`` that no live process holds, first moving
+    back an old output that a killed swap had moved aside."""
+    root = Path(parent) / PARTIALS
+    if not root.is_dir():
+        return
+    for slot in root.iterdir():
+        fd = _lock(slot) if slot.is_dir() and not slot.is_symlink() else None
+        if fd is None:
+            continue
+        try:
+            target = Path(parent) / (slot / "target").read_text() if (slot / "target").is_file() else None
+            if target is not None and (slot / "old").exists() and not (target.exists() or target.is_symlink()):
+                os.replace(slot / "old", target)
+            shutil.rmtree(slot, ignore_errors=True)
+        finally:
+            os.close(fd)
+    with contextlib.suppress(OSError):
+        root.rmdir()  # only when empty: another process may be writing there
+
+
+class _Slot:
+    """A locked folder under ``PARENT/.tempflow-partial`` that holds one output while it is written."""
+
+    def __init__(self, path: Path) -> None:
+        for _ in range(3):  # a cleaner may remove a slot in the instant between its mkdir and its lock
+            self.folder = path.parent / PARTIALS / f"{os.getpid()}-{secrets.token_hex(4)}"
+            self.folder.mkdir(parents=True)
+            self.fd = _lock(self.folder)
+            if self.fd is not None and self.folder.is_dir() and os.path.samestat(os.fstat(self.fd), self.folder.stat()):
+                (self.folder / "target").write_text(path.name)
+                return
+            if self.fd is not None:
+                os.close(self.fd)
+        raise TempflowError(f"{path.parent}: cannot hold a slot in {PARTIALS} (another process keeps removing it)")
+
+    def release(self) -> None:
+        """Remove the slot (and what it still holds) and drop its lock; a second call does nothing."""
+        if self.fd is None:
+            return
+        shutil.rmtree(self.folder, ignore_errors=True)
+        os.close(self.fd)
+        self.fd = None
+        with contextlib.suppress(OSError):
+            self.folder.parent.rmdir()
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or the file system cannot."""
+    libc = _libc()
+    rename = getattr(libc, "renameat2", None) if libc is not None else None
+    if rename is None:
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
 
 
 @contextlib.contextmanager
-def atomic_output(path: Path | str, overwrite: bool = False, inputs: tuple[Path | str, ...] = ()) -> Iterator[Path]:
-    """Yield a temporary sibling of ``path`` to write into; rename it to ``path`` on success.
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block is done (main thread only, where Python runs handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: caught.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in caught[:1]:
+            handler = previous[sig]
+            if callable(handler):
+                handler(sig, None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(sig)
 
-    On any exception (Ctrl-C included) the temporary is removed and ``path`` is untouched. Leftovers
-    of a killed run (``.NAME.partial-PID`` whose process is gone) are cleared first, so a rerun
-    succeeds.
+
+def _commit(new: Path, path: Path, overwrite: bool, slot: _Slot) -> None:
+    """Move ``new`` to ``path``; an existing ``path`` (with ``overwrite``) ends up inside the slot."""
+    if path.exists() or path.is_symlink():
+        if not overwrite:  # appeared while the stage ran
+            raise TempflowError(f"{path} appeared while the stage ran; remove it or pass --overwrite")
+        if path.is_dir() != new.is_dir():
+            kind = "folder" if path.is_dir() else "file"
+            raise TempflowError(f"{path} is a {kind}; --overwrite only replaces a {kind} with a {kind}")
+        if new.is_dir() and not path.is_symlink():
+            if _exchange(new, path):
+                return
+            os.replace(path, slot.folder / "old")  # a kill from here on is undone by clean_partials
+            try:
+                os.replace(new, path)
+            except BaseException:
+                os.replace(slot.folder / "old", path)
+                raise
+            return
+    os.replace(new, path)  # atomic for a file, and for a folder onto a free name
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path | str, overwrite: bool = False, inputs: tuple[Path | str, ...] = (),
+                  kind: str = "dir") -> Iterator[Path]:
+    """Yield a temporary path to write the output ``path`` into (a folder to create, or a file, as
+    ``kind`` says); move it into place on success.
+
+    On any exception (Ctrl-C and SIGTERM included) the temporary is removed and ``path`` is
+    untouched; after a kill, the next stage writing beside ``path`` removes it. With ``overwrite``
+    the old output is replaced only once the new one is complete, and never lost mid-swap.
     """
     path = Path(path)
-    check_out_free(path, overwrite, inputs)
+    check_out_free(path, overwrite, inputs, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    prefix = f".{path.name}.partial-"
-    for stale in path.parent.glob(prefix + "*"):
-        suffix = stale.name[len(prefix):]
-        if suffix.isdigit() and not _pid_alive(int(suffix)):
-            _remove(stale)
-    tmp = path.parent / f"{prefix}{os.getpid()}"
-    _remove(tmp)
+    clean_partials(path.parent)
+    slot = _Slot(path)
+    new = slot.folder / "new"
     try:
-        yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"stage wrote nothing to {tmp}")
-        if path.exists():
-            if not overwrite:  # appeared while the stage ran
-                raise TempflowError(f"{path} appeared while the stage ran; remove it or pass --overwrite")
-            if path.is_dir() != tmp.is_dir():
-                kind = "folder" if path.is_dir() else "file"
-                raise TempflowError(f"{path} is a {kind}; --overwrite only replaces a {kind} with a {kind}")
-            _remove(path)
-        os.replace(tmp, path)
+        yield new
+        if not (new.is_dir() if kind == "dir" else new.is_file()):
+            raise RuntimeError(f"the stage wrote no {kind} to {new}")
+        with _signals_deferred():
+            _commit(new, path, overwrite, slot)
+            _COMMITTED.append(path)
+            slot.release()
     except BaseException:
-        _remove(tmp)
+        slot.release()
         raise
 
 
@@ -124,17 +304,41 @@ def write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_json(data: bytes | str) -> Any:
+    """Strict JSON: UTF-8, and no ``NaN``/``Infinity`` (which Python's json accepts by default)."""
+    return json.loads(data, parse_constant=_no_constant)
+
+
 def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise TempflowError(f"{path}: no such file; expected {what}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        return loads_json(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
         raise TempflowError(f"{path}: not valid JSON ({err}); expected {what}") from None
+
+
+def load_safetensors(path: Path) -> dict[str, Any]:
+    """Every tensor of a safetensors file (CPU), or one line naming the file when it is unreadable."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise TempflowError(f"{path}: no such file")
+    try:
+        return load_file(path)
+    except Exception as err:  # safetensors raises its own SafetensorError for any malformed file
+        raise TempflowError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
 
 
 # --------------------------------------------------------------------------------------------
 # Sample encoding
+
+MAX_IMAGE_PIXELS = 4096 * 4096
+"""Largest image a rollout may carry; a PNG whose header claims more is refused before decoding."""
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -157,20 +361,46 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 def decode_png(data: bytes, where: str) -> np.ndarray:
+    """An RGB uint8 ``(H, W, 3)`` array; the size in the header is checked before any pixel is decoded."""
     from PIL import Image, UnidentifiedImageError
 
+    damaged = f"{where}: image.png is not a readable PNG"
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise TempflowError(f"{where}: image.png claims {width}x{height} pixels, more than any policy "
+                                    f"draws ({MAX_IMAGE_PIXELS} at most); the rollout is damaged")
             return np.asarray(img.convert("RGB"))
-    except (UnidentifiedImageError, OSError) as err:
-        raise TempflowError(f"{where}: image.png is not a readable PNG ({err}); the rollout is damaged") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise TempflowError(f"{damaged} ({err}); the rollout is damaged") from None
 
 
-def decode_npy(data: bytes, where: str) -> np.ndarray:
+def decode_npy(data: bytes, where: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """A float32 array of ``shape`` with finite values, from ``.npy`` bytes; the header is read first,
+    so an array that claims another shape (or terabytes) is refused before anything is allocated."""
+    damaged = f"{where}: not a plain float32 .npy array"
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as err:
-        raise TempflowError(f"{where}: not a plain .npy array ({err}); the rollout is damaged") from None
+        buf = io.BytesIO(data)
+        version = np.lib.format.read_magic(buf)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        if version not in read_header:
+            raise ValueError(f"npy format version {version}")
+        found, fortran, dtype = read_header[version](buf)  # the header only: no allocation, no pickle
+    except (ValueError, OSError, EOFError, SyntaxError) as err:
+        raise TempflowError(f"{damaged} ({err}); the rollout is damaged") from None
+    if dtype != np.dtype("<f4") or fortran:
+        raise TempflowError(f"{damaged} (dtype {dtype}{', Fortran order' if fortran else ''}); the rollout is damaged")
+    if shape is not None and tuple(found) != tuple(shape):
+        raise TempflowError(f"{where}: shape {tuple(found)}, the rollout's states are {tuple(shape)}; the rollout is damaged")
+    count = int(np.prod(found, dtype=np.int64))
+    payload = memoryview(data)[buf.tell():]
+    if len(payload) != 4 * count:
+        raise TempflowError(f"{where}: holds {len(payload)} bytes for a {tuple(found)} float32 array; the rollout is damaged")
+    array = np.frombuffer(payload, dtype="<f4").reshape(found)
+    if not np.isfinite(array).all():
+        raise TempflowError(f"{where}: holds NaN or infinite values; the rollout is damaged")
+    return array
 
 
 @dataclass
@@ -181,12 +411,13 @@ class Sample:
     fields: dict[str, bytes]  # the fields that were asked for
     present: set[str]  # every field the sample has in the shard, read or not
     where: str  # "shard-000003.tar" for error messages
+    shape: tuple[int, ...] | None = None  # the manifest's sample_shape: what state.npy and next.npy must be
 
     @property
     def meta(self) -> dict[str, Any]:
         try:
-            meta = json.loads(self.fields["meta.json"])
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            meta = loads_json(self.fields["meta.json"])
+        except (ValueError, UnicodeDecodeError) as err:
             raise TempflowError(f"{self.where} sample {self.key}: meta.json is not valid JSON ({err})") from None
         missing = [f for f in META_FIELDS if f not in meta] if isinstance(meta, dict) else list(META_FIELDS)
         if missing:
@@ -194,10 +425,41 @@ class Sample:
         return meta
 
     def array(self, name: str) -> np.ndarray:
-        return decode_npy(self.fields[name], f"{self.where} sample {self.key} {name}")
+        return decode_npy(self.fields[name], f"{self.where} sample {self.key} {name}", self.shape)
 
     def image(self) -> np.ndarray:
         return decode_png(self.fields["image.png"], f"{self.where} sample {self.key}")
+
+
+def check_meta(key: str, meta: dict[str, Any], manifest: dict[str, Any]) -> None:
+    """A sample's meta must describe a trainable transition of this manifest's schedule and prompts."""
+    sigmas, prompts = manifest["sigmas"], manifest["prompts"]
+    step, index, log_prob = meta["step"], meta["prompt_index"], meta["log_prob"]
+    problem = None
+    if not _is_int(step) or not 0 <= step <= len(sigmas) - 3:
+        problem = f"step {step!r} is not a trainable step 0..{len(sigmas) - 3}"
+    elif not _is_int(index) or not 0 <= index < len(prompts) or prompts[index] != meta["prompt"]:
+        problem = f"prompt_index {index!r} does not name its prompt in the manifest"
+    elif (meta["sigma"], meta["sigma_next"]) != (sigmas[step], sigmas[step + 1]):
+        problem = f"sigmas {meta['sigma']}, {meta['sigma_next']} are not step {step}'s of the manifest"
+    elif not _is_number(log_prob) or not math.isfinite(log_prob):
+        problem = f"log_prob {log_prob!r} is not a finite number"
+    elif not _is_int(meta["seed"]) or not _is_int(meta["branch"]) or not isinstance(meta["group"], str):
+        problem = "seed and branch must be integers and group a string"
+    elif meta["algo"] != manifest["config"]["algo"]:
+        problem = f"algo {meta['algo']!r} is not the manifest's {manifest['config']['algo']!r}"
+    elif "image_key" in meta and not (isinstance(meta["image_key"], str) and _KEY.match(meta["image_key"])):
+        problem = f"image_key {meta['image_key']!r} is not a sample key"
+    if problem:
+        raise TempflowError(f"sample {key}: {problem}; the rollout is damaged or mixed with another one")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,99 +521,250 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_json(folder / MANIFEST, {"schema": ROLLOUT_SCHEMA, **manifest})
 
 
-def read_manifest(folder: Path | str) -> dict[str, Any]:
-    """The rollout's manifest, after checking its schema and that every shard it lists exists."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise TempflowError(f"{folder}: no such rollout folder; create one with `tempflow rollout --out {folder}`")
-    manifest = read_json(folder / MANIFEST, "a rollout manifest written by `tempflow rollout`")
+_SHARD_NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*\.tar$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_STATE_ELEMENTS = 1 << 26
+"""Largest state a rollout may declare (64M float32 values, 256 MiB per array)."""
+
+
+def check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
+    """The manifest's fields, each of the type and range the stages rely on; one line naming the
+    first that is not."""
     schema = manifest.get("schema") if isinstance(manifest, dict) else None
     if schema != ROLLOUT_SCHEMA:
-        raise TempflowError(
-            f"{folder / MANIFEST}: rollout schema {schema!r}, this tempflow reads {ROLLOUT_SCHEMA!r}; "
-            "re-run `tempflow rollout` with this version"
-        )
-    for key in ("shards", "samples", "config", "policy", "nfe", "prompts", "sigmas"):
+        raise TempflowError(f"{where}: rollout schema {schema!r}, this tempflow reads {ROLLOUT_SCHEMA!r}; "
+                            "re-run `tempflow rollout` with this version")
+
+    def bad(field: str, expected: str) -> TempflowError:
+        return TempflowError(f"{where}: {field} {_short(manifest.get(field))} is not {expected}; the manifest is damaged")
+
+    for key in ("shards", "samples", "config", "policy", "nfe", "prompts", "sigmas", "sample_shape"):
         if key not in manifest:
-            raise TempflowError(f"{folder / MANIFEST}: missing {key!r}; the manifest is damaged")
-    for shard in manifest["shards"]:
-        if not isinstance(shard, dict) or not isinstance(shard.get("name"), str) or "/" in shard["name"]:
-            raise TempflowError(f"{folder / MANIFEST}: shard entry {shard!r} is not {{name, sha256, samples}}; the manifest is damaged")
-        if not (folder / shard["name"]).is_file():
-            raise TempflowError(f"{folder / shard['name']}: listed in the manifest but missing; the rollout is incomplete")
+            raise TempflowError(f"{where}: missing {key!r}; the manifest is damaged")
+    if not _is_int(manifest["samples"]) or manifest["samples"] < 0:
+        raise bad("samples", "a count")
+    if not _is_int(manifest["nfe"]) or manifest["nfe"] < 0:
+        raise bad("nfe", "a count")
+    if not isinstance(manifest["policy"], dict) or not isinstance(manifest["policy"].get("identity"), str):
+        raise bad("policy", "{identity, ...}")
+    prompts = manifest["prompts"]
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise bad("prompts", "a non-empty list of strings")
+    shape = manifest["sample_shape"]
+    if (not isinstance(shape, list) or not shape or not all(_is_int(n) and n > 0 for n in shape)
+            or math.prod(shape) > MAX_STATE_ELEMENTS):
+        raise bad("sample_shape", f"a list of positive sizes with at most {MAX_STATE_ELEMENTS} elements")
+    config = _manifest_config(manifest["config"], where)
+    sigmas = manifest["sigmas"]
+    if (not isinstance(sigmas, list) or len(sigmas) != config.num_steps + 1 or not all(_is_number(s) for s in sigmas)
+            or sigmas[0] != 1.0 or sigmas[-1] != 0.0 or any(a <= b for a, b in zip(sigmas, sigmas[1:]))):
+        raise bad("sigmas", f"{config.num_steps + 1} numbers falling from 1 to 0")
+    _check_shard_list(manifest["shards"], manifest["samples"], where)
     return manifest
 
 
-def manifest_hash(folder: Path | str) -> str:
-    return sha256_file(Path(folder) / MANIFEST)
+def _manifest_config(config: Any, where: Path):
+    """The rollout's config, validated the way `tempflow rollout` validates its options."""
+    from stages.rollout import RolloutConfig  # the config's one definition
+
+    if not isinstance(config, dict):
+        raise TempflowError(f"{where}: config is not an object; the manifest is damaged")
+    try:
+        return RolloutConfig(**config)
+    except TypeError as err:
+        raise TempflowError(f"{where}: config does not fit this tempflow's rollout options ({err}); "
+                            "the manifest is damaged") from None
+    except TempflowError as err:
+        raise TempflowError(f"{where}: config is invalid ({err}); the manifest is damaged") from None
 
 
-def verify_shards(folder: Path, manifest: dict[str, Any]) -> None:
-    """Compare every shard's sha256 with the manifest: catches truncation and tampering up front."""
-    for shard in manifest["shards"]:
-        path = folder / shard["name"]
-        if sha256_file(path) != shard.get("sha256"):
-            raise TempflowError(
-                f"{path}: sha256 does not match the manifest (truncated or modified); re-run `tempflow rollout`"
-            )
+def _check_shard_list(shards: Any, samples: int, where: Path) -> None:
+    if not isinstance(shards, list):
+        raise TempflowError(f"{where}: shards is not a list; the manifest is damaged")
+    names = set()
+    for shard in shards:
+        ok = (isinstance(shard, dict) and isinstance(shard.get("name"), str) and _SHARD_NAME.match(shard["name"])
+              and isinstance(shard.get("sha256"), str) and _SHA256.match(shard["sha256"])
+              and _is_int(shard.get("samples")) and shard["samples"] >= 0 and shard["name"] not in names)
+        if not ok:
+            raise TempflowError(f"{where}: shard entry {_short(shard)} is not a distinct {{name, sha256, samples}}; "
+                                "the manifest is damaged")
+        names.add(shard["name"])
+    if sum(s["samples"] for s in shards) != samples:
+        raise TempflowError(f"{where}: the shards hold {sum(s['samples'] for s in shards)} samples, "
+                            f"the manifest says {samples}; the manifest is damaged")
 
 
-def _iter_shard(path: Path, fields: Iterable[str] | None) -> Iterator[Sample]:
-    """Samples of one shard in order, grouping consecutive members by key (webdataset's rule: the
-    key is the member name up to its first dot). Only ``fields`` are read; others are skipped."""
-    wanted = set(SAMPLE_FIELDS if fields is None else fields)
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class Rollout:
+    """A rollout opened for reading: the manifest as read (and its hash), every shard opened once
+    and checked against its sha256. Every later read goes through the same open files and is hashed
+    again, so a stage reads exactly the bytes it verified, even while ``rollout --overwrite``
+    replaces the folder, or stops when a shard changed in place. Use as a context manager."""
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise TempflowError(f"{self.folder}: no such rollout folder; create one with `tempflow rollout --out {self.folder}`")
+        path = self.folder / MANIFEST
+        if not path.is_file():
+            raise TempflowError(f"{path}: no such file; expected a rollout manifest written by `tempflow rollout`")
+        raw = path.read_bytes()
+        self.manifest_sha256 = hashlib.sha256(raw).hexdigest()
+        try:
+            manifest = loads_json(raw)
+        except (ValueError, UnicodeDecodeError) as err:
+            raise TempflowError(f"{path}: not valid JSON ({err}); expected a rollout manifest") from None
+        self.manifest = check_manifest(manifest, path)
+        self.shape = tuple(self.manifest["sample_shape"])
+        self._files: list[Any] = []
+        try:
+            self._open_shards()
+        except BaseException:
+            self.close()
+            raise
+
+    def _open_shards(self) -> None:
+        _allow_open_files(len(self.manifest["shards"]) + 64)
+        for shard in self.manifest["shards"]:
+            path = self.folder / shard["name"]
+            if not path.is_file():
+                raise TempflowError(f"{path}: listed in the manifest but missing; the rollout is incomplete")
+            handle = open(path, "rb")
+            self._files.append(handle)
+            if _sha256_handle(handle) != shard["sha256"]:
+                raise TempflowError(f"{path}: sha256 does not match the manifest (truncated or modified); "
+                                    "re-run `tempflow rollout`")
+
+    def samples(self, fields: Iterable[str] | None = None) -> Iterator[Sample]:
+        """Every sample, shard by shard, in the order written; memory holds one sample at a time.
+        Each is checked to carry the required fields; ``fields`` are read, the others skipped."""
+        wanted = tuple(SAMPLE_FIELDS if fields is None else fields)
+        count = 0
+        for shard, handle in zip(self.manifest["shards"], self._files):
+            handle.seek(0)
+            reader = _HashingReader(handle)
+            for sample in _iter_tar(reader, shard["name"], wanted, self.shape):
+                missing = [f for f in REQUIRED_FIELDS if f not in sample.present]
+                if missing:
+                    raise TempflowError(f"{sample.where}: sample {sample.key} lacks {', '.join(missing)}; the rollout is damaged")
+                count += 1
+                yield sample
+            if reader.finish() != shard["sha256"]:
+                raise TempflowError(f"{self.folder / shard['name']}: changed while it was being read; "
+                                    "nothing was written, run the stage again once the rollout is complete")
+        if count != self.manifest["samples"]:
+            raise TempflowError(f"{self.folder}: manifest lists {self.manifest['samples']} samples, shards hold {count}")
+
+    def close(self) -> None:
+        for handle in self._files:
+            handle.close()
+        self._files = []
+
+    def __enter__(self) -> Rollout:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _allow_open_files(count: int) -> None:
+    """Raise the soft limit on open files toward the hard one when a rollout has many shards."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < count:
+        wanted = count if hard == resource.RLIM_INFINITY else min(count, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
+def _sha256_handle(handle: Any) -> str:
+    digest = hashlib.sha256()
+    handle.seek(0)
+    for block in iter(lambda: handle.read(1 << 20), b""):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only stream over ``handle`` that hashes every byte read through it."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle, self.digest = handle, hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = self.handle.readinto(buffer)
+        self.digest.update(memoryview(buffer)[:n])
+        return n
+
+    def finish(self) -> str:
+        """Hash the rest of the file (tar padding) and return the hex digest of all of it."""
+        for block in iter(lambda: self.handle.read(1 << 20), b""):
+            self.digest.update(block)
+        return self.digest.hexdigest()
+
+
+def _iter_tar(stream: Any, name: str, wanted: tuple[str, ...], shape: tuple[int, ...]) -> Iterator[Sample]:
+    """Samples of one shard read front to back, grouping consecutive members by key (webdataset's
+    rule: the key is the member name up to its first dot)."""
     current: Sample | None = None
     seen: set[str] = set()
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
             for member in tar:
                 if not member.isfile():
-                    raise TempflowError(f"{path.name}: member {member.name!r} is not a regular file; refused")
+                    raise TempflowError(f"{name}: member {member.name!r} is not a regular file; refused")
                 key, dot, field = member.name.partition(".")
-                if not dot or field not in SAMPLE_FIELDS:
+                if not dot or field not in SAMPLE_FIELDS or not _KEY.match(key):
                     raise TempflowError(
-                        f"{path.name}: member {member.name!r} is not a tempflow sample field "
+                        f"{name}: member {member.name!r} is not a tempflow sample field "
                         f"({', '.join(SAMPLE_FIELDS)}); refused, tempflow never unpickles or runs artifact content"
                     )
                 if current is None or key != current.key:
                     if current is not None:
                         yield current
                     if key in seen:
-                        raise TempflowError(f"{path.name}: sample {key!r} appears twice; the shard is damaged")
+                        raise TempflowError(f"{name}: sample {key!r} appears twice; the shard is damaged")
                     seen.add(key)
-                    current = Sample(key=key, fields={}, present=set(), where=path.name)
+                    current = Sample(key=key, fields={}, present=set(), where=name, shape=shape)
+                if field in current.present:
+                    raise TempflowError(f"{name}: sample {key!r} has {field} twice; the shard is damaged")
                 current.present.add(field)
                 if field in wanted:
                     handle = tar.extractfile(member)
                     current.fields[field] = handle.read() if handle else b""
     except (tarfile.TarError, EOFError, OSError) as err:
-        raise TempflowError(f"{path}: unreadable tar ({err}); the rollout is damaged, re-run `tempflow rollout`") from None
+        raise TempflowError(f"{name}: unreadable tar ({err}); the rollout is damaged, re-run `tempflow rollout`") from None
     if current is not None:
         yield current
 
 
-def iter_rollout(
-    folder: Path | str, manifest: dict[str, Any] | None = None, fields: Iterable[str] | None = None, verify: bool = True
-) -> Iterator[Sample]:
-    """Every sample of a rollout, shard by shard, in the order written.
+def read_manifest(folder: Path | str) -> dict[str, Any]:
+    """The rollout's manifest, checked, with every shard verified (opens and closes the rollout)."""
+    with Rollout(folder) as rollout:
+        return rollout.manifest
 
-    Memory holds one sample at a time. Each sample is checked to carry the required fields.
-    """
-    folder = Path(folder)
-    manifest = manifest if manifest is not None else read_manifest(folder)
-    if verify:
-        verify_shards(folder, manifest)
-    fields = None if fields is None else tuple(fields)
-    for shard in manifest["shards"]:
-        for sample in _iter_shard(folder / shard["name"], fields):
-            missing = [f for f in REQUIRED_FIELDS if f not in sample.present]
-            if missing:
-                raise TempflowError(f"{sample.where}: sample {sample.key} lacks {', '.join(missing)}; the rollout is damaged")
-            yield sample
+
+def iter_rollout(folder: Path | str, fields: Iterable[str] | None = None) -> Iterator[Sample]:
+    """Every sample of a rollout (a :class:`Rollout` opened for the duration of the iteration)."""
+    with Rollout(folder) as rollout:
+        yield from rollout.samples(fields)
 
 
 # --------------------------------------------------------------------------------------------
 # Scores
+
+
+REWARD_LIMIT = 1e12
+"""Largest |reward| a scores file may hold: group statistics of larger values lose all precision
+(and overflow past 1e154); rescale such a reward."""
 
 
 def write_scores(path: Path, keys: list[str], total: np.ndarray, components: dict[str, np.ndarray], meta: dict) -> None:
@@ -367,8 +780,17 @@ def write_scores(path: Path, keys: list[str], total: np.ndarray, components: dic
     pq.write_table(table, path)
 
 
+def check_rewards(values: np.ndarray, keys: Any, what: str) -> None:
+    """Rewards must be finite and within :data:`REWARD_LIMIT`; one line naming the first bad key."""
+    bad = ~np.isfinite(values) | (np.abs(np.nan_to_num(values)) > REWARD_LIMIT)
+    if bad.any():
+        first = int(np.argmax(bad))
+        raise TempflowError(f"{what}: {int(bad.sum())} rewards are NaN or infinite, or beyond ±{REWARD_LIMIT:g} "
+                            f"(first {float(values[first])} at key {keys[first]}); fix or rescale the reward")
+
+
 def read_scores(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """Columns and tempflow metadata of a scores file, after checking schema and finiteness."""
+    """Columns and tempflow metadata of a scores file, after checking schema, types and values."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -377,24 +799,40 @@ def read_scores(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]
         raise TempflowError(f"{path}: no such scores file; create it with `tempflow score --out {path}`")
     try:
         table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
+    except (pa.ArrowException, OSError, ValueError) as err:
         raise TempflowError(f"{path}: not a readable parquet file ({err})") from None
+    meta = _scores_meta(table, path)
+    types = {field.name: field.type for field in table.schema}
+    if "key" not in types or "reward" not in types:
+        raise TempflowError(f"{path}: needs 'key' and 'reward' columns, found {table.column_names}")
+    if not (pa.types.is_string(types["key"]) or pa.types.is_large_string(types["key"])):
+        raise TempflowError(f"{path}: column 'key' is {types['key']}, not strings; re-run `tempflow score`")
+    columns: dict[str, np.ndarray] = {"key": table.column("key").to_numpy(zero_copy_only=False)}
+    if any(k is None for k in columns["key"]):
+        raise TempflowError(f"{path}: column 'key' has empty (null) keys; re-run `tempflow score`")
+    for name in table.column_names:
+        if name == "key":
+            continue
+        if not (pa.types.is_floating(types[name]) or pa.types.is_integer(types[name])) or table.column(name).null_count:
+            raise TempflowError(f"{path}: column {name!r} is {types[name]}, not numbers without nulls; "
+                                "re-run `tempflow score`")
+        columns[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        check_rewards(columns[name], columns["key"], f"{path} column {name!r}")
+    return columns, meta
+
+
+def _scores_meta(table: Any, path: Path) -> dict[str, Any]:
     raw = (table.schema.metadata or {}).get(b"tempflow")
     try:
-        meta = json.loads(raw) if raw else {}
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        meta = loads_json(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
         meta = None
     if not isinstance(meta, dict) or meta.get("schema") != SCORES_SCHEMA:
         found = meta.get("schema") if isinstance(meta, dict) else "unreadable metadata"
         raise TempflowError(f"{path}: scores schema {found!r}, this tempflow reads {SCORES_SCHEMA!r}")
-    if "key" not in table.column_names or "reward" not in table.column_names:
-        raise TempflowError(f"{path}: needs 'key' and 'reward' columns, found {table.column_names}")
-    columns = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
-    bad = ~np.isfinite(columns["reward"].astype(np.float64))
-    if bad.any():
-        first = columns["key"][int(np.argmax(bad))]
-        raise TempflowError(f"{path}: {int(bad.sum())} rewards are NaN or infinite (first at key {first}); fix the reward")
-    return columns, meta
+    if not isinstance(meta.get("rollout_manifest_sha256"), str):
+        raise TempflowError(f"{path}: scores metadata names no rollout (rollout_manifest_sha256); re-run `tempflow score`")
+    return meta
 
 
 def check_keys_match(scores_keys: Iterable[str], rollout_keys: Iterable[str], scores_path: Path, rollout: Path) -> None:

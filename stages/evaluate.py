@@ -20,6 +20,7 @@ from stages.artifacts import atomic_output, check_out_free, write_json
 from stages.errors import TempflowError
 from stages.flow import make_sigmas, ode_step
 from stages.policy import Policy, load_policy
+from stages.limits import check_at_most
 from stages.progress import Progress, no_progress
 from stages.rollout import derive_seed, seeded_normal
 
@@ -45,8 +46,13 @@ class EvalConfig:
         for name in ("num_steps", "images_per_prompt", "batch_size"):
             if getattr(self, name) < 1:
                 raise TempflowError(f"eval: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.shift <= 0 or self.grid_prompts < 0:
+        if not self.shift > 0 or self.grid_prompts < 0:
             raise TempflowError("eval: --shift must be > 0 and --grid-prompts >= 0")
+        check_at_most("num-steps", self.num_steps, 1000, "every image makes one forward pass per step")
+        check_at_most("shift", self.shift, 100.0, "the schedule would spend all but the last step at full noise")
+        check_at_most("images-per-prompt", self.images_per_prompt, 1024, "every image is sampled, kept and scored")
+        check_at_most("batch-size", self.batch_size, 65536, "one forward pass would hold that many states and activations")
+        check_at_most("grid-prompts", self.grid_prompts, 1024, "grid.png draws one tile per prompt")
 
 
 @torch.no_grad()
@@ -61,6 +67,9 @@ def sample_ode(policy: Policy, prompts: list[str], seeds: list[int], config: Eva
         x = seeded_normal(policy.sample_shape, batch_seeds).to(policy.device)  # (B, C, H, W)
         for i in range(config.num_steps):
             v = policy.velocity(x, sigmas[i].expand(len(batch)).to(x.device), cond)
+            if not torch.isfinite(v).all():
+                raise TempflowError(f"the policy's velocity is NaN or infinite at step {i} (prompt {batch[0]!r} "
+                                    "or one batched with it); its weights are broken")
             x = ode_step(v, x, sigmas[i], sigmas[i + 1])
         images.append(policy.decode(x))
         progress("eval", len(batch) * config.num_steps, len(prompts) * config.num_steps)

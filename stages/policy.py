@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.errors import TempflowError
+from stages.limits import check_at_most, gib
 
 POLICY_FORMAT = "tempflow.policy/1"
 
@@ -187,6 +189,9 @@ class TinyConfig:
                      "text_hidden_size", "text_layers", "max_prompt_tokens"):
             if getattr(self, name) < 1:
                 raise TempflowError(f"tiny model: {name} must be >= 1, got {getattr(self, name)}")
+        check_at_most("image-size", self.image_size, MAX_TINY_IMAGE_SIZE,
+                      f"the tiny presets are CPU models; one {self.image_size}x{self.image_size} state alone takes "
+                      f"{gib(4 * self.state_channels * self.state_size ** 2)} and a batch far more")
 
 
 def _check_levels(name: str, channels: list[int], side: int, what: str) -> None:
@@ -200,6 +205,7 @@ def _check_levels(name: str, channels: list[int], side: int, what: str) -> None:
                             f"which the {levels} levels of {name} need")
 
 
+MAX_TINY_IMAGE_SIZE = 512
 DENOISERS = {"sd3": "transformer", "unet": "unet"}  # denoiser -> its folder in a policy
 
 
@@ -468,7 +474,12 @@ def model_config(policy: Policy) -> dict[str, Any]:
 
 
 def save_policy(policy: Policy, path: Path, record: PolicyRecord) -> None:
-    """Write weights and config.json into ``path`` (an empty folder: callers make it atomic)."""
+    """Write weights and config.json into ``path`` (an empty folder: callers make it atomic); a
+    non-finite weight is refused, naming it, before anything is written."""
+    for prefix, module in policy.modules().items():
+        for name, tensor in module.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise TempflowError(f"{prefix}.{name} holds NaN or infinite values; a policy is never written so")
     path.mkdir(parents=True, exist_ok=True)
     policy.save_weights(path)
     record.identity = policy.identity()
@@ -476,14 +487,18 @@ def save_policy(policy: Policy, path: Path, record: PolicyRecord) -> None:
     (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+_IDENTITY = re.compile(r"^[0-9a-f]{64}$")
+
+
 def read_policy_record(path: Path) -> PolicyRecord:
+    """The bookkeeping of a policy folder, each field checked: a folder whose config.json was edited
+    into another shape is refused, never guessed at."""
+    from stages.artifacts import read_json
+
     config_path = Path(path) / "config.json"
     if not config_path.is_file():
         raise TempflowError(f"{path}: not a policy folder (no config.json); create one with `tempflow init`")
-    try:
-        config = json.loads(config_path.read_text())
-    except json.JSONDecodeError as err:
-        raise TempflowError(f"{config_path}: not valid JSON ({err.msg}); the policy folder is damaged") from None
+    config = read_json(config_path, "a policy config.json written by tempflow")
     if not isinstance(config, dict) or config.get("format") != POLICY_FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise TempflowError(f"{config_path}: policy format {found!r}, this tempflow reads {POLICY_FORMAT!r}")
@@ -491,9 +506,27 @@ def read_policy_record(path: Path) -> PolicyRecord:
         raise TempflowError(f"{config_path}: unknown policy kind {config.get('kind')!r}; known: {', '.join(POLICIES)}")
     config.pop("format")
     try:
-        return PolicyRecord(**config)
+        record = PolicyRecord(**config)
     except TypeError as err:
         raise TempflowError(f"{config_path}: unexpected policy fields ({err}); the policy folder is damaged") from None
+    problem = _record_problem(record)
+    if problem:
+        raise TempflowError(f"{config_path}: {problem}; the policy folder is damaged")
+    return record
+
+
+def _record_problem(record: PolicyRecord) -> str | None:
+    if not isinstance(record.identity, str) or not _IDENTITY.match(record.identity):
+        return f"identity {record.identity!r} is not the sha256 of its weights (every policy folder records one)"
+    if not isinstance(record.step, int) or isinstance(record.step, bool) or record.step < 0:
+        return f"step {record.step!r} is not a count of updates"
+    if not isinstance(record.model, dict):
+        return "model is not an object"
+    ref = record.reference
+    if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("path"), str)
+                                and isinstance(ref.get("identity"), str) and _IDENTITY.match(ref["identity"])):
+        return f"reference {ref!r} is not {{path, identity}}"
+    return None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -518,10 +551,12 @@ def load_policy(path: Path | str, device: str = "cpu") -> tuple[Policy, PolicyRe
     record = read_policy_record(path)
     try:
         policy = POLICIES[record.kind].load(path, record.model)
-    except (OSError, ValueError, TypeError, RuntimeError, KeyError) as err:
+    except TempflowError as err:
+        raise TempflowError(f"{path}/config.json: {err}") from None
+    except Exception as err:  # diffusers, transformers and safetensors each raise their own kinds
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TempflowError(f"{path}: cannot load the {record.kind} policy ({first_line})") from None
+        raise TempflowError(f"{path}: cannot load the {record.kind} policy ({first_line})") from err
     policy.to(device)
-    if record.identity and policy.identity() != record.identity:
+    if policy.identity() != record.identity:
         raise TempflowError(f"{path}: weights do not match the identity in config.json; the folder was modified")
     return policy, record

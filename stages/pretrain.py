@@ -17,7 +17,6 @@ resumed from its checkpoint ends with the same weights as one that never stopped
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -29,7 +28,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.artifacts import atomic_output, check_out_free, write_json
+from stages.artifacts import (
+    within,
+    atomic_output,
+    check_out_free,
+    load_safetensors,
+    loads_json,
+    read_json,
+    write_json,
+)
 from stages.errors import TempflowError
 from stages.policy import (
     PRESETS,
@@ -39,6 +46,7 @@ from stages.policy import (
     model_config,
     save_policy,
 )
+from stages.limits import check_at_most
 from stages.progress import Progress, no_progress
 from stages.rollout import derive_seed
 
@@ -100,6 +108,17 @@ class PretrainConfig:
         for name in ("warmup", "checkpoint_every", "autoencoder_steps"):
             if getattr(self, name) < 0:
                 raise TempflowError(f"pretrain: --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_at_most("image-size", self.image_size, 256, "the shapes world renders on a CPU; each image is rendered "
+                      "and trained on at full size (the default run uses 32)")
+        for name in ("steps", "autoencoder_steps"):
+            check_at_most(name.replace("_", "-"), getattr(self, name), 10**7, "at a CPU's ~0.2 s a step that is months")
+        for name in ("batch_size", "autoencoder_batch_size"):
+            check_at_most(name.replace("_", "-"), getattr(self, name), 4096,
+                          "each step renders and holds that many images and their activations")
+        for name in ("learning_rate", "autoencoder_learning_rate"):
+            check_at_most(name.replace("_", "-"), getattr(self, name), 1.0, "AdamW would move every weight by that much a step")
+        check_at_most("weight-decay", self.weight_decay, 1.0, "AdamW would shrink the weights to nothing")
+        check_at_most("sigma-shift", self.sigma_shift, 100.0, "training would see no noise level but the highest")
 
     def learning_rate_at(self, step: int) -> float:
         """Flow matching's: linear warm-up, then cosine from the peak down to a tenth of it."""
@@ -215,11 +234,51 @@ class Checkpoint:
     """``DIR/state.safetensors`` (weights, EMA, AdamW moments, earlier phases' weights) + ``DIR/state.json``
     (phase, step, config, losses)."""
 
+    FILES = frozenset({"state.json", "state.safetensors"})
+
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
 
+    def check_path(self, out: Path) -> None:
+        """Refuse a path that is not free for a checkpoint: one that would replace or sit inside the
+        output, the working folder or an input, or an existing folder that is not a checkpoint of
+        tempflow's (its saves replace the folder, and a finished run deletes it)."""
+        if within(self.path.resolve(), out.resolve()):
+            raise TempflowError(f"--checkpoint {self.path} lies inside --out {out}; keep it beside, e.g. {default_checkpoint(out)}")
+        check_out_free(self.path, overwrite=True, inputs=(out,))
+        if (self.path.exists() or self.path.is_symlink()) and not self.is_ours():
+            held = sorted(p.name for p in self.path.iterdir())[:3] if self.path.is_dir() else []
+            raise TempflowError(
+                f"--checkpoint {self.path} exists and is not a tempflow pretraining checkpoint"
+                f"{' (it holds ' + ', '.join(held) + ')' if held else ''}; tempflow writes and deletes only its own "
+                f"checkpoints: give a new path such as {default_checkpoint(out)}"
+            )
+
+    def is_ours(self) -> bool:
+        """A real folder holding only a checkpoint's files, its state.json naming a checkpoint format."""
+        if self.path.is_symlink() or not self.path.is_dir():
+            return False
+        if not {p.name for p in self.path.iterdir()} <= self.FILES or not (self.path / "state.json").is_file():
+            return False
+        try:
+            info = loads_json((self.path / "state.json").read_bytes())
+        except (ValueError, OSError):
+            return False
+        return isinstance(info, dict) and str(info.get("format", "")).startswith("tempflow.pretrain-checkpoint/")
+
+    def remove(self) -> None:
+        """Delete the checkpoint once its run is complete; anything that is not one stays."""
+        if self.is_ours():
+            for name in self.FILES:
+                (self.path / name).unlink(missing_ok=True)
+            self.path.rmdir()
+
     def save(self, phase: Phase, config: PretrainConfig) -> None:
         from safetensors.torch import save_file
+
+        if self.path.exists() and not self.is_ours():
+            raise TempflowError(f"--checkpoint {self.path} was replaced by something else while pretraining ran; "
+                                "stopped rather than delete it")
 
         names = list(phase.params)
         tensors = {f"param/{n}": t.detach().cpu().contiguous() for n, t in phase.params.items()}
@@ -236,16 +295,16 @@ class Checkpoint:
 
     def load(self, config: PretrainConfig) -> dict[str, Any] | None:
         """The saved state if it belongs to this config, else None (a stale checkpoint is ignored)."""
-        from safetensors.torch import load_file
-
         info_path = self.path / "state.json"
         if not info_path.is_file():
             return None
         try:
-            info = json.loads(info_path.read_text())
-            tensors = load_file(self.path / "state.safetensors")
-        except (OSError, ValueError, json.JSONDecodeError):
-            raise TempflowError(f"{self.path}: pretraining checkpoint is damaged; delete it to start over") from None
+            info = read_json(info_path, "a pretraining checkpoint's state")
+            tensors = load_safetensors(self.path / "state.safetensors")
+        except TempflowError as err:
+            raise TempflowError(f"{self.path}: pretraining checkpoint is damaged ({err}); delete it to start over") from None
+        if not isinstance(info, dict):
+            raise TempflowError(f"{self.path}: pretraining checkpoint is damaged (state.json is not an object); delete it to start over")
         if (info.get("format") != CHECKPOINT_FORMAT or info.get("config") != asdict(config)
                 or info.get("phase") not in PHASES):
             return None
@@ -255,13 +314,15 @@ class Checkpoint:
     def restore(self, state: dict[str, Any], phase: Phase) -> None:
         """Put a saved state of ``phase`` back into its weights, EMA and optimizer."""
         tensors, names = state["tensors"], list(phase.params)
+        wanted = {**{f"param/{n}": p for n, p in phase.params.items()}, **{f"ema/{n}": t for n, t in phase.ema.items()},
+                  **{f"frozen/{n}": p for n, p in phase.frozen.items()}}
+        for key, target in wanted.items():
+            if key not in tensors or tensors[key].shape != target.shape or not torch.isfinite(tensors[key]).all():
+                raise TempflowError(f"{self.path}: pretraining checkpoint is damaged ({key} is missing, misshapen or "
+                                    "not finite); delete it to start over")
         with torch.no_grad():
-            for n, p in phase.params.items():
-                p.copy_(tensors[f"param/{n}"])
-            for n, t in phase.ema.items():
-                t.copy_(tensors[f"ema/{n}"])
-            for n, p in phase.frozen.items():
-                p.copy_(tensors[f"frozen/{n}"])
+            for key, target in wanted.items():
+                target.copy_(tensors[key])
         adam: dict[int, dict[str, Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("adam/"):
@@ -290,6 +351,7 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
     out = Path(out)
     check_out_free(out, overwrite)
     ckpt = Checkpoint(checkpoint or default_checkpoint(out))
+    ckpt.check_path(out)
     policy = build_policy(config.preset, config.seed, {"image_size": config.image_size})
     assert isinstance(policy, TinyPolicy)
     policy.to(device)
@@ -333,10 +395,7 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
     with atomic_output(out, overwrite=overwrite) as tmp:
         save_policy(policy, tmp, record)
         write_json(tmp / "pretrain.json", report)
-    if ckpt.path.exists():
-        import shutil
-
-        shutil.rmtree(ckpt.path, ignore_errors=True)
+    ckpt.remove()
     images = (config.steps - resumed_from) * config.batch_size + autoencoder_images
     return PretrainResult(steps=config.steps, resumed_from=resumed_from, final_loss=report["final_loss"],
                           seconds=seconds, images=images,
@@ -390,7 +449,12 @@ PROGRESS_TASKS = {"autoencoder": "autoencoder", "flow": "pretrain"}
 def _optimize(phase: Phase, loss: Tensor) -> float:
     phase.optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(list(phase.params.values()), 1.0)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(phase.params.values()), 1.0)
+    if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        raise TempflowError(
+            f"pretrain: {phase.name} step {phase.step + 1}: loss {float(loss):g}, gradient norm {float(grad_norm):g}; "
+            "stopped before the weights became non-finite (the last checkpoint is kept). Lower the learning rate"
+        )
     phase.optimizer.step()
     return float(loss.detach())
 

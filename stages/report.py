@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -26,9 +27,12 @@ def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
     rows, nfe = [], 0
     for i, path in enumerate(sorted(metrics_files, key=natural_key)):
         metrics = read_json(path, "a metrics.json written by `tempflow update`")
-        missing = [f for f in CURVE_FIELDS if f not in metrics]
+        missing = [f for f in CURVE_FIELDS if f not in metrics] if isinstance(metrics, dict) else list(CURVE_FIELDS)
         if missing:
             raise TempflowError(f"{path}: not update metrics (missing {', '.join(missing)})")
+        not_numbers = [f for f in CURVE_FIELDS if not _is_number(metrics[f])]
+        if not_numbers:
+            raise TempflowError(f"{path}: {', '.join(not_numbers)} not numbers; not update metrics written by `tempflow update`")
         nfe += metrics["rollout_nfe"]
         rows.append({"iteration": i, "name": path.stem, "nfe": nfe, **{f: metrics[f] for f in CURVE_FIELDS}})
     return rows
@@ -39,12 +43,26 @@ def read_evals(evals: dict[str, Path]) -> dict[str, dict[str, Any]]:
     out = {}
     for name, folder in evals.items():
         metrics = read_json(Path(folder) / "metrics.json", "the metrics.json of `tempflow eval`")
-        if not {"reward", "strict", "per_task", "policy"} <= set(metrics):
+        if not _is_eval_metrics(metrics):
             raise TempflowError(f"{folder}/metrics.json: not eval metrics (written by `tempflow eval`)")
         out[name] = {"reward": metrics["reward"], "strict": metrics["strict"], "step": metrics["policy"]["step"],
                      "identity": metrics["policy"].get("identity"),
                      "per_task": {t: v["strict"] for t, v in metrics["per_task"].items()}}
     return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_eval_metrics(metrics: Any) -> bool:
+    """The fields a report reads, of the types `tempflow eval` writes."""
+    if not isinstance(metrics, dict) or not {"reward", "strict", "per_task", "policy"} <= set(metrics):
+        return False
+    policy, per_task = metrics["policy"], metrics["per_task"]
+    return (_is_number(metrics["reward"]) and _is_number(metrics["strict"]) and isinstance(policy, dict)
+            and isinstance(policy.get("step"), int) and isinstance(per_task, dict)
+            and all(isinstance(v, dict) and _is_number(v.get("strict")) for v in per_task.values()))
 
 
 def eval_folders(folder: Path) -> dict[str, Path]:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import importlib
 import io
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from stages.artifacts import check_rewards
 from stages.errors import TempflowError
 from stages.shapes import shapes_reward, shapes_strict
 
@@ -76,17 +78,26 @@ def parse_reward_spec(text: str) -> RewardSpec:
             pass
     if not np.isfinite(weight):
         raise TempflowError(f"reward {text!r}: weight must be a finite number")
-    if text not in REWARDS and ":" not in text:
+    if text not in REWARDS and not _PLUGIN.match(text):
         raise TempflowError(
-            f"unknown reward {text!r}; choose one of {', '.join(REWARDS)} or give module:function"
+            f"unknown reward {text!r}; choose one of {', '.join(REWARDS)} or give a plugin as module:function "
+            "(e.g. my_rewards:brightness)"
         )
     return RewardSpec(text, weight)
 
 
+_PLUGIN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+"""A plugin reward's name: a dotted module path, a colon, a function name. Only such a name, and
+never a built-in's, is imported."""
+
+
 def resolve_reward(spec: RewardSpec) -> RewardFn:
-    """The callable behind a spec; user rewards are imported here (``module:function``)."""
+    """The callable behind a spec. A plugin (``module:function``) is imported here, which runs the
+    module's code: a plugin reward is code you run, like any Python you import."""
     if spec.name in REWARDS:
         return REWARDS[spec.name]
+    if not _PLUGIN.match(spec.name):
+        raise TempflowError(f"reward {spec.name!r} is neither a built-in nor module:function")
     module_name, _, attr = spec.name.partition(":")
     try:
         module = importlib.import_module(module_name)
@@ -108,10 +119,5 @@ def call_reward(spec: RewardSpec, fn: RewardFn, images: np.ndarray, prompts: lis
         raise TempflowError(f"reward {spec.name} did not return numbers ({err})") from None
     if values.shape[0] != len(keys):
         raise TempflowError(f"reward {spec.name} returned {values.shape[0]} scores for {len(keys)} images")
-    bad = ~np.isfinite(values)
-    if bad.any():
-        raise TempflowError(
-            f"reward {spec.name} returned NaN or infinite scores ({int(bad.sum())}, first for sample "
-            f"{keys[int(np.argmax(bad))]}); fix the reward function"
-        )
+    check_rewards(values, keys, f"reward {spec.name}")
     return values

@@ -43,6 +43,7 @@ from stages.artifacts import (
 from stages.errors import TempflowError
 from stages.flow import make_sigmas, ode_step, sde_step
 from stages.policy import Cond, Policy, index_cond
+from stages.limits import check_at_most, check_memory
 from stages.progress import Progress, no_progress
 
 ALGORITHMS = {
@@ -105,8 +106,28 @@ class RolloutConfig:
                 f"flow-grpo-fast: window {self.window} does not fit in the first half of {self.num_steps} steps; "
                 "use a smaller --window or more --num-steps"
             )
+        self._check_limits()
         self.branch_steps = str(self.branch_steps).replace(" ", "")
         self.resolve_branch_steps()  # validates the spec
+        sigmas = make_sigmas(self.num_steps, self.shift)
+        if not bool((sigmas[:-1] > sigmas[1:]).all()):
+            raise TempflowError(f"--shift {self.shift:g} with {self.num_steps} steps gives equal neighbouring "
+                                "sigmas in float32 (a step with no noise to learn from); use a shift nearer 3")
+
+    def _check_limits(self) -> None:
+        """Upper bounds: each says what a larger value would cost."""
+        check_at_most("num-steps", self.num_steps, 1000, "every trajectory makes one forward pass per step")
+        check_at_most("shift", self.shift, 100.0, "the schedule would leave no noise in all but the last step")
+        check_at_most("noise-level", self.noise_level, 10.0, "the SDE's noise would swamp the velocity")
+        if self.noise_level < 1e-3:
+            raise TempflowError(f"--noise-level {self.noise_level:g} is below 1e-3: the SDE's std underflows "
+                                "float32 and its log-probs are not finite (Flow-GRPO uses 0.7)")
+        check_at_most("seeds-per-prompt", self.seeds_per_prompt, 4096, "each seed is one more trajectory per prompt")
+        check_at_most("branches", self.branches, 1024, "each branch step holds K x batch states in memory and "
+                      "finishing them costs K forward passes per remaining step (the papers use K = 4-6)")
+        check_at_most("batch-size", self.batch_size, 65536, "one forward pass would hold that many states and their activations")
+        check_at_most("samples-per-shard", self.samples_per_shard, 10**6, "a shard is written and hashed whole")
+        check_at_most("prompts-per-rollout", self.prompts_per_rollout, 10**7, "every prompt's embedding is held in memory")
 
     def resolve_branch_steps(self) -> list[int]:
         """The branch set B for this rollout, a sorted subset of 0..T-2."""
@@ -211,6 +232,13 @@ class _Sampler:
         """Velocity for states ``x`` at sigma indices ``at`` (one per row)."""
         device = self.policy.device
         v = self.policy.velocity(x.to(device), self.sigmas[at].to(device), index_cond(self.cond_all, prompt_index))
+        if not torch.isfinite(v).all():
+            row = int((~torch.isfinite(v)).flatten(1).any(1).nonzero()[0])
+            raise TempflowError(
+                f"the policy's velocity is NaN or infinite at step {int(at[row])} for prompt "
+                f"{self.prompts[prompt_index[row]]!r}; its weights are broken (was it trained at too high a "
+                "learning rate?). Nothing was written"
+            )
         self.nfe += x.shape[0]
         self.progress("rollout", x.shape[0], self.total_nfe)
         return v.cpu()
@@ -226,6 +254,10 @@ class _Sampler:
     def write(self, traj: Trajectory, step: int, branch: int, state: Tensor, nxt: Tensor, log_prob: float,
               group: str, image: np.ndarray | None, image_key: str | None = None) -> str:
         key = f"p{traj.prompt_index:05d}_s{traj.seed_index:03d}_k{step:03d}_b{branch:02d}"
+        if not (math.isfinite(log_prob) and torch.isfinite(state).all() and torch.isfinite(nxt).all()):
+            raise TempflowError(f"sample {key} (step {step}): its log-prob or states are NaN or infinite; nothing "
+                                f"was written. Check --shift ({self.config.shift:g}) and --noise-level "
+                                f"({self.config.noise_level:g}), or the policy's weights")
         meta = {
             "prompt": self.prompts[traj.prompt_index], "prompt_index": traj.prompt_index,
             "seed": traj.seed, "seed_index": traj.seed_index, "group": group, "step": step, "branch": branch,
@@ -357,6 +389,10 @@ def run_rollout(
     check_out_free(out, overwrite, inputs)
     if not prompts:
         raise TempflowError("no prompts to roll out")
+    state_bytes = 4 * math.prod(policy.sample_shape)
+    pending = config.batch_size * (config.branches + 2) if config.algo == "tempflow" else config.batch_size * config.num_steps
+    check_memory(f"--batch-size {config.batch_size} with --branches {config.branches}", 3 * pending * state_bytes,
+                 "lower --batch-size or --branches")
     prompts = select_prompts(prompts, config)
     trajs = _trajectories(config, len(prompts))
     total = planned_nfe(config, len(prompts))

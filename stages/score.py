@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.artifacts import atomic_output, check_out_free, iter_rollout, manifest_hash, read_manifest, write_scores
+from stages.artifacts import Rollout, atomic_output, check_meta, check_out_free, check_rewards, write_scores
 from stages.errors import TempflowError
 from stages.progress import Progress, no_progress
 from stages.rewards import RewardSpec, call_reward, resolve_reward
@@ -33,7 +33,7 @@ def run_score(
 
     Samples that share a trajectory's image (``image_key`` in their meta) get that image's rewards.
     """
-    check_out_free(out, overwrite, inputs=(rollout,))
+    check_out_free(out, overwrite, inputs=(rollout,), kind="file")
     if not specs:
         raise TempflowError("no reward given; pass --reward NAME[:WEIGHT] at least once")
     if len({s.column for s in specs}) != len(specs):
@@ -41,9 +41,36 @@ def run_score(
     if batch_size < 1:
         raise TempflowError(f"batch-size must be >= 1 (got {batch_size})")
     rollout = Path(rollout)
-    manifest = read_manifest(rollout)
-    fns = [resolve_reward(s) for s in specs]
+    with Rollout(rollout) as opened:
+        fns = [resolve_reward(s) for s in specs]
+        keys, image_of, scored = _score_images(opened, specs, fns, batch_size, progress)
+        manifest_sha256 = opened.manifest_sha256
 
+    components = np.stack([scored[image_of[k]] for k in keys])  # (N, R)
+    weights = np.asarray([s.weight for s in specs])
+    total = components @ weights
+    check_rewards(total, keys, f"the weighted total of {', '.join(s.name for s in specs)}")
+    columns = {s.column: components[:, i] for i, s in enumerate(specs)}
+    meta = {
+        "rewards": [asdict(s) for s in specs],
+        "rollout": str(rollout),
+        "rollout_manifest_sha256": manifest_sha256,
+    }
+    with atomic_output(out, overwrite=overwrite, inputs=(rollout,), kind="file") as tmp:
+        write_scores(tmp, keys, total, columns, meta)
+
+    named = {"reward": total, **{f"reward_{c}": v for c, v in columns.items()}}
+    return ScoreResult(
+        samples=len(keys), images=len(scored),
+        mean={c: float(v.mean()) for c, v in named.items()}, std={c: float(v.std()) for c, v in named.items()},
+    )
+
+
+def _score_images(rollout: Rollout, specs: list[RewardSpec], fns: list, batch_size: int,
+                  progress: Progress) -> tuple[list[str], dict[str, str], dict[str, np.ndarray]]:
+    """Every sample's key in order, the key of the sample holding its image, and each image's
+    reward components ``(R,)``. Images of one rollout must share one size."""
+    manifest = rollout.manifest
     keys: list[str] = []
     image_of: dict[str, str] = {}  # sample key -> key of the sample holding its image
     scored: dict[str, np.ndarray] = {}  # image key -> (components,)
@@ -58,41 +85,29 @@ def run_score(
         progress("score", len(batch), manifest["samples"])
         batch.clear()
 
-    for sample in iter_rollout(rollout, manifest, fields=("meta.json", "image.png")):
+    size = None
+    for sample in rollout.samples(fields=("meta.json", "image.png")):
         meta = sample.meta
+        check_meta(sample.key, meta, manifest)
         keys.append(sample.key)
         if "image.png" in sample.fields:
+            image = sample.image()
+            size = size or image.shape
+            if image.shape != size:
+                raise TempflowError(f"{sample.where} sample {sample.key}: image is {image.shape[1]}x{image.shape[0]}, "
+                                    f"the rollout's first is {size[1]}x{size[0]}; the rollout is damaged")
             image_of[sample.key] = sample.key
-            batch.append((sample.key, sample.image(), meta["prompt"]))
+            batch.append((sample.key, image, meta["prompt"]))
             if len(batch) == batch_size:
                 flush()
         elif "image_key" in meta:
             image_of[sample.key] = meta["image_key"]
             progress("score", 1, manifest["samples"])
         else:
-            raise TempflowError(f"{rollout}: sample {sample.key} has neither image.png nor image_key; the rollout is damaged")
+            raise TempflowError(f"{rollout.folder}: sample {sample.key} has neither image.png nor image_key; the rollout is damaged")
     if batch:
         flush()
-    if len(keys) != manifest["samples"]:
-        raise TempflowError(f"{rollout}: manifest lists {manifest['samples']} samples, shards hold {len(keys)}")
     missing = sorted({owner for owner in image_of.values() if owner not in scored})
     if missing:
-        raise TempflowError(f"{rollout}: image_key {missing[0]} names no sample with an image; the rollout is damaged")
-
-    components = np.stack([scored[image_of[k]] for k in keys])  # (N, R)
-    weights = np.asarray([s.weight for s in specs])
-    total = components @ weights
-    columns = {s.column: components[:, i] for i, s in enumerate(specs)}
-    meta = {
-        "rewards": [asdict(s) for s in specs],
-        "rollout": str(rollout),
-        "rollout_manifest_sha256": manifest_hash(rollout),
-    }
-    with atomic_output(out, overwrite=overwrite, inputs=(rollout,)) as tmp:
-        write_scores(tmp, keys, total, columns, meta)
-
-    named = {"reward": total, **{f"reward_{c}": v for c, v in columns.items()}}
-    return ScoreResult(
-        samples=len(keys), images=len(scored),
-        mean={c: float(v.mean()) for c, v in named.items()}, std={c: float(v.std()) for c, v in named.items()},
-    )
+        raise TempflowError(f"{rollout.folder}: image_key {missing[0]} names no sample with an image; the rollout is damaged")
+    return keys, image_of, scored

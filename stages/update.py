@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -26,21 +25,22 @@ import torch
 from torch import Tensor
 
 from stages.artifacts import (
-    check_out_free,
+    Rollout,
     Sample,
     atomic_output,
     check_keys_match,
-    iter_rollout,
-    manifest_hash,
-    read_manifest,
+    check_meta,
+    check_out_free,
+    load_safetensors,
+    read_json,
     read_scores,
     seed_group,
-    verify_shards,
     write_json,
 )
 from stages.errors import TempflowError
 from stages.flow import grpo_loss, group_advantages, kl_to_reference, noise_aware_weights, sde_step
-from stages.policy import Policy, PolicyRecord, index_cond, load_policy, read_policy_record, save_policy
+from stages.policy import Cond, Policy, PolicyRecord, index_cond, load_policy, read_policy_record, save_policy
+from stages.limits import check_at_most, check_memory
 from stages.progress import Progress, no_progress
 
 WEIGHTINGS = {
@@ -106,6 +106,16 @@ class UpdateConfig:
                 raise TempflowError(f"{name.replace('_', '-')} must be a finite number (got {getattr(self, name)})")
         if self.beta < 0 or self.weight_decay < 0:
             raise TempflowError("beta and weight-decay must be >= 0")
+        check_at_most("learning-rate", self.learning_rate, 1.0,
+                      "AdamW moves every weight by about the learning rate each step, which wrecks any model past 1")
+        check_at_most("beta", self.beta, 1e3, "the KL term would drown the reward (papers use 0.001-0.04)")
+        check_at_most("weight-decay", self.weight_decay, 1.0, "AdamW would shrink the weights to nothing")
+        check_at_most("clip-range", self.clip_range, 1.0, "a ratio clipped at 1 +- eps >= 1 is not clipped")
+        check_at_most("ratio-tolerance", self.ratio_tolerance, 1.0, "a first-step ratio off by more than 1 is never on-policy")
+        check_at_most("adv-clip", self.adv_clip, 1e3, "normalised advantages past that are outliers, not signal")
+        check_at_most("inner-epochs", self.inner_epochs, 1000, "each pass reads the whole rollout again")
+        check_at_most("batch-size", self.batch_size, 65536, "a batch that size would need its activations many times over in memory")
+        check_at_most("shuffle-buffer", self.shuffle_buffer, 10**7, "the buffer holds that many samples in memory")
 
 
 @dataclass
@@ -138,35 +148,19 @@ def group_label(meta: dict[str, Any], mode: str) -> str:
     return f"p{meta['prompt_index']}-k{meta['step']}"
 
 
-def check_meta(key: str, meta: dict[str, Any], manifest: dict[str, Any]) -> None:
-    """A sample's meta must describe a trainable transition of this manifest's schedule and prompts."""
-    sigmas, prompts = manifest["sigmas"], manifest["prompts"]
-    step, index, log_prob = meta["step"], meta["prompt_index"], meta["log_prob"]
-    problem = None
-    if not isinstance(step, int) or not 0 <= step <= len(sigmas) - 3:
-        problem = f"step {step!r} is not a trainable step 0..{len(sigmas) - 3}"
-    elif not isinstance(index, int) or not 0 <= index < len(prompts) or prompts[index] != meta["prompt"]:
-        problem = f"prompt_index {index!r} does not name its prompt in the manifest"
-    elif (meta["sigma"], meta["sigma_next"]) != (sigmas[step], sigmas[step + 1]):
-        problem = f"sigmas {meta['sigma']}, {meta['sigma_next']} are not step {step}'s of the manifest"
-    elif not isinstance(log_prob, (int, float)) or not math.isfinite(log_prob):
-        problem = f"log_prob {log_prob!r} is not a finite number"
-    if problem:
-        raise TempflowError(f"sample {key}: {problem}; the rollout is damaged or mixed with another one")
-
-
-def plan_update(rollout: Path, manifest: dict, scores_path: Path, config: UpdateConfig) -> Plan:
+def plan_update(rollout: Rollout, scores_path: Path, config: UpdateConfig) -> Plan:
     """Join scores to the rollout by key and compute per-sample advantages and weights."""
+    manifest = rollout.manifest
     columns, score_meta = read_scores(scores_path)
-    if score_meta.get("rollout_manifest_sha256") != manifest_hash(rollout):
+    if score_meta["rollout_manifest_sha256"] != rollout.manifest_sha256:
         raise TempflowError(
-            f"{scores_path} was computed for another rollout than {rollout} (manifest hash differs); "
-            f"run `tempflow score --rollout {rollout}` again"
+            f"{scores_path} was computed for another rollout than {rollout.folder} (manifest hash differs); "
+            f"run `tempflow score --rollout {rollout.folder}` again"
         )
-    metas = {s.key: s.meta for s in iter_rollout(rollout, manifest, fields=("meta.json",), verify=False)}
+    metas = {s.key: s.meta for s in rollout.samples(fields=("meta.json",))}
     for key, meta in metas.items():
         check_meta(key, meta, manifest)
-    check_keys_match(columns["key"], metas, scores_path, rollout)
+    check_keys_match(columns["key"], metas, scores_path, rollout.folder)
     algo = manifest["config"]["algo"]
     if config.adv_group == "seed" and algo != "tempflow":
         raise TempflowError(
@@ -217,8 +211,10 @@ class Batch:
     prompt_index: list[int]
 
 
-def make_batch(samples: list[Sample], plan: Plan) -> Batch:
+def make_batch(samples: list[Sample], plan: Plan, manifest: dict[str, Any]) -> Batch:
     metas = [s.meta for s in samples]
+    for sample, meta in zip(samples, metas):
+        check_meta(sample.key, meta, manifest)
     return Batch(
         state=torch.from_numpy(np.stack([s.array("state.npy") for s in samples])).float(),
         next=torch.from_numpy(np.stack([s.array("next.npy") for s in samples])).float(),
@@ -249,24 +245,27 @@ def save_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: P
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: Path) -> bool:
-    """Restore AdamW moments saved by a previous update; False when the folder has none."""
-    from safetensors.torch import load_file
-
+    """Restore AdamW moments saved by a previous update; False when the folder has none. Every
+    tensor is checked against its parameter (name, shape, finite values) before it is used."""
     if not (folder / OPTIMIZER_JSON).is_file():
         return False
     damaged = f"{folder}: optimizer state is damaged; restore the policy folder or delete {OPTIMIZER_JSON} to start AdamW afresh"
     try:
-        info = json.loads((folder / OPTIMIZER_JSON).read_text())
-        tensors = load_file(folder / OPTIMIZER_TENSORS)
-    except (OSError, ValueError, json.JSONDecodeError):
-        raise TempflowError(damaged) from None
+        info = read_json(folder / OPTIMIZER_JSON, "the optimizer state written by `tempflow update`")
+        tensors = load_safetensors(folder / OPTIMIZER_TENSORS)
+    except TempflowError as err:
+        raise TempflowError(f"{damaged} ({err})") from None
     if not isinstance(info, dict) or info.get("params") != names:
         raise TempflowError(f"{folder}: optimizer state does not match the model's parameters; the policy folder is damaged")
-    if any(flat.rpartition("/")[0] not in names for flat in tensors):
-        raise TempflowError(damaged)
+    params = dict(zip(names, (p for group in optimizer.param_groups for p in group["params"])))
     state: dict[int, dict[str, Tensor]] = {}
     for flat, value in tensors.items():
         name, _, slot = flat.rpartition("/")
+        expected = () if slot == "step" else tuple(params[name].shape) if name in params else None
+        if expected is None or slot not in ("step", "exp_avg", "exp_avg_sq") or tuple(value.shape) != expected:
+            raise TempflowError(f"{damaged} ({flat}: {tuple(value.shape)} does not fit the parameter)")
+        if not value.is_floating_point() or not torch.isfinite(value).all():
+            raise TempflowError(f"{damaged} ({flat} holds non-finite or non-float values)")
         state.setdefault(names.index(name), {})[slot] = value
     groups = optimizer.state_dict()["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
@@ -302,6 +301,7 @@ class Trainer:
         self.params = [p for p in policy.trainable().parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.stats = Stats()
+        self.last: tuple[Tensor, Tensor, Cond] | None = None  # the last batch's inputs, for check_result
 
     def step(self, batch: Batch) -> None:
         cfg, device = self.config, self.policy.device
@@ -327,8 +327,29 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
+        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+            raise TempflowError(
+                f"update step {self.stats.steps + 1}: loss {float(loss):g}, gradient norm {float(grad_norm):g} "
+                f"(policy loss {float(policy_loss):g}, kl {float(kl):g} at --beta {cfg.beta:g}); nothing was "
+                "written. Lower --learning-rate or --beta, or check the policy's weights"
+            )
         self.optimizer.step()
         self._record(loss, policy_loss, kl, ratio, grad_norm)
+        self.last = (state, batch.sigma.to(device), cond)
+
+    @torch.no_grad()
+    def check_result(self) -> None:
+        """The trained weights, and the velocity they give on the last batch, must be finite: a
+        policy that cannot sample is never written."""
+        for name, param in self.policy.trainable().named_parameters():
+            if not torch.isfinite(param).all():
+                raise TempflowError(f"the update made parameter {name} NaN or infinite; nothing was written. "
+                                    f"Lower --learning-rate (now {self.config.learning_rate:g})")
+        if self.last is not None and not torch.isfinite(self.policy.velocity(*self.last)).all():
+            raise TempflowError(
+                f"after the update the policy's velocity is NaN or infinite on its own training samples; nothing "
+                f"was written. Lower --learning-rate (now {self.config.learning_rate:g})"
+            )
 
     def _check_on_policy(self, ratio: Tensor) -> None:
         deviation = float((ratio - 1).abs().max())
@@ -406,7 +427,7 @@ def _load_reference(ref_path: Path, ref_identity: str, policy_dir: Path, device:
     return reference
 
 
-def _train(trainer: Trainer, rollout: Path, manifest: dict, plan: Plan, progress: Progress) -> None:
+def _train(trainer: Trainer, rollout: Rollout, plan: Plan, progress: Progress) -> None:
     """``inner_epochs`` streamed passes over the samples with a non-zero advantage."""
     config = trainer.config
     trainer.policy.trainable().train()
@@ -414,19 +435,20 @@ def _train(trainer: Trainer, rollout: Path, manifest: dict, plan: Plan, progress
     rng = random.Random(config.seed)
     total = plan.active * config.inner_epochs
     for _ in range(config.inner_epochs):
-        active = (s for s in iter_rollout(rollout, manifest, fields=("meta.json", "state.npy", "next.npy"), verify=False)
+        active = (s for s in rollout.samples(fields=("meta.json", "state.npy", "next.npy"))
                   if plan.advantage[s.key] != 0.0)
         batch: list[Sample] = []
         for sample in shuffled(active, config.shuffle_buffer, rng):
             batch.append(sample)
             if len(batch) == config.batch_size:
-                trainer.step(make_batch(batch, plan))
+                trainer.step(make_batch(batch, plan, rollout.manifest))
                 progress("update", len(batch), total)
                 batch = []
         if batch:
-            trainer.step(make_batch(batch, plan))
+            trainer.step(make_batch(batch, plan, rollout.manifest))
             progress("update", len(batch), total)
     trainer.policy.trainable().eval()
+    trainer.check_result()
 
 
 def run_update(
@@ -446,26 +468,22 @@ def run_update(
     inputs = (policy_dir, rollout, scores) + ((reference_dir,) if reference_dir else ())
     check_out_free(out, overwrite, inputs)
     if metrics_path is not None:
-        check_out_free(metrics_path, overwrite, inputs + (out,))
+        check_out_free(metrics_path, overwrite, inputs + (out,), kind="file")
     policy, record = load_policy(policy_dir, device)
-    manifest = read_manifest(rollout)
-    sampled_by = manifest["policy"].get("identity")
-    if sampled_by != record.identity:
-        raise TempflowError(
-            f"{rollout} was sampled by policy {str(sampled_by)[:12]}, but --policy {policy_dir} is "
-            f"{record.identity[:12]}: GRPO trains the policy that sampled; roll out with {policy_dir} first"
-        )
-    verify_shards(rollout, manifest)
-    plan = plan_update(rollout, manifest, scores, config)
-
-    ref_path, ref_identity = _resolve_reference(policy_dir, record, reference_dir)
-    reference = _load_reference(ref_path, ref_identity, policy_dir, device) if config.beta > 0 else None
-    trainer = Trainer(policy, reference, manifest["prompts"], manifest["config"]["noise_level"], config)
-    names = [n for n, p in policy.trainable().named_parameters() if p.requires_grad]
-    resumed = load_optimizer(trainer.optimizer, names, policy_dir)
-    for group in trainer.optimizer.param_groups:  # this update's hyper-parameters win over stored ones
-        group.update(lr=config.learning_rate, weight_decay=config.weight_decay)
-    _train(trainer, rollout, manifest, plan, progress)
+    with Rollout(rollout) as opened:
+        _check_sampled_by(opened, record, policy_dir)
+        check_memory(f"--shuffle-buffer {config.shuffle_buffer}",
+                     3 * config.shuffle_buffer * 4 * math.prod(opened.shape), "lower --shuffle-buffer")
+        plan = plan_update(opened, scores, config)
+        manifest = opened.manifest
+        ref_path, ref_identity = _resolve_reference(policy_dir, record, reference_dir)
+        reference = _load_reference(ref_path, ref_identity, policy_dir, device) if config.beta > 0 else None
+        trainer = Trainer(policy, reference, manifest["prompts"], manifest["config"]["noise_level"], config)
+        names = [n for n, p in policy.trainable().named_parameters() if p.requires_grad]
+        resumed = load_optimizer(trainer.optimizer, names, policy_dir)
+        for group in trainer.optimizer.param_groups:  # this update's hyper-parameters win over stored ones
+            group.update(lr=config.learning_rate, weight_decay=config.weight_decay)
+        _train(trainer, opened, plan, progress)
 
     metrics = {
         "step": record.step + 1,
@@ -483,7 +501,7 @@ def run_update(
         **trainer.metrics(),
     }
     provenance = {"config": asdict(config), "policy": str(policy_dir), "rollout": str(rollout),
-                  "rollout_manifest_sha256": manifest_hash(rollout), "scores": str(scores)}
+                  "rollout_manifest_sha256": opened.manifest_sha256, "scores": str(scores)}
     new_record = PolicyRecord(
         kind=record.kind, model=record.model, step=record.step + 1,
         reference={"path": os.path.relpath(ref_path, out), "identity": ref_identity},
@@ -494,6 +512,15 @@ def run_update(
         write_json(tmp / "metrics.json", metrics)
         write_json(tmp / "update.json", provenance)
     if metrics_path is not None:
-        with atomic_output(metrics_path, overwrite=overwrite, inputs=inputs) as tmp:
+        with atomic_output(metrics_path, overwrite=overwrite, inputs=inputs, kind="file") as tmp:
             write_json(tmp, metrics)
     return UpdateResult(metrics=metrics)
+
+
+def _check_sampled_by(rollout: Rollout, record: PolicyRecord, policy_dir: Path) -> None:
+    sampled_by = rollout.manifest["policy"]["identity"]
+    if sampled_by != record.identity:
+        raise TempflowError(
+            f"{rollout.folder} was sampled by policy {sampled_by[:12]}, but --policy {policy_dir} is "
+            f"{record.identity[:12]}: GRPO trains the policy that sampled; roll out with {policy_dir} first"
+        )

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections import Counter
@@ -34,11 +35,45 @@ OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT if it ex
 DEVICE = click.option("--device", default="cpu", show_default=True, help="torch device to run the model on, e.g. cuda:0.")
 
 
+OUTPUT_KINDS = {"score": {"out": "file"}, "update": {"out": "dir", "metrics_path": "file"}}
+"""What each command writes, by option: a folder unless said here; ``--checkpoint`` is pretrain's own."""
+OUTPUT_OPTIONS = ("out", "metrics_path", "checkpoint")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every partial output is removed on the way out."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StageCommand(click.Command):
+    """Runs a stage with every path it reads protected: an output that would replace, or lie inside,
+    any input (whatever option names it) is refused before any work, and again when it is written."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        from stages.artifacts import check_out_free, protected_inputs
+
+        paths = {p.name: ctx.params.get(p.name) for p in self.params if isinstance(p.type, click.Path)}
+        inputs = tuple(v for name, v in paths.items() if v is not None and name not in OUTPUT_OPTIONS)
+        kinds = {"out": "dir", **OUTPUT_KINDS.get(self.name or "", {})}
+        outputs = {paths[name]: kind for name, kind in kinds.items() if paths.get(name) is not None}
+        for path, kind in outputs.items():
+            folders = tuple(other for other, k in outputs.items() if other != path and k == "dir")
+            check_out_free(path, bool(ctx.params.get("overwrite")), inputs + folders, kind)
+        with protected_inputs(inputs):
+            return super().invoke(ctx)
+
+
 class TempflowGroup(click.Group):
     """Turns user errors into one line on stderr and a non-zero exit; --debug keeps the traceback."""
 
+    command_class = StageCommand
+
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
         extra.pop("standalone_mode", None)
+        previous = _on_sigterm_raise()
         try:
             code = super().main(args=args, prog_name=prog_name or "tempflow", standalone_mode=False, **extra)
         except click.exceptions.NoArgsIsHelpError as err:  # bare `tempflow`: the help is the answer
@@ -54,19 +89,50 @@ class TempflowGroup(click.Group):
         except click.Abort:
             click.echo("aborted", err=True)
             sys.exit(1)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
+        from stages.artifacts import committed_outputs
+
+        committed = len(committed_outputs())
         try:
             return super().invoke(ctx)
-        except TempflowError as err:
+        except (TempflowError, OSError, MemoryError) as err:
             if ctx.params.get("debug"):
                 raise
-            click.echo(f"error: {err}", err=True)
+            click.echo(f"error: {_error_line(err)}", err=True)
             ctx.exit(1)
-        except KeyboardInterrupt:
-            click.echo("interrupted: the stage's output was not written; run it again", err=True)
-            ctx.exit(130)
+        except KeyboardInterrupt as err:
+            kept = committed_outputs()[committed:]
+            done = f"{', '.join(map(str, kept))} was written, the rest was not" if kept else "the stage's output was not written"
+            click.echo(f"interrupted: {done}; run it again", err=True)
+            ctx.exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT))
+
+
+def _error_line(err: BaseException) -> str:
+    from stages.errors import os_error_line
+
+    if isinstance(err, OSError):
+        return os_error_line(err)
+    if isinstance(err, MemoryError):
+        return "out of memory; lower --batch-size (or the sizes of the model or rollout)"
+    return " ".join(str(err).split())  # one line, whatever the message held
+
+
+def _on_sigterm_raise() -> Any:
+    """Make SIGTERM raise :class:`Interrupted` (main thread only); returns the handler it replaced."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise Interrupted(signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 @click.group(cls=TempflowGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -81,7 +81,8 @@ def _scored(policy_dir: Path, tmp_path: Path, name: str = "r", **overrides) -> t
 
 
 def _partials(out: Path) -> list[Path]:
-    return sorted(out.parent.glob(f".{out.name}.partial-*"))
+    """Unfinished outputs beside ``out``: the slots of stages.artifacts (and the old naming scheme)."""
+    return sorted((out.parent / ".tempflow-partial").glob("*")) + sorted(out.parent.glob(f".{out.name}.partial-*"))
 
 
 def _assert_refused(result, out: Path, *words: str) -> str:
@@ -588,26 +589,40 @@ def test_interrupted_update_leaves_nothing_and_rerun_succeeds(policy_dir, tmp_pa
 
 
 def test_leftovers_of_a_killed_run_are_cleared(policy_dir, prompts_file, tmp_path):
-    """A stale .OUT.partial-PID of a dead process is removed by the rerun, which succeeds; a live one is kept."""
-    dead = _dead_pid()
-    out = tmp_path / "r"
-    stale = tmp_path / f".r.partial-{dead}"
-    stale.mkdir()
-    (stale / "shard-000000.tar").write_bytes(b"half a shard")
-    live = tmp_path / f".r.partial-{os.getppid()}"  # another process that is still running
-    live.mkdir()
-    result = invoke("rollout", "--policy", policy_dir, "--prompts", prompts_file, "--out", out, "--num-steps", 3)
-    assert result.exit_code == 0, result.output
-    assert not stale.exists()
-    assert live.exists(), "the partial output of a live process was deleted"
-    assert _manifest(out)["samples"] == len(_read_rollout(out))
+    """Slots nobody holds (any name, any PID in it, even a live one's) are removed by the next stage
+    writing beside them, which succeeds; a slot a live process holds is kept."""
+    import subprocess
+    import sys
 
+    slots = tmp_path / ".tempflow-partial"
+    abandoned = [slots / f"{_dead_pid()}-0000abcd", slots / f"{os.getppid()}-1234abcd", slots / "whatever"]
+    for slot in abandoned:
+        (slot / "new").mkdir(parents=True)
+        (slot / "new" / "shard-000000.tar").write_bytes(b"half a shard")
+    held = slots / f"{os.getpid()}-held"
+    held.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+        import fcntl, os, sys, time
+        fd = os.open(sys.argv[1], os.O_RDONLY)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("held", flush=True)
+        time.sleep(120)
+    """), str(held)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        out = tmp_path / "r"
+        result = invoke("rollout", "--policy", policy_dir, "--prompts", prompts_file, "--out", out, "--num-steps", 3)
+        assert result.exit_code == 0, result.output
+        assert not any(slot.exists() for slot in abandoned)
+        assert held.is_dir(), "the slot of a live process was deleted"
+        assert _manifest(out)["samples"] == len(_read_rollout(out))
+    finally:
+        holder.kill()
+        holder.wait()
     scores = tmp_path / "s.parquet"
-    stale_file = tmp_path / f".s.parquet.partial-{dead}"
-    stale_file.write_bytes(b"PAR1 half")
-    result = _score_cli(out, scores)
+    result = _score_cli(tmp_path / "r", scores)
     assert result.exit_code == 0, result.output
-    assert not stale_file.exists() and scores.is_file()
+    assert not slots.exists() and scores.is_file()
 
 
 @pytest.mark.parametrize("stage", ["rollout", "score", "update"])

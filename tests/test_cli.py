@@ -73,7 +73,8 @@ def test_missing_files_are_named(tmp_path, prompts_file, policy_dir):
     assert r.exit_code == 1 and "no prompts" in _one_error_line(r)
     r = invoke("score", "--rollout", tmp_path / "gone", "--reward", "jpeg_compressibility", "--out", tmp_path / "s")
     assert r.exit_code == 1 and "gone" in _one_error_line(r)
-    r = invoke("report", "--metrics-dir", tmp_path, "--out", tmp_path / "rep")
+    (tmp_path / "metrics").mkdir()
+    r = invoke("report", "--metrics-dir", tmp_path / "metrics", "--out", tmp_path / "rep")
     assert r.exit_code == 1 and "metrics" in _one_error_line(r)
 
 

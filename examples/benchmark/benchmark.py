@@ -200,7 +200,7 @@ class RunStore:
         return saved["curve"] if saved.get("key") == self.key else None
 
     def save(self, name: str, seed: int, curve: list[dict[str, Any]]) -> None:
-        with atomic_output(self.path(name, seed), overwrite=True) as tmp:
+        with atomic_output(self.path(name, seed), overwrite=True, kind="file") as tmp:
             tmp.write_text(json.dumps({"key": self.key, "curve": curve}, indent=1, default=float) + "\n")
 
 

@@ -1,0 +1,34 @@
+"""Upper bounds on sizes and rates: a value past them would exhaust memory or time, or wreck a model,
+so the stage refuses it up front, in one line that says what it would have cost."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from stages.errors import TempflowError
+
+
+def check_at_most(option: str, value: float, limit: float, why: str) -> None:
+    """Refuse ``--option value`` above ``limit``; ``why`` says what such a value would cost."""
+    if not (isinstance(value, int) or math.isfinite(value)) or value > limit:
+        raise TempflowError(f"--{option} {value:g} is above the limit {limit:g}: {why}")
+
+
+def machine_memory() -> int:
+    """Bytes of physical memory on this machine (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def check_memory(what: str, needed: int, fix: str) -> None:
+    """Refuse work whose buffers alone (``needed`` bytes) exceed this machine's memory."""
+    total = machine_memory()
+    if total and needed > total:
+        raise TempflowError(f"{what} would hold {gib(needed)} in memory, more than this machine's {gib(total)}; {fix}")
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.3g} GiB"
