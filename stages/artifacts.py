@@ -102,22 +102,24 @@ def within(path: Path, folder: Path) -> bool:
 
 
 def check_out_free(path: Path | str, overwrite: bool, inputs: tuple[Path | str, ...] = (),
-                   kind: str = "dir") -> None:
+                   kind: str = "dir", outputs: tuple[Path | str, ...] = ()) -> None:
     """Fail before any work is done when ``path`` may not become a stage's output (a ``kind``:
     ``dir`` or ``file``): it exists and may not be replaced, or is of the other kind; replacing it
-    would delete the working folder, a parent, or an input; or it lies inside an input."""
+    would delete the working folder, a parent, an input or another of the stage's ``outputs``; or it
+    lies inside one of them."""
     path = Path(path)
     resolved, cwd = path.resolve(), Path.cwd().resolve()
     if path.name in ("", ".", "..") or resolved == cwd or resolved in cwd.parents:
         raise TempflowError(f"--out {path} is the working folder or one of its parents; give a new path such as runs/out")
     if PARTIALS in path.parts:
         raise TempflowError(f"{path}: {PARTIALS} folders hold tempflow's unfinished outputs; choose another path")
-    for given in (*inputs, *_PROTECTED.get()):
-        inp = Path(given).resolve()
-        if within(inp, resolved):
-            raise TempflowError(f"{path} would replace the input {given}; choose another output path")
-        if not inp.is_file() and within(resolved, inp):  # a folder, or one a stage is yet to write
-            raise TempflowError(f"{path} lies inside the input {given}; write outputs outside the folders a stage reads")
+    named = [(p, "the input") for p in (*inputs, *_PROTECTED.get())] + [(p, "the stage's other output") for p in outputs]
+    for given, what in named:
+        other = Path(given).resolve()
+        if within(other, resolved):
+            raise TempflowError(f"{path} would replace {what} {given}; choose another path")
+        if not other.is_file() and within(resolved, other):  # a folder, or one the stage is yet to write
+            raise TempflowError(f"{path} lies inside {what} {given}; write it outside the folders a stage reads or writes")
     exists = path.exists() or path.is_symlink()
     if exists and not overwrite:
         raise TempflowError(f"{path} already exists; remove it, choose another path, or pass --overwrite")

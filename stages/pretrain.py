@@ -245,7 +245,7 @@ class Checkpoint:
         tempflow's (its saves replace the folder, and a finished run deletes it)."""
         if within(self.path.resolve(), out.resolve()):
             raise TempflowError(f"--checkpoint {self.path} lies inside --out {out}; keep it beside, e.g. {default_checkpoint(out)}")
-        check_out_free(self.path, overwrite=True, inputs=(out,))
+        check_out_free(self.path, overwrite=True, outputs=(out,))
         if (self.path.exists() or self.path.is_symlink()) and not self.is_ours():
             held = sorted(p.name for p in self.path.iterdir())[:3] if self.path.is_dir() else []
             raise TempflowError(

@@ -468,7 +468,7 @@ def run_update(
     inputs = (policy_dir, rollout, scores) + ((reference_dir,) if reference_dir else ())
     check_out_free(out, overwrite, inputs)
     if metrics_path is not None:
-        check_out_free(metrics_path, overwrite, inputs + (out,), kind="file")
+        check_out_free(metrics_path, overwrite, inputs, kind="file", outputs=(out,))
     policy, record = load_policy(policy_dir, device)
     with Rollout(rollout) as opened:
         _check_sampled_by(opened, record, policy_dir)

@@ -61,7 +61,7 @@ class StageCommand(click.Command):
         outputs = {paths[name]: kind for name, kind in kinds.items() if paths.get(name) is not None}
         for path, kind in outputs.items():
             folders = tuple(other for other, k in outputs.items() if other != path and k == "dir")
-            check_out_free(path, bool(ctx.params.get("overwrite")), inputs + folders, kind)
+            check_out_free(path, bool(ctx.params.get("overwrite")), inputs, kind, outputs=folders)
         with protected_inputs(inputs):
             return super().invoke(ctx)
 

@@ -42,7 +42,15 @@ def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
 
     try:
         yield report
-    finally:
+    except BaseException:
+        if tasks:  # a failed stage's stderr is its one error line: the half-drawn bar is removed
+            bars.live.transient, quiet, err_console.quiet = True, err_console.quiet, True
+            try:
+                bars.stop()
+            finally:
+                err_console.quiet = quiet
+        raise
+    else:
         if tasks:
             bars.stop()
 
