@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
+import dataclasses
 import errno
 import fcntl
 import functools
@@ -110,7 +111,7 @@ def check_out_free(path: Path | str, overwrite: bool, inputs: tuple[Path | str, 
     path = Path(path)
     resolved, cwd = path.resolve(), Path.cwd().resolve()
     if path.name in ("", ".", "..") or resolved == cwd or resolved in cwd.parents:
-        raise TempflowError(f"--out {path} is the working folder or one of its parents; give a new path such as runs/out")
+        raise TempflowError(f"{path or '.'} is the working folder or one of its parents; give a new path such as runs/out")
     if PARTIALS in path.parts:
         raise TempflowError(f"{path}: {PARTIALS} folders hold tempflow's unfinished outputs; choose another path")
     named = [(p, "the input") for p in (*inputs, *_PROTECTED.get())] + [(p, "the stage's other output") for p in outputs]
@@ -543,8 +544,8 @@ def check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
     for key in ("shards", "samples", "config", "policy", "nfe", "prompts", "sigmas", "sample_shape"):
         if key not in manifest:
             raise TempflowError(f"{where}: missing {key!r}; the manifest is damaged")
-    if not _is_int(manifest["samples"]) or manifest["samples"] < 0:
-        raise bad("samples", "a count")
+    if not _is_int(manifest["samples"]) or manifest["samples"] < 1:
+        raise bad("samples", "a count of at least 1 (a rollout always holds samples)")
     if not _is_int(manifest["nfe"]) or manifest["nfe"] < 0:
         raise bad("nfe", "a count")
     if not isinstance(manifest["policy"], dict) or not isinstance(manifest["policy"].get("identity"), str):
@@ -571,6 +572,9 @@ def _manifest_config(config: Any, where: Path):
 
     if not isinstance(config, dict):
         raise TempflowError(f"{where}: config is not an object; the manifest is damaged")
+    missing = [f.name for f in dataclasses.fields(RolloutConfig) if f.name not in config]
+    if missing:
+        raise TempflowError(f"{where}: config lacks {', '.join(missing)}; the manifest is damaged")
     try:
         return RolloutConfig(**config)
     except TypeError as err:
@@ -646,7 +650,7 @@ class Rollout:
         """Every sample, shard by shard, in the order written; memory holds one sample at a time.
         Each is checked to carry the required fields; ``fields`` are read, the others skipped."""
         wanted = tuple(SAMPLE_FIELDS if fields is None else fields)
-        count = 0
+        seen: set[str] = set()
         for shard, handle in zip(self.manifest["shards"], self._files):
             handle.seek(0)
             reader = _HashingReader(handle)
@@ -654,13 +658,15 @@ class Rollout:
                 missing = [f for f in REQUIRED_FIELDS if f not in sample.present]
                 if missing:
                     raise TempflowError(f"{sample.where}: sample {sample.key} lacks {', '.join(missing)}; the rollout is damaged")
-                count += 1
+                if sample.key in seen:
+                    raise TempflowError(f"{sample.where}: sample {sample.key} also appears in an earlier shard; the rollout is damaged")
+                seen.add(sample.key)
                 yield sample
             if reader.finish() != shard["sha256"]:
                 raise TempflowError(f"{self.folder / shard['name']}: changed while it was being read; "
                                     "nothing was written, run the stage again once the rollout is complete")
-        if count != self.manifest["samples"]:
-            raise TempflowError(f"{self.folder}: manifest lists {self.manifest['samples']} samples, shards hold {count}")
+        if len(seen) != self.manifest["samples"]:
+            raise TempflowError(f"{self.folder}: manifest lists {self.manifest['samples']} samples, shards hold {len(seen)}")
 
     def close(self) -> None:
         for handle in self._files:
@@ -820,7 +826,27 @@ def read_scores(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]
                                 "re-run `tempflow score`")
         columns[name] = table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
         check_rewards(columns[name], columns["key"], f"{path} column {name!r}")
+    _check_weighted_sum(columns, meta, path)
     return columns, meta
+
+
+def _check_weighted_sum(columns: dict[str, np.ndarray], meta: dict[str, Any], path: Path) -> None:
+    """``reward`` must be the weighted sum of the components the metadata names: an edited column
+    would otherwise train on a reward nobody asked for."""
+    rewards = meta.get("rewards")
+    if not isinstance(rewards, list) or not rewards or not all(
+            isinstance(r, dict) and isinstance(r.get("name"), str) and _is_number(r.get("weight")) for r in rewards):
+        raise TempflowError(f"{path}: scores metadata lists no rewards with weights; re-run `tempflow score`")
+    total = np.zeros_like(columns["reward"])
+    for reward in rewards:
+        column = "reward_" + reward["name"].replace(":", ".")
+        if column not in columns:
+            raise TempflowError(f"{path}: the metadata names reward {reward['name']} but there is no {column} column")
+        total += reward["weight"] * columns[column]
+    off = np.abs(total - columns["reward"]) > 1e-9 * np.maximum(1.0, np.abs(total))
+    if off.any():
+        raise TempflowError(f"{path}: 'reward' is not the weighted sum of its components (first at key "
+                            f"{columns['key'][int(np.argmax(off))]}); re-run `tempflow score`")
 
 
 def _scores_meta(table: Any, path: Path) -> dict[str, Any]:

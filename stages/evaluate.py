@@ -20,7 +20,7 @@ from stages.artifacts import atomic_output, check_out_free, write_json
 from stages.errors import TempflowError
 from stages.flow import make_sigmas, ode_step
 from stages.policy import Policy, load_policy
-from stages.limits import check_at_most
+from stages.limits import check_at_most, check_seed
 from stages.progress import Progress, no_progress
 from stages.rollout import derive_seed, seeded_normal
 
@@ -48,6 +48,7 @@ class EvalConfig:
                 raise TempflowError(f"eval: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if not self.shift > 0 or self.grid_prompts < 0:
             raise TempflowError("eval: --shift must be > 0 and --grid-prompts >= 0")
+        check_seed("seed", self.seed)
         check_at_most("num-steps", self.num_steps, 1000, "every image makes one forward pass per step")
         check_at_most("shift", self.shift, 100.0, "the schedule would spend all but the last step at full noise")
         check_at_most("images-per-prompt", self.images_per_prompt, 1024, "every image is sampled, kept and scored")

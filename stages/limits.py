@@ -12,7 +12,8 @@ from stages.errors import TempflowError
 def check_at_most(option: str, value: float, limit: float, why: str) -> None:
     """Refuse ``--option value`` above ``limit``; ``why`` says what such a value would cost."""
     if not (isinstance(value, int) or math.isfinite(value)) or value > limit:
-        raise TempflowError(f"--{option} {value:g} is above the limit {limit:g}: {why}")
+        shown = value if isinstance(value, int) else f"{value:g}"
+        raise TempflowError(f"--{option} {shown} is above the limit {limit:g}: {why}")
 
 
 def machine_memory() -> int:
@@ -32,3 +33,9 @@ def check_memory(what: str, needed: int, fix: str) -> None:
 
 def gib(n: float) -> str:
     return f"{n / 2**30:.3g} GiB"
+
+
+def check_seed(option: str, seed: int) -> None:
+    """Seeds feed ``torch.manual_seed`` and numpy's generators: 0 .. 2**63 - 1."""
+    if not 0 <= seed < 2**63:
+        raise TempflowError(f"--{option} {seed} is not a seed: use a whole number from 0 to 2**63 - 1")

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.errors import TempflowError
-from stages.limits import check_at_most, gib
+from stages.limits import check_at_most, check_seed, gib
 
 POLICY_FORMAT = "tempflow.policy/1"
 
@@ -465,6 +465,7 @@ def build_policy(preset: str, seed: int, model_overrides: dict[str, Any] | None 
     """A freshly initialised policy of a preset (weights drawn with ``torch.manual_seed(seed)``)."""
     if preset not in PRESETS:
         raise TempflowError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    check_seed("seed", seed)
     torch.manual_seed(seed)
     return TinyPolicy(TinyConfig(**{**PRESET_MODELS[preset], **(model_overrides or {})}))
 

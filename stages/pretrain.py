@@ -46,7 +46,7 @@ from stages.policy import (
     model_config,
     save_policy,
 )
-from stages.limits import check_at_most
+from stages.limits import check_at_most, check_seed
 from stages.progress import Progress, no_progress
 from stages.rollout import derive_seed
 
@@ -108,6 +108,7 @@ class PretrainConfig:
         for name in ("warmup", "checkpoint_every", "autoencoder_steps"):
             if getattr(self, name) < 0:
                 raise TempflowError(f"pretrain: --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_seed("seed", self.seed)
         check_at_most("image-size", self.image_size, 256, "the shapes world renders on a CPU; each image is rendered "
                       "and trained on at full size (the default run uses 32)")
         for name in ("steps", "autoencoder_steps"):
@@ -244,7 +245,7 @@ class Checkpoint:
         output, the working folder or an input, or an existing folder that is not a checkpoint of
         tempflow's (its saves replace the folder, and a finished run deletes it)."""
         if within(self.path.resolve(), out.resolve()):
-            raise TempflowError(f"--checkpoint {self.path} lies inside --out {out}; keep it beside, e.g. {default_checkpoint(out)}")
+            raise TempflowError(f"--checkpoint {self.path} is --out {out} or lies inside it; keep it beside, e.g. {default_checkpoint(out)}")
         check_out_free(self.path, overwrite=True, outputs=(out,))
         if (self.path.exists() or self.path.is_symlink()) and not self.is_ours():
             held = sorted(p.name for p in self.path.iterdir())[:3] if self.path.is_dir() else []

@@ -32,7 +32,7 @@ def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
             raise TempflowError(f"{path}: not update metrics (missing {', '.join(missing)})")
         not_numbers = [f for f in CURVE_FIELDS if not _is_number(metrics[f])]
         if not_numbers:
-            raise TempflowError(f"{path}: {', '.join(not_numbers)} not numbers; not update metrics written by `tempflow update`")
+            raise TempflowError(f"{path}: {', '.join(not_numbers)} must be numbers; not update metrics written by `tempflow update`")
         nfe += metrics["rollout_nfe"]
         rows.append({"iteration": i, "name": path.stem, "nfe": nfe, **{f: metrics[f] for f in CURVE_FIELDS}})
     return rows
@@ -91,6 +91,8 @@ def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
     the last of their held-out metrics, and the curve draws them all."""
     from stages.plots import line_chart
 
+    if not Path(metrics_dir).is_dir():
+        raise TempflowError(f"--metrics-dir {metrics_dir}: no such folder; give the folder `tempflow update --metrics` wrote into")
     rows = build_curve(list(Path(metrics_dir).glob("*.json")))
     summary: dict[str, Any] = {
         "iterations": len(rows),

@@ -43,7 +43,7 @@ from stages.artifacts import (
 from stages.errors import TempflowError
 from stages.flow import make_sigmas, ode_step, sde_step
 from stages.policy import Cond, Policy, index_cond
-from stages.limits import check_at_most, check_memory
+from stages.limits import check_at_most, check_memory, check_seed
 from stages.progress import Progress, no_progress
 
 ALGORITHMS = {
@@ -116,6 +116,7 @@ class RolloutConfig:
 
     def _check_limits(self) -> None:
         """Upper bounds: each says what a larger value would cost."""
+        check_seed("seed", self.seed)
         check_at_most("num-steps", self.num_steps, 1000, "every trajectory makes one forward pass per step")
         check_at_most("shift", self.shift, 100.0, "the schedule would leave no noise in all but the last step")
         check_at_most("noise-level", self.noise_level, 10.0, "the SDE's noise would swamp the velocity")

@@ -40,7 +40,7 @@ from stages.artifacts import (
 from stages.errors import TempflowError
 from stages.flow import grpo_loss, group_advantages, kl_to_reference, noise_aware_weights, sde_step
 from stages.policy import Cond, Policy, PolicyRecord, index_cond, load_policy, read_policy_record, save_policy
-from stages.limits import check_at_most, check_memory
+from stages.limits import check_at_most, check_memory, check_seed
 from stages.progress import Progress, no_progress
 
 WEIGHTINGS = {
@@ -106,6 +106,7 @@ class UpdateConfig:
                 raise TempflowError(f"{name.replace('_', '-')} must be a finite number (got {getattr(self, name)})")
         if self.beta < 0 or self.weight_decay < 0:
             raise TempflowError("beta and weight-decay must be >= 0")
+        check_seed("seed", self.seed)
         check_at_most("learning-rate", self.learning_rate, 1.0,
                       "AdamW moves every weight by about the learning rate each step, which wrecks any model past 1")
         check_at_most("beta", self.beta, 1e3, "the KL term would drown the reward (papers use 0.001-0.04)")
@@ -247,7 +248,7 @@ def save_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: P
 def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: Path) -> bool:
     """Restore AdamW moments saved by a previous update; False when the folder has none. Every
     tensor is checked against its parameter (name, shape, finite values) before it is used."""
-    if not (folder / OPTIMIZER_JSON).is_file():
+    if not ((folder / OPTIMIZER_JSON).exists() or (folder / OPTIMIZER_TENSORS).exists()):
         return False
     damaged = f"{folder}: optimizer state is damaged; restore the policy folder or delete {OPTIMIZER_JSON} to start AdamW afresh"
     try:
@@ -267,6 +268,9 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: P
         if not value.is_floating_point() or not torch.isfinite(value).all():
             raise TempflowError(f"{damaged} ({flat} holds non-finite or non-float values)")
         state.setdefault(names.index(name), {})[slot] = value
+    incomplete = [names[i] for i, slots in state.items() if set(slots) != {"step", "exp_avg", "exp_avg_sq"}]
+    if incomplete:
+        raise TempflowError(f"{damaged} ({incomplete[0]} lacks some of step, exp_avg, exp_avg_sq)")
     groups = optimizer.state_dict()["param_groups"]
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     return True
@@ -329,8 +333,8 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             raise TempflowError(
-                f"update step {self.stats.steps + 1}: loss {float(loss):g}, gradient norm {float(grad_norm):g} "
-                f"(policy loss {float(policy_loss):g}, kl {float(kl):g} at --beta {cfg.beta:g}); nothing was "
+                f"update step {self.stats.steps + 1}: loss {float(loss.detach()):g}, gradient norm {float(grad_norm):g} "
+                f"(policy loss {float(policy_loss.detach()):g}, kl {float(kl.detach()):g} at --beta {cfg.beta:g}); nothing was "
                 "written. Lower --learning-rate or --beta, or check the policy's weights"
             )
         self.optimizer.step()
@@ -465,7 +469,8 @@ def run_update(
 ) -> UpdateResult:
     """Train ``policy_dir`` on ``rollout`` scored by ``scores``; write the new policy folder ``out``."""
     policy_dir, rollout, scores, out = Path(policy_dir), Path(rollout), Path(scores), Path(out)
-    inputs = (policy_dir, rollout, scores) + ((reference_dir,) if reference_dir else ())
+    ref_path, ref_identity = _resolve_reference(policy_dir, read_policy_record(policy_dir), reference_dir)
+    inputs = (policy_dir, rollout, scores, ref_path)  # the recorded KL reference is read too
     check_out_free(out, overwrite, inputs)
     if metrics_path is not None:
         check_out_free(metrics_path, overwrite, inputs, kind="file", outputs=(out,))
@@ -476,7 +481,6 @@ def run_update(
                      3 * config.shuffle_buffer * 4 * math.prod(opened.shape), "lower --shuffle-buffer")
         plan = plan_update(opened, scores, config)
         manifest = opened.manifest
-        ref_path, ref_identity = _resolve_reference(policy_dir, record, reference_dir)
         reference = _load_reference(ref_path, ref_identity, policy_dir, device) if config.beta > 0 else None
         trainer = Trainer(policy, reference, manifest["prompts"], manifest["config"]["noise_level"], config)
         names = [n for n, p in policy.trainable().named_parameters() if p.requires_grad]

@@ -63,7 +63,7 @@ def test_pretrain_checkpoint_never_deletes_what_it_did_not_write(tmp_path, monke
     checkpoint = {".": ".", "existing": "existing", "parent": "runs", "out": "runs/base"}[where]
     before = _snapshot(sandbox)
     result = invoke("pretrain", "--world", "shapes", *PRETRAIN_FAST, "--out", "runs/base", "--checkpoint", checkpoint)
-    _one_error(result, checkpoint if where != "." else "--")
+    _one_error(result, checkpoint if where != "." else "working folder")
     assert _snapshot(sandbox) == before
     assert not (sandbox / "runs").exists()
 
