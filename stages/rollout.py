@@ -119,6 +119,9 @@ class RolloutConfig:
         check_seed("seed", self.seed)
         check_at_most("num-steps", self.num_steps, 1000, "every trajectory makes one forward pass per step")
         check_at_most("shift", self.shift, 100.0, "the schedule would leave no noise in all but the last step")
+        if self.shift < 1e-2:
+            raise TempflowError(f"--shift {self.shift:g} is below 0.01: the schedule would fall to no noise in its "
+                                "first step (SD3 uses 3)")
         check_at_most("noise-level", self.noise_level, 10.0, "the SDE's noise would swamp the velocity")
         if self.noise_level < 1e-3:
             raise TempflowError(f"--noise-level {self.noise_level:g} is below 1e-3: the SDE's std underflows "
