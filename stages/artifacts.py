@@ -117,10 +117,14 @@ def check_out_free(path: Path | str, overwrite: bool, inputs: tuple[Path | str, 
     named = [(p, "the input") for p in (*inputs, *_PROTECTED.get())] + [(p, "the stage's other output") for p in outputs]
     for given, what in named:
         other = Path(given).resolve()
-        if within(other, resolved):
+        if within(other, resolved) or _contains_same(resolved, other):
             raise TempflowError(f"{path} would replace {what} {given}; choose another path")
-        if not other.is_file() and within(resolved, other):  # a folder, or one the stage is yet to write
+        if not other.is_file() and (within(resolved, other) or _contains_same(other, resolved)):
             raise TempflowError(f"{path} lies inside {what} {given}; write it outside the folders a stage reads or writes")
+    if path.is_symlink():
+        raise TempflowError(f"{path} is a symbolic link; give the path it points to ({resolved}) or another path")
+    if path.parent.is_dir():
+        clean_partials(path.parent)  # a killed swap's old output goes back first, so the checks below see it
     exists = path.exists() or path.is_symlink()
     if exists and not overwrite:
         raise TempflowError(f"{path} already exists; remove it, choose another path, or pass --overwrite")
@@ -129,6 +133,14 @@ def check_out_free(path: Path | str, overwrite: bool, inputs: tuple[Path | str, 
         raise TempflowError(f"{path} is a {found}; this stage writes a {wanted} there and --overwrite only "
                             f"replaces a {wanted} with a {wanted}")
     _check_parent_writable(path)
+
+
+def _contains_same(folder: Path, path: Path) -> bool:
+    """``path`` or one of its existing ancestors is the same file as ``folder`` (by device and inode:
+    catches a case-insensitive file system or a bind mount, which ``resolve()`` does not)."""
+    if not folder.exists():
+        return False
+    return any(candidate.exists() and os.path.samefile(candidate, folder) for candidate in (path, *path.parents))
 
 
 def _check_parent_writable(path: Path) -> None:
@@ -144,7 +156,10 @@ def _check_parent_writable(path: Path) -> None:
 
 def _lock(folder: Path) -> int | None:
     """An exclusive, non-blocking flock on ``folder``: its fd, or None when another process holds it."""
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except FileNotFoundError:  # another process's cleaner removed it first
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -157,9 +172,11 @@ def clean_partials(parent: Path) -> None:
     """Remove every slot under ``parent/.tempflow-partial`` that no live process holds, first moving
     back an old output that a killed swap had moved aside."""
     root = Path(parent) / PARTIALS
-    if not root.is_dir():
-        return
-    for slot in root.iterdir():
+    try:
+        slots = list(root.iterdir()) if root.is_dir() else []
+    except FileNotFoundError:  # removed by another process's cleaner meanwhile
+        slots = []
+    for slot in slots:
         fd = _lock(slot) if slot.is_dir() and not slot.is_symlink() else None
         if fd is None:
             continue
@@ -182,9 +199,10 @@ class _Slot:
             self.folder = path.parent / PARTIALS / f"{os.getpid()}-{secrets.token_hex(4)}"
             self.folder.mkdir(parents=True)
             self.fd = _lock(self.folder)
-            if self.fd is not None and self.folder.is_dir() and os.path.samestat(os.fstat(self.fd), self.folder.stat()):
-                (self.folder / "target").write_text(path.name)
-                return
+            with contextlib.suppress(FileNotFoundError):
+                if self.fd is not None and os.path.samestat(os.fstat(self.fd), self.folder.stat()):
+                    (self.folder / "target").write_text(path.name)
+                    return
             if self.fd is not None:
                 os.close(self.fd)
         raise TempflowError(f"{path.parent}: cannot hold a slot in {PARTIALS} (another process keeps removing it)")
@@ -203,16 +221,24 @@ class _Slot:
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two existing paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
     system or the file system cannot."""
+    return _rename(a, b, flags=2)
+
+
+def _rename(a: Path, b: Path, flags: int) -> bool:
+    """Linux ``renameat2(a, b, flags)``: True when done, False where the system or file system lacks
+    it; any other failure (``b`` exists under RENAME_NOREPLACE, ...) raises OSError."""
     libc = _libc()
     rename = getattr(libc, "renameat2", None) if libc is not None else None
     if rename is None:
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if rename(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
         return False
+    if err == errno.EEXIST:
+        raise TempflowError(f"{b} appeared while the stage ran; remove it or pass --overwrite")
     raise OSError(err, os.strerror(err), str(b))
 
 
@@ -263,6 +289,8 @@ def _commit(new: Path, path: Path, overwrite: bool, slot: _Slot) -> None:
                 os.replace(slot.folder / "old", path)
                 raise
             return
+    if not overwrite and _rename(new, path, flags=1):  # RENAME_NOREPLACE: never over one made meanwhile
+        return
     os.replace(new, path)  # atomic for a file, and for a folder onto a free name
 
 
@@ -279,20 +307,19 @@ def atomic_output(path: Path | str, overwrite: bool = False, inputs: tuple[Path 
     path = Path(path)
     check_out_free(path, overwrite, inputs, kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_partials(path.parent)
-    slot = _Slot(path)
-    new = slot.folder / "new"
+    slot = None
     try:
+        slot = _Slot(path)
+        new = slot.folder / "new"
         yield new
         if not (new.is_dir() if kind == "dir" else new.is_file()):
             raise RuntimeError(f"the stage wrote no {kind} to {new}")
         with _signals_deferred():
             _commit(new, path, overwrite, slot)
             _COMMITTED.append(path)
-            slot.release()
-    except BaseException:
-        slot.release()
-        raise
+    finally:
+        if slot is not None:
+            slot.release()  # the partial, or after the swap the old output; a kill here leaves it to the cleaner
 
 
 def sha256_file(path: Path) -> str:
@@ -311,9 +338,17 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} overflows a float")
+    return value
+
+
 def loads_json(data: bytes | str) -> Any:
-    """Strict JSON: UTF-8, and no ``NaN``/``Infinity`` (which Python's json accepts by default)."""
-    return json.loads(data, parse_constant=_no_constant)
+    """Strict JSON: UTF-8, and no ``NaN``/``Infinity`` or numbers that overflow to them (which
+    Python's json accepts by default)."""
+    return json.loads(data, parse_constant=_no_constant, parse_float=_finite_float)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -643,8 +678,8 @@ class Rollout:
             handle = open(path, "rb")
             self._files.append(handle)
             if _sha256_handle(handle) != shard["sha256"]:
-                raise TempflowError(f"{path}: sha256 does not match the manifest (truncated or modified); "
-                                    "re-run `tempflow rollout`")
+                raise TempflowError(f"{path}: sha256 does not match the manifest (truncated, modified, or the rollout "
+                                    "was being replaced); re-run `tempflow rollout` or wait until it is done")
 
     def samples(self, fields: Iterable[str] | None = None) -> Iterator[Sample]:
         """Every sample, shard by shard, in the order written; memory holds one sample at a time.
@@ -745,6 +780,9 @@ def _iter_tar(stream: Any, name: str, wanted: tuple[str, ...], shape: tuple[int,
                 if field in current.present:
                     raise TempflowError(f"{name}: sample {key!r} has {field} twice; the shard is damaged")
                 current.present.add(field)
+                if member.size > _max_member_size(field, shape):
+                    raise TempflowError(f"{name}: {member.name} is {member.size} bytes, more than a {field} of this "
+                                        f"rollout can be ({_max_member_size(field, shape)}); the rollout is damaged")
                 if field in wanted:
                     handle = tar.extractfile(member)
                     current.fields[field] = handle.read() if handle else b""
@@ -752,6 +790,16 @@ def _iter_tar(stream: Any, name: str, wanted: tuple[str, ...], shape: tuple[int,
         raise TempflowError(f"{name}: unreadable tar ({err}); the rollout is damaged, re-run `tempflow rollout`") from None
     if current is not None:
         yield current
+
+
+def _max_member_size(field: str, shape: tuple[int, ...]) -> int:
+    """Bytes a sample field may take, checked before it is read: an array of the rollout's shape
+    plus its header, a PNG no larger than :data:`MAX_IMAGE_PIXELS` could need, a small meta.json."""
+    if field.endswith(".npy"):
+        return 4 * math.prod(shape) + 4096
+    if field == "image.png":
+        return 4 * MAX_IMAGE_PIXELS + (1 << 20)
+    return 1 << 20
 
 
 def read_manifest(folder: Path | str) -> dict[str, Any]:
@@ -770,6 +818,8 @@ def iter_rollout(folder: Path | str, fields: Iterable[str] | None = None) -> Ite
 # Scores
 
 
+MAX_REWARD_WEIGHT = 1e6
+"""Largest |weight| of a reward component (`--reward NAME:WEIGHT`)."""
 REWARD_LIMIT = 1e12
 """Largest |reward| a scores file may hold: group statistics of larger values lose all precision
 (and overflow past 1e154); rescale such a reward."""
@@ -835,7 +885,8 @@ def _check_weighted_sum(columns: dict[str, np.ndarray], meta: dict[str, Any], pa
     would otherwise train on a reward nobody asked for."""
     rewards = meta.get("rewards")
     if not isinstance(rewards, list) or not rewards or not all(
-            isinstance(r, dict) and isinstance(r.get("name"), str) and _is_number(r.get("weight")) for r in rewards):
+            isinstance(r, dict) and isinstance(r.get("name"), str) and _is_number(r.get("weight"))
+            and abs(r["weight"]) <= MAX_REWARD_WEIGHT for r in rewards):
         raise TempflowError(f"{path}: scores metadata lists no rewards with weights; re-run `tempflow score`")
     total = np.zeros_like(columns["reward"])
     for reward in rewards:
@@ -843,7 +894,7 @@ def _check_weighted_sum(columns: dict[str, np.ndarray], meta: dict[str, Any], pa
         if column not in columns:
             raise TempflowError(f"{path}: the metadata names reward {reward['name']} but there is no {column} column")
         total += reward["weight"] * columns[column]
-    off = np.abs(total - columns["reward"]) > 1e-9 * np.maximum(1.0, np.abs(total))
+    off = ~(np.abs(total - columns["reward"]) <= 1e-9 * np.maximum(1.0, np.abs(total)))  # NaN counts as off
     if off.any():
         raise TempflowError(f"{path}: 'reward' is not the weighted sum of its components (first at key "
                             f"{columns['key'][int(np.argmax(off))]}); re-run `tempflow score`")

@@ -17,6 +17,7 @@ resumed from its checkpoint ends with the same weights as one that never stopped
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from stages.policy import (
     TinyPolicy,
     build_policy,
     model_config,
+    resolve_device,
     save_policy,
 )
 from stages.limits import check_at_most, check_seed
@@ -272,7 +274,8 @@ class Checkpoint:
         if self.is_ours():
             for name in self.FILES:
                 (self.path / name).unlink(missing_ok=True)
-            self.path.rmdir()
+            with contextlib.suppress(OSError):  # something was put there meanwhile: it stays
+                self.path.rmdir()
 
     def save(self, phase: Phase, config: PretrainConfig) -> None:
         from safetensors.torch import save_file
@@ -353,6 +356,7 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
     check_out_free(out, overwrite)
     ckpt = Checkpoint(checkpoint or default_checkpoint(out))
     ckpt.check_path(out)
+    resolve_device(device)
     policy = build_policy(config.preset, config.seed, {"image_size": config.image_size})
     assert isinstance(policy, TinyPolicy)
     policy.to(device)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stages.artifacts import check_rewards
+from stages.artifacts import MAX_REWARD_WEIGHT, check_rewards
 from stages.errors import TempflowError
 from stages.shapes import shapes_reward, shapes_strict
 
@@ -76,8 +76,8 @@ def parse_reward_spec(text: str) -> RewardSpec:
             text = head
         except ValueError:
             pass
-    if not np.isfinite(weight):
-        raise TempflowError(f"reward {text!r}: weight must be a finite number")
+    if not (np.isfinite(weight) and abs(weight) <= MAX_REWARD_WEIGHT):
+        raise TempflowError(f"reward {text!r}: weight must be a finite number within ±{MAX_REWARD_WEIGHT:g}")
     if text not in REWARDS and not _PLUGIN.match(text):
         raise TempflowError(
             f"unknown reward {text!r}; choose one of {', '.join(REWARDS)} or give a plugin as module:function "
@@ -105,6 +105,9 @@ def resolve_reward(spec: RewardSpec) -> RewardFn:
         raise TempflowError(
             f"reward {spec.name}: cannot import module {module_name!r} ({err}); is it on PYTHONPATH?"
         ) from None
+    except Exception as err:  # the plugin's own code failed while importing: its bug, named in one line
+        raise TempflowError(f"reward {spec.name}: importing {module_name!r} raised {type(err).__name__}: {err} "
+                            "(`tempflow --debug` shows the traceback)") from err
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise TempflowError(f"reward {spec.name}: module {module_name!r} has no function {attr!r}")
@@ -114,7 +117,12 @@ def resolve_reward(spec: RewardSpec) -> RewardFn:
 def call_reward(spec: RewardSpec, fn: RewardFn, images: np.ndarray, prompts: list[str], keys: list[str]) -> np.ndarray:
     """Run one reward on a batch and check what came back: N finite floats."""
     try:
-        values = np.asarray(fn(images, prompts), dtype=np.float64).reshape(-1)
+        returned = fn(images, prompts)
+    except Exception as err:  # the plugin's bug, named in one line; --debug keeps its traceback
+        raise TempflowError(f"reward {spec.name} raised {type(err).__name__}: {err} "
+                            "(`tempflow --debug` shows the traceback)") from err
+    try:
+        values = np.asarray(returned, dtype=np.float64).reshape(-1)
     except (TypeError, ValueError) as err:
         raise TempflowError(f"reward {spec.name} did not return numbers ({err})") from None
     if values.shape[0] != len(keys):

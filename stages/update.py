@@ -262,8 +262,10 @@ def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: P
     state: dict[int, dict[str, Tensor]] = {}
     for flat, value in tensors.items():
         name, _, slot = flat.rpartition("/")
-        expected = () if slot == "step" else tuple(params[name].shape) if name in params else None
-        if expected is None or slot not in ("step", "exp_avg", "exp_avg_sq") or tuple(value.shape) != expected:
+        if name not in params or slot not in ("step", "exp_avg", "exp_avg_sq"):
+            raise TempflowError(f"{damaged} ({flat} names no moment of a parameter)")
+        expected = () if slot == "step" else tuple(params[name].shape)
+        if tuple(value.shape) != expected:
             raise TempflowError(f"{damaged} ({flat}: {tuple(value.shape)} does not fit the parameter)")
         if not value.is_floating_point() or not torch.isfinite(value).all():
             raise TempflowError(f"{damaged} ({flat} holds non-finite or non-float values)")
@@ -489,21 +491,8 @@ def run_update(
             group.update(lr=config.learning_rate, weight_decay=config.weight_decay)
         _train(trainer, opened, plan, progress)
 
-    metrics = {
-        "step": record.step + 1,
-        "algo": manifest["config"]["algo"],
-        "weighting": resolved_weighting(config, manifest["config"]["algo"]),
-        "samples": len(plan.advantage),
-        "trained_samples": plan.active,
-        "skipped_samples": len(plan.advantage) - plan.active,
-        "groups": plan.groups,
-        "skipped_groups": plan.skipped_groups,
-        "reward_mean": float(plan.rewards.mean()),
-        "reward_std": float(plan.rewards.std()),
-        "rollout_nfe": manifest["nfe"],
-        "optimizer_resumed": resumed,
-        **trainer.metrics(),
-    }
+    metrics = {"step": record.step + 1, **_plan_metrics(plan, manifest, config), "optimizer_resumed": resumed,
+               **trainer.metrics()}
     provenance = {"config": asdict(config), "policy": str(policy_dir), "rollout": str(rollout),
                   "rollout_manifest_sha256": opened.manifest_sha256, "scores": str(scores)}
     new_record = PolicyRecord(
@@ -519,6 +508,23 @@ def run_update(
         with atomic_output(metrics_path, overwrite=overwrite, inputs=inputs, kind="file") as tmp:
             write_json(tmp, metrics)
     return UpdateResult(metrics=metrics)
+
+
+def _plan_metrics(plan: Plan, manifest: dict[str, Any], config: UpdateConfig) -> dict[str, Any]:
+    """What the update trained on: the rollout's algorithm, weighting, samples, groups and rewards."""
+    algo = manifest["config"]["algo"]
+    return {
+        "algo": algo,
+        "weighting": resolved_weighting(config, algo),
+        "samples": len(plan.advantage),
+        "trained_samples": plan.active,
+        "skipped_samples": len(plan.advantage) - plan.active,
+        "groups": plan.groups,
+        "skipped_groups": plan.skipped_groups,
+        "reward_mean": float(plan.rewards.mean()),
+        "reward_std": float(plan.rewards.std()),
+        "rollout_nfe": manifest["nfe"],
+    }
 
 
 def _check_sampled_by(rollout: Rollout, record: PolicyRecord, policy_dir: Path) -> None:

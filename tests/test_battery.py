@@ -372,6 +372,16 @@ def edit_scores(fn: Callable[[pa.Table], pa.Table], meta: Callable[[dict], Any] 
     return setup
 
 
+def _overflowing_weight(p: dict[str, Path]) -> None:
+    """Scores whose metadata weight is the JSON number 1e999 (Python reads it as inf) over a zero column."""
+    table = pq.read_table(p["scores"])
+    table = set_column("reward_jpeg_compressibility", lambda t: [0.0] * t.num_rows)(table)
+    meta = json.loads(table.schema.metadata[b"tempflow"])
+    meta["rewards"][0]["weight"] = 1.0
+    raw = json.dumps(meta).replace('"weight": 1.0', '"weight": 1e999')
+    pq.write_table(table.replace_schema_metadata({"tempflow": raw}), p["scores"])
+
+
 def set_column(name: str, values: Callable[[pa.Table], Any], type: Any = None) -> Callable[[pa.Table], pa.Table]:
     def fn(table: pa.Table) -> pa.Table:
         array = pa.array(values(table), type=type)
@@ -662,6 +672,7 @@ case("scores-without-metadata", "update", setup=edit_scores(lambda t: t, drop_me
 case("scores-metadata-not-json", "update", setup=edit_scores(lambda t: t, raw_meta=b"{\"schema\": "))
 case("scores-metadata-not-utf8", "update", setup=edit_scores(lambda t: t, raw_meta=NOT_UTF8))
 case("scores-metadata-a-list", "update", setup=edit_scores(lambda t: t, raw_meta=b"[1]"))
+case("scores-weight-overflows", "update", setup=lambda ws, p: _overflowing_weight(p))
 case("scores-schema-999", "update", setup=edit_scores(lambda t: t, meta=lambda m: m.update(schema="tempflow.scores/999")))
 case("scores-without-manifest-hash", "update", setup=edit_scores(lambda t: t, meta=lambda m: m.pop("rollout_manifest_sha256")))
 case("scores-without-key-column", "update", setup=edit_scores(lambda t: t.drop_columns(["key"])))
@@ -778,6 +789,8 @@ case("optimizer-tensors-empty", "update2", setup=write_bytes("policy2/optimizer.
 case("optimizer-tensors-missing", "update2", setup=remove("policy2/optimizer.safetensors"))
 case("optimizer-tensor-wrong-shape", "update2", setup=edit_tensors("policy2/optimizer.safetensors", _reshape_first))
 case("optimizer-tensor-nan", "update2", setup=edit_tensors("policy2/optimizer.safetensors", _nan_first))
+case("optimizer-tensor-unknown-name", "update2",
+     setup=edit_tensors("policy2/optimizer.safetensors", lambda t: t.update({"bogus/step": t[sorted(t)[0]].clone()})))
 case("optimizer-tensor-dropped", "update2",
      setup=edit_tensors("policy2/optimizer.safetensors", lambda t: t.pop(sorted(t)[-1])))
 case("reference-missing", "update2", setup=remove("policy"))
@@ -989,6 +1002,7 @@ case("checkpoint-with-a-user-file", "pretrain", setup=_checkpoint(None, GARBAGE,
 case("checkpoint-is-a-user-folder", "pretrain", setup=_existing_dir("ckpt"))
 case("checkpoint-is-a-file", "pretrain", setup=_existing_file("ckpt"))
 case("checkpoint-is-dot", "pretrain", extra=["--checkpoint", "."])
+case("device-foo", "pretrain", extra=["--device", "foo"])
 case("checkpoint-is-out", "pretrain", extra=lambda ws: ["--checkpoint", ws / "out_base"])
 case("checkpoint-inside-out", "pretrain", extra=lambda ws: ["--checkpoint", ws / "out_base" / "ck"])
 case("checkpoint-is-parent-of-out", "pretrain", extra=lambda ws: ["--checkpoint", ws])

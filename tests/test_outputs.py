@@ -408,3 +408,57 @@ def test_only_module_function_names_are_imported(tmp_path, monkeypatch, spec):
     result = invoke("score", "--rollout", tmp_path, "--reward", spec, "--out", tmp_path / "s.parquet")
     assert result.exit_code == 2 and "module:function" in result.stderr, result.output
     assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Found by review: races and bypasses of the checks above
+
+
+def test_an_output_made_by_someone_else_meanwhile_is_never_replaced(tmp_path):
+    """Without --overwrite, a file that appears at the output path while the stage runs is kept."""
+    from stages.artifacts import atomic_output
+    from stages.errors import TempflowError
+
+    out = tmp_path / "s.parquet"
+    with pytest.raises(TempflowError, match="appeared while the stage ran"):
+        with atomic_output(out, kind="file") as tmp:
+            tmp.write_bytes(b"new")
+            out.write_bytes(b"someone else's")
+    assert out.read_bytes() == b"someone else's"
+    assert not (tmp_path / PARTIALS).exists()
+
+
+def test_a_symlinked_output_is_refused_before_any_work(policy_dir, prompts_file, tmp_path):
+    (tmp_path / "iter3").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "iter3")
+    _one_error(invoke("rollout", "--policy", policy_dir, "--prompts", prompts_file, "--out", tmp_path / "latest",
+                      "--overwrite"), "symbolic link")
+    assert (tmp_path / "latest").is_symlink() and (tmp_path / "iter3").is_dir()
+
+
+def test_a_bind_mounted_or_case_folded_input_is_recognised_by_inode(policy_dir, prompts_file, tmp_path, monkeypatch):
+    """Two spellings of one folder (a bind mount, a case-insensitive file system) are the same input:
+    simulated by making os.path.samefile say so for the policy folder and another name."""
+    import stages.artifacts as artifacts
+
+    alias = tmp_path / "POLICY"
+    alias.mkdir()
+    real_samefile = os.path.samefile
+    monkeypatch.setattr(artifacts.os.path, "samefile",
+                        lambda a, b: {Path(a), Path(b)} == {alias.resolve(), policy_dir.resolve()} or real_samefile(a, b))
+    _one_error(invoke("rollout", "--policy", policy_dir, "--prompts", prompts_file, "--out", alias, "--overwrite"), "input")
+    assert (policy_dir / "config.json").is_file()
+
+
+@pytest.mark.parametrize("module, body, needle", [
+    ("raising_reward", "raise RuntimeError('model server down')", "RuntimeError: model server down"),
+    ("wordy_reward", "return {'not': 'numbers'}", "did not return numbers"),
+    ("broken_reward", "return 1 +", "SyntaxError"),
+])
+def test_a_failing_reward_plugin_is_one_line(policy_dir, tmp_path, monkeypatch, module, body, needle):
+    (tmp_path / f"{module}.py").write_text(f"def score(images, prompts):\n    {body}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rollout = make_rollout(policy_dir, tmp_path / "r")
+    _one_error(invoke("score", "--rollout", rollout, "--reward", f"{module}:score", "--out", tmp_path / "s.parquet"),
+               needle)
+    assert not (tmp_path / "s.parquet").exists()
