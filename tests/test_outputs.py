@@ -462,3 +462,21 @@ def test_a_failing_reward_plugin_is_one_line(policy_dir, tmp_path, monkeypatch, 
     _one_error(invoke("score", "--rollout", rollout, "--reward", f"{module}:score", "--out", tmp_path / "s.parquet"),
                needle)
     assert not (tmp_path / "s.parquet").exists()
+
+
+@pytest.mark.parametrize("errno_, needle", [(28, "disk is full"), (30, "read-only"), (13, "no permission")])
+def test_an_os_error_while_writing_is_one_line_naming_the_file(policy_dir, tmp_path, monkeypatch, errno_, needle):
+    """Disk full, a read-only file system, no permission (simulated: tests run as root): one line
+    naming the file and the fix, no output, no slot."""
+    import stages.score
+
+    rollout = make_rollout(policy_dir, tmp_path / "r")
+
+    def failing_write(path, *args):
+        raise OSError(errno_, os.strerror(errno_), str(path))
+
+    monkeypatch.setattr(stages.score, "write_scores", failing_write)
+    out = tmp_path / "s.parquet"
+    line = _one_error(invoke("score", "--rollout", rollout, "--reward", "jpeg_compressibility", "--out", out), needle)
+    assert PARTIALS in line or "s.parquet" in line
+    assert not out.exists() and not (tmp_path / PARTIALS).exists()
