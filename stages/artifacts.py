@@ -90,13 +90,6 @@ def committed_outputs() -> list[Path]:
     return list(_COMMITTED)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
-    else:
-        path.unlink(missing_ok=True)
-
-
 def within(path: Path, folder: Path) -> bool:
     """``path`` is ``folder`` or lies inside it (both resolved by the caller)."""
     return path == folder or folder in path.parents
@@ -323,11 +316,8 @@ def atomic_output(path: Path | str, overwrite: bool = False, inputs: tuple[Path 
 
 
 def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return _sha256_handle(f)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -800,18 +790,6 @@ def _max_member_size(field: str, shape: tuple[int, ...]) -> int:
     if field == "image.png":
         return 4 * MAX_IMAGE_PIXELS + (1 << 20)
     return 1 << 20
-
-
-def read_manifest(folder: Path | str) -> dict[str, Any]:
-    """The rollout's manifest, checked, with every shard verified (opens and closes the rollout)."""
-    with Rollout(folder) as rollout:
-        return rollout.manifest
-
-
-def iter_rollout(folder: Path | str, fields: Iterable[str] | None = None) -> Iterator[Sample]:
-    """Every sample of a rollout (a :class:`Rollout` opened for the duration of the iteration)."""
-    with Rollout(folder) as rollout:
-        yield from rollout.samples(fields)
 
 
 # --------------------------------------------------------------------------------------------

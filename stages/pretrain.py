@@ -457,7 +457,7 @@ def _optimize(phase: Phase, loss: Tensor) -> float:
     grad_norm = torch.nn.utils.clip_grad_norm_(list(phase.params.values()), 1.0)
     if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
         raise TempflowError(
-            f"pretrain: {phase.name} step {phase.step + 1}: loss {float(loss):g}, gradient norm {float(grad_norm):g}; "
+            f"pretrain: {phase.name} step {phase.step + 1}: loss {float(loss.detach()):g}, gradient norm {float(grad_norm):g}; "
             "stopped before the weights became non-finite (the last checkpoint is kept). Lower the learning rate"
         )
     phase.optimizer.step()
