@@ -19,7 +19,7 @@ import torch
 from stages.artifacts import atomic_output, check_out_free, write_json
 from stages.errors import TempflowError
 from stages.flow import make_sigmas, ode_step
-from stages.policy import Policy, load_policy
+from stages.policies import Policy, load_policy
 from stages.limits import check_at_most, check_seed
 from stages.progress import Progress, no_progress
 from stages.rollout import derive_seed, seeded_normal

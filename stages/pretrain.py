@@ -39,7 +39,7 @@ from stages.artifacts import (
     write_json,
 )
 from stages.errors import TempflowError
-from stages.policy import (
+from stages.policies import (
     PRESETS,
     PolicyRecord,
     TinyPolicy,

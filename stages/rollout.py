@@ -42,7 +42,7 @@ from stages.artifacts import (
 )
 from stages.errors import TempflowError
 from stages.flow import make_sigmas, ode_step, sde_step
-from stages.policy import Cond, Policy, index_cond
+from stages.policies import Cond, Policy, index_cond
 from stages.limits import check_at_most, check_memory, check_seed
 from stages.progress import Progress, no_progress
 

@@ -39,7 +39,7 @@ from stages.artifacts import (
 )
 from stages.errors import TempflowError
 from stages.flow import grpo_loss, group_advantages, kl_to_reference, noise_aware_weights, sde_step
-from stages.policy import Cond, Policy, PolicyRecord, index_cond, load_policy, read_policy_record, save_policy
+from stages.policies import Cond, Policy, PolicyRecord, index_cond, load_policy, read_policy_record, save_policy
 from stages.limits import check_at_most, check_memory, check_seed
 from stages.progress import Progress, no_progress
 

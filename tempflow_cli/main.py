@@ -26,7 +26,7 @@ from tempflow_cli.ui import comparison, progress_bars, summary
 
 # diffusers and transformers load inside the stage functions; stages are imported inside commands.
 
-PRESET_HELP = {  # mirrors stages.policy.PRESETS, which would import torch just to print --help (a test checks)
+PRESET_HELP = {  # mirrors stages.policies.PRESETS, which would import torch just to print --help (a test checks)
     "tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config",
     "shapes": "the shapes world's model: a pixel-space UNet, channels 16/32/64, text "
               "cross-attention at its coarsest level (1.1M parameters)",
@@ -162,7 +162,7 @@ def cli(debug: bool) -> None:
 def init(preset: str, out: Path, seed: int, image_size: int, vocab_from: Path | None, overwrite: bool) -> None:
     """Create a policy folder from a preset (config.json + safetensors weights)."""
     from stages.artifacts import atomic_output
-    from stages.policy import (
+    from stages.policies import (
         DEFAULT_WORDS,
         PolicyRecord,
         build_policy,
@@ -199,7 +199,7 @@ def _rollout_options(fn):
 @OVERWRITE
 def rollout(policy_dir: Path, prompts: Path, out: Path, device: str, overwrite: bool, **kwargs: Any) -> None:
     """Sample trajectories and write trained transitions to webdataset shards."""
-    from stages.policy import load_policy
+    from stages.policies import load_policy
     from stages.prompts import read_prompts
     from stages.rollout import RolloutConfig, run_rollout
 

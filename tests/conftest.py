@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from stages.policy import PolicyRecord, build_policy, model_config, save_policy
+from stages.policies import PolicyRecord, build_policy, model_config, save_policy
 from stages.rollout import RolloutConfig, run_rollout
 from tempflow_cli.main import cli
 
@@ -50,7 +50,7 @@ def small_rollout_config(**overrides) -> RolloutConfig:
 
 def make_rollout(policy_dir: Path, out: Path, prompts=PROMPTS, **overrides) -> Path:
     """Roll out the policy in ``policy_dir`` into ``out`` through the library."""
-    from stages.policy import load_policy
+    from stages.policies import load_policy
 
     policy, record = load_policy(policy_dir)
     run_rollout(policy, list(prompts), small_rollout_config(**overrides), out,

@@ -1179,7 +1179,7 @@ def _finite_policy(folder: Path) -> list[str]:
     import torch
     from safetensors.torch import load_file
 
-    from stages.policy import load_policy
+    from stages.policies import load_policy
 
     problems = []
     for path in sorted(folder.rglob("*.safetensors")):

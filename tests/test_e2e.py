@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 from stages.errors import TempflowError
-from stages.policy import TinyPolicy, load_policy
+from stages.policies import TinyPolicy, load_policy
 from stages.rewards import parse_reward_spec
 from stages.rollout import RolloutConfig, run_rollout
 from stages.score import run_score

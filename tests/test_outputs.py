@@ -106,12 +106,12 @@ def test_overwrite_never_deletes_prompts_or_vocab_files(policy_dir, tmp_path):
 
 def test_refusals_come_before_any_work(policy_dir, prompts_file, tmp_path, monkeypatch):
     """An --out of the wrong kind, or --metrics inside --out, is refused before the policy is even loaded."""
-    import stages.policy
+    import stages.policies
 
     def no_work(*args, **kwargs):
         raise AssertionError("the stage started working before refusing its output")
 
-    monkeypatch.setattr(stages.policy, "load_policy", no_work)
+    monkeypatch.setattr(stages.policies, "load_policy", no_work)
     a_file = tmp_path / "file.bin"
     a_file.write_bytes(b"mine")
     _one_error(invoke("rollout", "--policy", policy_dir, "--prompts", prompts_file, "--out", a_file, "--overwrite"),
@@ -351,7 +351,7 @@ def test_update_that_breaks_the_weights_writes_nothing(policy_dir, tmp_path, mon
 def test_rollout_of_a_broken_policy_stops_before_writing(policy_dir, prompts_file, tmp_path):
     """Weights of 1e30 (finite, as a learning rate of 1e30 left them): the velocity is not finite,
     the rollout says so and writes no NaN log-prob."""
-    from stages.policy import load_policy, save_policy
+    from stages.policies import load_policy, save_policy
 
     policy, record = load_policy(policy_dir)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from stages.errors import TempflowError
-from stages.policy import build_policy, load_policy, tensor_hash
+from stages.policies import build_policy, load_policy, tensor_hash
 
 
 def test_round_trip_keeps_the_function(policy_dir):
@@ -86,7 +86,7 @@ def test_bad_model_config_is_explained():
 def test_unet_policy_round_trip_in_its_own_folder(tmp_path):
     """The shapes preset's UNet saves under unet/ (its autoencoder under vae/), loads back to the same
     function and identity."""
-    from stages.policy import PolicyRecord, model_config, save_policy
+    from stages.policies import PolicyRecord, model_config, save_policy
 
     policy = build_policy("shapes", seed=0, model_overrides={"image_size": 16})
     save_policy(policy, tmp_path / "p", PolicyRecord(kind=policy.kind, model=model_config(policy)))
@@ -125,7 +125,7 @@ def _latent_policy():
 
 
 def test_latent_policy_round_trip_keeps_states_decoding_and_scaling(tmp_path):
-    from stages.policy import PolicyRecord, model_config, save_policy
+    from stages.policies import PolicyRecord, model_config, save_policy
 
     policy = _latent_policy()
     assert policy.sample_shape == (4, 4, 4)

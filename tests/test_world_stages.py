@@ -14,7 +14,7 @@ from PIL import Image
 from stages import shapes
 from stages.errors import TempflowError
 from stages.evaluate import EvalConfig, run_eval
-from stages.policy import load_policy
+from stages.policies import load_policy
 from stages.pretrain import (
     PretrainConfig,
     default_checkpoint,

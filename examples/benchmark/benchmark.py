@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 from stages.artifacts import atomic_output
 from stages.evaluate import EvalConfig, run_eval
-from stages.policy import load_policy
+from stages.policies import load_policy
 from stages.pretrain import PretrainConfig, run_pretrain
 from stages.rewards import parse_reward_spec
 from stages.rollout import RolloutConfig, planned_nfe, run_rollout

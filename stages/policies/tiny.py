@@ -1,24 +1,14 @@
-"""Policies: the models that are sampled and trained, behind one small interface.
-
-A policy encodes prompts, predicts the velocity at ``(x, sigma)``, and decodes a final state to
-images. It is stored as a folder laid out like a diffusers pipeline (``transformer/`` or ``unet/``,
-``text_encoder/``, ``tokenizer/``) plus tempflow's own ``config.json``:
-
-    {"format": "tempflow.policy/1", "kind": "tiny", "model": {...}, "step": 0, "reference": null}
-
-``kind`` selects the class in :data:`POLICIES`; ``step`` counts the updates applied; ``reference``
-names the policy the KL term is measured against (``null``: the policy is its own reference).
-"""
+"""The tiny presets: a denoiser (SD3 transformer or UNet) on pixels or on a small autoencoder's
+latents, a small CLIP text encoder and a word-level tokenizer, all built from a config (no downloads).
+Their folder holds every weight (``transformer/`` or ``unet/``, ``text_encoder/``, ``tokenizer/``,
+``vae/``)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
-from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,101 +16,8 @@ from torch import Tensor, nn
 
 from stages.errors import TempflowError
 from stages.limits import check_at_most, check_seed, gib
+from stages.policies.base import Cond, Policy, quiet_hub_libraries, tensor_hash
 
-POLICY_FORMAT = "tempflow.policy/1"
-
-
-def _quiet_hub_libraries() -> None:
-    """diffusers and transformers draw their own tqdm bars on save/load; progress is the CLI's job."""
-    import diffusers.utils.logging
-    import transformers.utils.logging
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-
-Cond = dict[str, Tensor]  # prompt conditioning, every tensor batch-first
-
-
-def index_cond(cond: Cond, index: Tensor | list[int]) -> Cond:
-    """Rows ``index`` of every tensor in ``cond`` (e.g. one row per sample from one row per prompt)."""
-    index = torch.as_tensor(index, dtype=torch.long)
-    return {name: t[index] for name, t in cond.items()}
-
-
-def tensor_hash(modules: dict[str, nn.Module], extra: bytes = b"") -> str:
-    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer, in name order.
-
-    Independent of file format and of how the weights were loaded: two policies with the same
-    identity compute the same function.
-    """
-    digest = hashlib.sha256(extra)
-    for prefix in sorted(modules):
-        state = modules[prefix].state_dict()
-        for name in sorted(state):
-            t = state[name].detach().cpu().contiguous()
-            digest.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return digest.hexdigest()
-
-
-class Policy(ABC):
-    """A text-conditioned flow model. ``x`` is the model's state (pixels or latents), batch-first."""
-
-    kind: ClassVar[str]
-
-    @property
-    @abstractmethod
-    def sample_shape(self) -> tuple[int, ...]:
-        """Shape of one state ``x`` without the batch dim, e.g. ``(C, H, W)``."""
-
-    @abstractmethod
-    def encode(self, prompts: list[str]) -> Cond:
-        """Conditioning for each prompt (no gradient: text encoders stay frozen)."""
-
-    @abstractmethod
-    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
-        """Predicted velocity ``~ noise - x_data`` at noise level ``sigma`` (shape ``(B,)``), float32."""
-
-    @abstractmethod
-    def decode(self, x: Tensor) -> np.ndarray:
-        """Final states to images, uint8 ``(B, H, W, 3)``."""
-
-    @abstractmethod
-    def trainable(self) -> nn.Module:
-        """The module whose parameters GRPO updates."""
-
-    @abstractmethod
-    def modules(self) -> dict[str, nn.Module]:
-        """Every module whose weights define the policy (for its identity)."""
-
-    @abstractmethod
-    def save_weights(self, path: Path) -> None:
-        """Write the weights under ``path`` (the policy folder; config.json is written by the caller)."""
-
-    @classmethod
-    @abstractmethod
-    def load(cls, path: Path, model_config: dict[str, Any]) -> Policy:
-        """Load from a policy folder whose config.json had ``model = model_config``."""
-
-    def identity_extra(self) -> bytes:
-        """What besides the weights decides the function (model config, tokenizer), as bytes."""
-        return b""
-
-    def identity(self) -> str:
-        """A hash of the weights, the model config and the tokenizer: the rollout manifest records
-        it, the update checks it."""
-        return tensor_hash(self.modules(), self.identity_extra())
-
-    def to(self, device: str | torch.device) -> Policy:
-        for module in self.modules().values():
-            module.to(device)
-        self.device = torch.device(device)
-        return self
-
-
-# --------------------------------------------------------------------------------------------
-# The tiny presets: a denoiser (SD3 transformer or UNet) on pixels or on a small autoencoder's
 # latents + small CLIP text encoder + word-level tokenizer.
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]  # CLIP pools at [EOS]; id 2 would trigger its legacy path
@@ -304,7 +201,7 @@ class TinyPolicy(Policy):
     def __init__(self, config: TinyConfig, denoiser=None, text_encoder=None, tokenizer=None, autoencoder=None) -> None:
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-        _quiet_hub_libraries()
+        quiet_hub_libraries()
         self.config = config
         self.device = torch.device("cpu")
         self.tokenizer = tokenizer or build_word_tokenizer(config.vocab, config.max_prompt_tokens)
@@ -386,6 +283,14 @@ class TinyPolicy(Policy):
             modules["vae"] = self.autoencoder
         return modules
 
+    def identity(self) -> str:
+        """A hash of every weight, the model config and the tokenizer."""
+        return tensor_hash(self.modules(), self.identity_extra())
+
+    @property
+    def pixels_per_state(self) -> int:  # type: ignore[override]
+        return self.config.image_size // self.config.state_size
+
     def identity_extra(self) -> bytes:
         config = asdict(self.config)
         latents = ""  # the latent scaling is config, not weights, and decides what decode draws
@@ -401,11 +306,14 @@ class TinyPolicy(Policy):
         self.tokenizer.save_pretrained(path / "tokenizer")
 
     @classmethod
-    def load(cls, path: Path, model_config: dict[str, Any]) -> TinyPolicy:
+    def load(cls, path: Path, model_config: dict[str, Any], dtype: torch.dtype = torch.float32) -> TinyPolicy:
+        if dtype != torch.float32:
+            raise TempflowError("tiny policies run in fp32 only (--dtype fp32): their identity is the hash of their "
+                                "float32 weights")
         from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
         from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
-        _quiet_hub_libraries()
+        quiet_hub_libraries()
         config = TinyConfig(**model_config)
         model_class = UNet2DConditionModel if config.denoiser == "unet" else SD3Transformer2DModel
         # safetensors only: a policy folder never makes tempflow read a pickle-based weights file
@@ -420,7 +328,6 @@ class TinyPolicy(Policy):
         return cls(config, denoiser=denoiser, text_encoder=text_encoder, tokenizer=tokenizer, autoencoder=autoencoder)
 
 
-POLICIES: dict[str, type[Policy]] = {"tiny": TinyPolicy}
 PRESETS: dict[str, str] = {
     "tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config",
     "shapes": "the shapes world's model: a UNet (channels 32/64, text cross-attention at its coarsest "
@@ -442,26 +349,9 @@ PRESET_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-# --------------------------------------------------------------------------------------------
-# Policy folders
 
 
-@dataclass
-class PolicyRecord:
-    """The bookkeeping in a policy folder's config.json, beside the weights."""
-
-    kind: str
-    model: dict[str, Any]
-    step: int = 0
-    """Number of GRPO updates applied since ``init``."""
-    reference: dict[str, str] | None = None
-    """``{"path": ..., "identity": ...}`` of the KL reference policy, the path relative to this
-    policy folder; ``None``: this policy itself."""
-    identity: str = ""
-    """Hash of the weights when saved (recomputed and checked on load)."""
-
-
-def build_policy(preset: str, seed: int, model_overrides: dict[str, Any] | None = None) -> Policy:
+def build_policy(preset: str, seed: int, model_overrides: dict[str, Any] | None = None) -> TinyPolicy:
     """A freshly initialised policy of a preset (weights drawn with ``torch.manual_seed(seed)``)."""
     if preset not in PRESETS:
         raise TempflowError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -470,94 +360,5 @@ def build_policy(preset: str, seed: int, model_overrides: dict[str, Any] | None 
     return TinyPolicy(TinyConfig(**{**PRESET_MODELS[preset], **(model_overrides or {})}))
 
 
-def model_config(policy: Policy) -> dict[str, Any]:
-    return asdict(policy.config)  # type: ignore[attr-defined]
-
-
-def save_policy(policy: Policy, path: Path, record: PolicyRecord) -> None:
-    """Write weights and config.json into ``path`` (an empty folder: callers make it atomic); a
-    non-finite weight is refused, naming it, before anything is written."""
-    for prefix, module in policy.modules().items():
-        for name, tensor in module.state_dict().items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise TempflowError(f"{prefix}.{name} holds NaN or infinite values; a policy is never written so")
-    path.mkdir(parents=True, exist_ok=True)
-    policy.save_weights(path)
-    record.identity = policy.identity()
-    config = {"format": POLICY_FORMAT, **asdict(record)}
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-_IDENTITY = re.compile(r"^[0-9a-f]{64}$")
-
-
-def read_policy_record(path: Path) -> PolicyRecord:
-    """The bookkeeping of a policy folder, each field checked: a folder whose config.json was edited
-    into another shape is refused, never guessed at."""
-    from stages.artifacts import read_json
-
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        raise TempflowError(f"{path}: not a policy folder (no config.json); create one with `tempflow init`")
-    config = read_json(config_path, "a policy config.json written by tempflow")
-    if not isinstance(config, dict) or config.get("format") != POLICY_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise TempflowError(f"{config_path}: policy format {found!r}, this tempflow reads {POLICY_FORMAT!r}")
-    if config.get("kind") not in POLICIES:
-        raise TempflowError(f"{config_path}: unknown policy kind {config.get('kind')!r}; known: {', '.join(POLICIES)}")
-    config.pop("format")
-    try:
-        record = PolicyRecord(**config)
-    except TypeError as err:
-        raise TempflowError(f"{config_path}: unexpected policy fields ({err}); the policy folder is damaged") from None
-    problem = _record_problem(record)
-    if problem:
-        raise TempflowError(f"{config_path}: {problem}; the policy folder is damaged")
-    return record
-
-
-def _record_problem(record: PolicyRecord) -> str | None:
-    if not isinstance(record.identity, str) or not _IDENTITY.match(record.identity):
-        return f"identity {record.identity!r} is not the sha256 of its weights (every policy folder records one)"
-    if not isinstance(record.step, int) or isinstance(record.step, bool) or record.step < 0:
-        return f"step {record.step!r} is not a count of updates"
-    if not isinstance(record.model, dict):
-        return "model is not an object"
-    ref = record.reference
-    if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("path"), str)
-                                and isinstance(ref.get("identity"), str) and _IDENTITY.match(ref["identity"])):
-        return f"reference {ref!r} is not {{path, identity}}"
-    return None
-
-
-def resolve_device(device: str) -> torch.device:
-    """A torch device that exists on this machine, or a one-line error saying what does."""
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        resolved = None
-    if resolved is None or resolved.type not in ("cpu", "cuda"):
-        raise TempflowError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise TempflowError(f"--device {device}: this torch has no CUDA device available; use --device cpu")
-    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
-        raise TempflowError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    return resolved
-
-
-def load_policy(path: Path | str, device: str = "cpu") -> tuple[Policy, PolicyRecord]:
-    """Load a policy folder; refuses one whose weights do not match the identity it was saved with."""
-    path = Path(path)
-    resolve_device(device)
-    record = read_policy_record(path)
-    try:
-        policy = POLICIES[record.kind].load(path, record.model)
-    except TempflowError as err:
-        raise TempflowError(f"{path}/config.json: {err}") from None
-    except Exception as err:  # diffusers, transformers and safetensors each raise their own kinds
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise TempflowError(f"{path}: cannot load the {record.kind} policy ({first_line})") from err
-    policy.to(device)
-    if policy.identity() != record.identity:
-        raise TempflowError(f"{path}: weights do not match the identity in config.json; the folder was modified")
-    return policy, record
+def model_config(policy: TinyPolicy) -> dict[str, Any]:
+    return asdict(policy.config)

@@ -1,0 +1,294 @@
+"""Policies: the models that are sampled and trained, behind one small interface.
+
+A policy encodes prompts, predicts the velocity at ``(x, sigma)``, and decodes a final state to
+images. It is stored as a folder laid out like a diffusers pipeline (``transformer/`` or ``unet/``,
+``text_encoder/``, ``tokenizer/``) plus tempflow's own ``config.json``:
+
+    {"format": "tempflow.policy/1", "kind": "tiny", "model": {...}, "step": 0, "reference": null}
+
+``kind`` selects the class in :data:`POLICY_KINDS`; ``step`` counts the updates applied; ``reference``
+names the policy the KL term is measured against (``null``: the policy is its own reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from stages.errors import TempflowError
+
+POLICY_FORMAT = "tempflow.policy/1"
+POLICY_KINDS = {  # kind -> its class, imported when a policy of that kind is loaded
+    "tiny": "stages.policies.tiny:TinyPolicy",
+    "sd3": "stages.policies.sd3:SD3Policy",
+    "flux": "stages.policies.flux:FluxPolicy",
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def quiet_hub_libraries() -> None:
+    """diffusers and transformers draw their own tqdm bars on save/load; progress is the CLI's job."""
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+Cond = dict[str, Tensor]  # prompt conditioning, every tensor batch-first
+
+
+def index_cond(cond: Cond, index: Tensor | list[int]) -> Cond:
+    """Rows ``index`` of every tensor in ``cond`` (e.g. one row per sample from one row per prompt)."""
+    index = torch.as_tensor(index, dtype=torch.long)
+    return {name: t[index] for name, t in cond.items()}
+
+
+def tensor_hash(modules: dict[str, nn.Module], extra: bytes = b"") -> str:
+    """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer, in name order.
+
+    Independent of file format and of how the weights were loaded: two policies with the same
+    identity compute the same function.
+    """
+    digest = hashlib.sha256(extra)
+    for prefix in sorted(modules):
+        state = modules[prefix].state_dict()
+        for name in sorted(state):
+            t = state[name].detach().cpu().contiguous()
+            digest.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
+            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+class Policy(ABC):
+    """A text-conditioned flow model. ``x`` is the model's state (pixels or latents), batch-first.
+
+    Beyond the abstract methods, a kind may override the hooks below them: how it samples (resolution,
+    guidance, schedule), and whether it carries its own KL reference (a LoRA adapter disabled)."""
+
+    kind: ClassVar[str]
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    """What the models compute in; states, log-probs and the loss stay float32."""
+
+    @property
+    @abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one state ``x`` without the batch dim, e.g. ``(C, H, W)``."""
+
+    @abstractmethod
+    def encode(self, prompts: list[str]) -> Cond:
+        """Conditioning for each prompt (no gradient: text encoders stay frozen)."""
+
+    @abstractmethod
+    def velocity(self, x: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        """Predicted velocity ``~ noise - x_data`` at noise level ``sigma`` (shape ``(B,)``), float32."""
+
+    @abstractmethod
+    def decode(self, x: Tensor) -> np.ndarray:
+        """Final states to images, uint8 ``(B, H, W, 3)``."""
+
+    @abstractmethod
+    def trainable(self) -> nn.Module:
+        """The module whose parameters GRPO updates."""
+
+    @abstractmethod
+    def modules(self) -> dict[str, nn.Module]:
+        """Every module loaded now (moved by :meth:`to`)."""
+
+    @abstractmethod
+    def save_weights(self, path: Path) -> None:
+        """Write the weights under ``path`` (the policy folder; config.json is written by the caller)."""
+
+    @abstractmethod
+    def identity(self) -> str:
+        """A sha256 of what decides the function: the rollout manifest records it, the update checks it."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: Path, model_config: dict[str, Any], dtype: torch.dtype = torch.float32) -> Policy:
+        """Load from a policy folder whose config.json had ``model = model_config``."""
+
+    # -- hooks with defaults ------------------------------------------------------------------
+
+    def saved_tensors(self) -> dict[str, Tensor]:
+        """Every tensor :meth:`save_weights` writes (checked finite before anything is written)."""
+        return {f"{prefix}.{name}": t for prefix, module in self.modules().items()
+                for name, t in module.state_dict().items()}
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        """The parameters GRPO updates, by name (the optimizer state is stored by these names)."""
+        return [(n, p) for n, p in self.trainable().named_parameters() if p.requires_grad]
+
+    def configure_sampling(self, resolution: int, guidance_scale: float, negative_prompt: str) -> dict[str, Any]:
+        """Set how this policy samples and return the resolved values (the rollout records them, the
+        update passes them back). ``0`` means the kind's default. Kinds without guidance refuse it."""
+        side = self.sample_shape[-1] * self.pixels_per_state
+        if resolution not in (0, side):
+            raise TempflowError(f"--resolution {resolution}: a {self.kind} policy draws {side}x{side} images only "
+                                "(its size is fixed when it is created)")
+        if guidance_scale not in (0.0, 1.0) or negative_prompt:
+            raise TempflowError(f"a {self.kind} policy has no classifier-free guidance: leave --guidance-scale and "
+                                "--negative-prompt unset")
+        return {"resolution": side, "guidance_scale": None, "negative_prompt": None}
+
+    pixels_per_state: int = 1
+    """Image pixels per state element along a side (a latent policy's autoencoder factor)."""
+
+    @property
+    def negative_prompt(self) -> str | None:
+        """The prompt of the unconditional branch when classifier-free guidance is on, else None."""
+        return None
+
+    def sigmas(self, num_steps: int, shift: float) -> Tensor:
+        """The sampling schedule (SD3's static shift; FLUX overrides it with its resolution-dependent one)."""
+        from stages.flow import make_sigmas
+
+        return make_sigmas(num_steps, shift)
+
+    def builtin_reference(self) -> Any | None:
+        """A context manager under which the policy computes its KL reference (a LoRA adapter
+        disabled), or None: the reference is another policy folder, loaded beside it."""
+        return None
+
+    def to(self, device: str | torch.device) -> Policy:
+        for module in self.modules().values():
+            module.to(device)
+        self.device = torch.device(device)
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Policy folders
+
+
+@dataclass
+class PolicyRecord:
+    """The bookkeeping in a policy folder's config.json, beside the weights."""
+
+    kind: str
+    model: dict[str, Any]
+    step: int = 0
+    """Number of GRPO updates applied since ``init``."""
+    reference: dict[str, str] | None = None
+    """``{"path": ..., "identity": ...}`` of the KL reference policy, the path relative to this
+    policy folder; ``None``: this policy itself."""
+    identity: str = ""
+    """Hash of the weights when saved (recomputed and checked on load)."""
+
+
+def save_policy(policy: Policy, path: Path, record: PolicyRecord) -> None:
+    """Write weights and config.json into ``path`` (an empty folder: callers make it atomic); a
+    non-finite weight is refused, naming it, before anything is written."""
+    for name, tensor in policy.saved_tensors().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise TempflowError(f"{name} holds NaN or infinite values; a policy is never written so")
+    path.mkdir(parents=True, exist_ok=True)
+    policy.save_weights(path)
+    record.identity = policy.identity()
+    config = {"format": POLICY_FORMAT, **asdict(record)}
+    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+_IDENTITY = re.compile(r"^[0-9a-f]{64}$")
+
+
+def read_policy_record(path: Path) -> PolicyRecord:
+    """The bookkeeping of a policy folder, each field checked: a folder whose config.json was edited
+    into another shape is refused, never guessed at."""
+    from stages.artifacts import read_json
+
+    config_path = Path(path) / "config.json"
+    if not config_path.is_file():
+        raise TempflowError(f"{path}: not a policy folder (no config.json); create one with `tempflow init`")
+    config = read_json(config_path, "a policy config.json written by tempflow")
+    if not isinstance(config, dict) or config.get("format") != POLICY_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise TempflowError(f"{config_path}: policy format {found!r}, this tempflow reads {POLICY_FORMAT!r}")
+    if config.get("kind") not in POLICY_KINDS:
+        raise TempflowError(f"{config_path}: unknown policy kind {config.get('kind')!r}; known: {', '.join(POLICY_KINDS)}")
+    config.pop("format")
+    try:
+        record = PolicyRecord(**config)
+    except TypeError as err:
+        raise TempflowError(f"{config_path}: unexpected policy fields ({err}); the policy folder is damaged") from None
+    problem = _record_problem(record)
+    if problem:
+        raise TempflowError(f"{config_path}: {problem}; the policy folder is damaged")
+    return record
+
+
+def _record_problem(record: PolicyRecord) -> str | None:
+    if not isinstance(record.identity, str) or not _IDENTITY.match(record.identity):
+        return f"identity {record.identity!r} is not the sha256 of its weights (every policy folder records one)"
+    if not isinstance(record.step, int) or isinstance(record.step, bool) or record.step < 0:
+        return f"step {record.step!r} is not a count of updates"
+    if not isinstance(record.model, dict):
+        return "model is not an object"
+    ref = record.reference
+    if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("path"), str)
+                                and isinstance(ref.get("identity"), str) and _IDENTITY.match(ref["identity"])):
+        return f"reference {ref!r} is not {{path, identity}}"
+    return None
+
+
+def resolve_device(device: str) -> torch.device:
+    """A torch device that exists on this machine, or a one-line error saying what does."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise TempflowError(f"--device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise TempflowError(f"--device {device}: this torch has no CUDA device available; use --device cpu")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise TempflowError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return resolved
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """``fp32``/``bf16``/``fp16`` to a torch dtype, or a one-line error naming the choices."""
+    if name not in DTYPES:
+        raise TempflowError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def policy_class(kind: str) -> type[Policy]:
+    """The class of a policy kind, imported on demand (a kind's module loads only when it is used)."""
+    import importlib
+
+    module, _, name = POLICY_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_policy(path: Path | str, device: str = "cpu", dtype: str = "fp32") -> tuple[Policy, PolicyRecord]:
+    """Load a policy folder; refuses one whose weights do not match the identity it was saved with."""
+    path = Path(path)
+    resolve_device(device)
+    torch_dtype = resolve_dtype(dtype)
+    record = read_policy_record(path)
+    try:
+        policy = policy_class(record.kind).load(path, record.model, torch_dtype)
+    except TempflowError as err:
+        raise TempflowError(f"{path}/config.json: {err}") from None
+    except Exception as err:  # diffusers, transformers and safetensors each raise their own kinds
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TempflowError(f"{path}: cannot load the {record.kind} policy ({first_line})") from err
+    policy.to(device)
+    if policy.identity() != record.identity:
+        raise TempflowError(f"{path}: weights do not match the identity in config.json; the folder was modified")
+    return policy, record
