@@ -43,9 +43,12 @@ import numpy as np
 
 from stages.errors import TempflowError
 
-ROLLOUT_SCHEMA = "tempflow.rollout/1"
+ROLLOUT_SCHEMA = "tempflow.rollout/2"  # 2: prompt embeddings, sampling settings and dtype
 SCORES_SCHEMA = "tempflow.scores/1"
 MANIFEST = "manifest.json"
+EMBEDDINGS = "embeddings.safetensors"
+"""Each prompt's conditioning once (``prompt.NAME``, one row per manifest prompt) and the negative
+prompt's (``negative.NAME``, one row) when guidance uses one; float32."""
 SAMPLE_FIELDS = ("meta.json", "state.npy", "next.npy", "image.png")
 REQUIRED_FIELDS = ("meta.json", "state.npy", "next.npy")
 META_FIELDS = ("prompt", "prompt_index", "seed", "group", "step", "branch", "sigma", "sigma_next", "log_prob", "algo")
@@ -566,7 +569,8 @@ def check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
     def bad(field: str, expected: str) -> TempflowError:
         return TempflowError(f"{where}: {field} {_short(manifest.get(field))} is not {expected}; the manifest is damaged")
 
-    for key in ("shards", "samples", "config", "policy", "nfe", "prompts", "sigmas", "sample_shape"):
+    for key in ("shards", "samples", "config", "policy", "nfe", "prompts", "sigmas", "sample_shape", "sampling",
+                "embeddings", "dtype"):
         if key not in manifest:
             raise TempflowError(f"{where}: missing {key!r}; the manifest is damaged")
     if not _is_int(manifest["samples"]) or manifest["samples"] < 1:
@@ -588,7 +592,37 @@ def check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
             or sigmas[0] != 1.0 or sigmas[-1] != 0.0 or any(a <= b for a, b in zip(sigmas, sigmas[1:]))):
         raise bad("sigmas", f"{config.num_steps + 1} numbers falling from 1 to 0")
     _check_shard_list(manifest["shards"], manifest["samples"], where)
+    _check_sampling(manifest, where, bad)
     return manifest
+
+
+def _check_sampling(manifest: dict[str, Any], where: Path, bad: Any) -> None:
+    """The settings the update must sample with again: resolution, guidance, negative prompt, dtype,
+    and the embeddings file's hash."""
+    from stages.policies.base import DTYPES
+
+    sampling = manifest["sampling"]
+    if not (isinstance(sampling, dict) and set(sampling) == {"resolution", "guidance_scale", "negative_prompt"}
+            and _is_int(sampling["resolution"]) and sampling["resolution"] > 0
+            and (sampling["guidance_scale"] is None or _is_number(sampling["guidance_scale"]))
+            and (sampling["negative_prompt"] is None or isinstance(sampling["negative_prompt"], str))):
+        raise bad("sampling", "{resolution, guidance_scale, negative_prompt}")
+    if manifest["dtype"] not in DTYPES:
+        raise bad("dtype", f"one of {', '.join(DTYPES)}")
+    embeddings = manifest["embeddings"]
+    if not (isinstance(embeddings, dict) and embeddings.get("file") == EMBEDDINGS
+            and isinstance(embeddings.get("sha256"), str) and _SHA256.match(embeddings["sha256"])):
+        raise bad("embeddings", f"{{file: {EMBEDDINGS}, sha256}}")
+
+
+def write_embeddings(folder: Path, cond: dict[str, Any], negative: dict[str, Any] | None) -> dict[str, str]:
+    """Store the rollout's conditioning once (float32 safetensors); returns the manifest's entry."""
+    from safetensors.torch import save_file
+
+    tensors = {f"prompt.{name}": t.float().contiguous() for name, t in cond.items()}
+    tensors.update({f"negative.{name}": t.float().contiguous() for name, t in (negative or {}).items()})
+    save_file(tensors, folder / EMBEDDINGS)
+    return {"file": EMBEDDINGS, "sha256": sha256_file(folder / EMBEDDINGS)}
 
 
 def _manifest_config(config: Any, where: Path):
@@ -692,6 +726,30 @@ class Rollout:
                                     "nothing was written, run the stage again once the rollout is complete")
         if len(seen) != self.manifest["samples"]:
             raise TempflowError(f"{self.folder}: manifest lists {self.manifest['samples']} samples, shards hold {len(seen)}")
+
+    def embeddings(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The stored conditioning: one row per prompt, and the negative prompt's (or None), read
+        from bytes checked against the manifest's sha256, each tensor checked in shape and finite."""
+        from safetensors.torch import load as load_bytes
+
+        path = self.folder / EMBEDDINGS
+        if not path.is_file():
+            raise TempflowError(f"{path}: listed in the manifest but missing; the rollout is incomplete")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != self.manifest["embeddings"]["sha256"]:
+            raise TempflowError(f"{path}: sha256 does not match the manifest; the rollout is damaged")
+        tensors = load_bytes(data)
+        cond = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("prompt.")}
+        negative = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith("negative.")}
+        rows = len(self.manifest["prompts"])
+        for name, t in tensors.items():
+            expected = 1 if name.startswith("negative.") else rows
+            if (not name.startswith(("prompt.", "negative.")) or not t.is_floating_point() or t.ndim < 1
+                    or t.shape[0] != expected or not bool(t.isfinite().all())):
+                raise TempflowError(f"{path}: tensor {name} is not {expected} finite float rows; the rollout is damaged")
+        if not cond:
+            raise TempflowError(f"{path}: no prompt embeddings; the rollout is damaged")
+        return cond, negative or None
 
     def close(self) -> None:
         for handle in self._files:

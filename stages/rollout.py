@@ -38,11 +38,12 @@ from stages.artifacts import (
     npy_bytes,
     png_bytes,
     seed_group,
+    write_embeddings,
     write_manifest,
 )
 from stages.errors import TempflowError
 from stages.flow import make_sigmas, ode_step, sde_step
-from stages.policies import Cond, Policy, index_cond
+from stages.policies import Cond, Policy, dtype_name, index_cond, with_negative
 from stages.limits import check_at_most, check_memory, check_seed
 from stages.progress import Progress, no_progress
 
@@ -82,6 +83,14 @@ class RolloutConfig:
     """Draw this many distinct prompts from the file for this rollout (with --seed); 0: use them all."""
     samples_per_shard: int = 256
     """Samples per webdataset shard."""
+    resolution: int = 0
+    """Image side in pixels; 0: the model's own (tiny: its image size; sd3: the transformer's sample
+    size x the VAE factor, 1024 for SD3.5; flux: 1024). Must be a multiple of VAE factor x patch size."""
+    guidance_scale: float = 0.0
+    """Guidance; 0: the kind's default (sd3: classifier-free guidance 4.5, as Flow-GRPO; FLUX dev-shaped:
+    the guidance embedding 3.5; tiny and FLUX schnell-shaped: none). 1 turns sd3's guidance off."""
+    negative_prompt: str = ""
+    """The unconditional branch's prompt of sd3's classifier-free guidance (FLUX takes none)."""
 
     def __post_init__(self) -> None:
         if self.algo not in ALGORITHMS:
@@ -132,6 +141,12 @@ class RolloutConfig:
         check_at_most("batch-size", self.batch_size, 65536, "one forward pass would hold that many states and their activations")
         check_at_most("samples-per-shard", self.samples_per_shard, 10**6, "a shard is written and hashed whole")
         check_at_most("prompts-per-rollout", self.prompts_per_rollout, 10**7, "every prompt's embedding is held in memory")
+        check_at_most("resolution", self.resolution, 8192, "one latent state alone would fill a GPU")
+        if self.resolution < 0:
+            raise TempflowError(f"--resolution must be >= 0, 0 meaning the model's own (got {self.resolution})")
+        if not (math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= 100):
+            raise TempflowError(f"--guidance-scale {self.guidance_scale:g} must lie in [0, 100] (0: the kind's default)")
+        check_at_most("negative-prompt", len(self.negative_prompt), 10000, "characters make a prompt no tokenizer keeps")
 
     def resolve_branch_steps(self) -> list[int]:
         """The branch set B for this rollout, a sorted subset of 0..T-2."""
@@ -222,20 +237,17 @@ class _Sampler:
     def __init__(self, policy: Policy, prompts: list[str], config: RolloutConfig, writer: ShardWriter,
                  progress: Progress, total_nfe: int) -> None:
         self.policy, self.prompts, self.config, self.writer = policy, prompts, config, writer
-        self.sigmas = make_sigmas(config.num_steps, config.shift)
+        self.sigmas = policy_sigmas(policy, config)
         self.progress, self.total_nfe = progress, total_nfe
         self.nfe = 0
-        self.cond_all = self._encode_all()
-
-    def _encode_all(self) -> Cond:
-        chunks = [self.policy.encode(self.prompts[i:i + 256]) for i in range(0, len(self.prompts), 256)]
-        return {name: torch.cat([c[name] for c in chunks]) for name in chunks[0]}
+        self.cond, self.negative = encode_prompts(policy, prompts)
+        self.cond_all = with_negative(self.cond, self.negative)
 
     @torch.no_grad()
     def velocity(self, x: Tensor, at: Tensor, prompt_index: list[int]) -> Tensor:
         """Velocity for states ``x`` at sigma indices ``at`` (one per row)."""
         device = self.policy.device
-        v = self.policy.velocity(x.to(device), self.sigmas[at].to(device), index_cond(self.cond_all, prompt_index))
+        v = self.policy.velocity(x.to(device), self.sigmas[at].to(device), index_cond(self.cond_all, prompt_index, device))
         if not torch.isfinite(v).all():
             row = int((~torch.isfinite(v)).flatten(1).any(1).nonzero()[0])
             raise TempflowError(
@@ -279,6 +291,27 @@ class _Sampler:
             fields["image.png"] = png_bytes(image)
         self.writer.write(key, fields)
         return key
+
+
+def encode_prompts(policy: Policy, prompts: list[str]) -> tuple[Cond, Cond | None]:
+    """Each prompt's conditioning (float32, CPU), 64 prompts per text-encoder call, and the negative
+    prompt's when the policy's guidance uses one: the text encoders run once per rollout."""
+    chunks = [policy.encode(prompts[i:i + 64]) for i in range(0, len(prompts), 64)]
+    cond = {name: torch.cat([c[name].float().cpu() for c in chunks]) for name in chunks[0]}
+    negative = None
+    if policy.negative_prompt is not None:
+        negative = {name: t.float().cpu() for name, t in policy.encode([policy.negative_prompt]).items()}
+    return cond, negative
+
+
+def policy_sigmas(policy: Policy, config: RolloutConfig) -> Tensor:
+    """The policy's schedule for this config (FLUX's depends on the resolution), strictly falling to 0."""
+    sigmas = policy.sigmas(config.num_steps, config.shift).to(torch.float32)
+    if sigmas.shape != (config.num_steps + 1,) or float(sigmas[0]) != 1.0 or float(sigmas[-1]) != 0.0 \
+            or not bool((sigmas[:-1] > sigmas[1:]).all()):
+        raise TempflowError(f"the {policy.kind} policy's schedule for {config.num_steps} steps is not {config.num_steps + 1} "
+                            "sigmas falling from 1 to 0; use more or fewer --num-steps")
+    return sigmas
 
 
 def _trajectories(config: RolloutConfig, num_prompts: int) -> list[Trajectory]:
@@ -393,6 +426,7 @@ def run_rollout(
     check_out_free(out, overwrite, inputs)
     if not prompts:
         raise TempflowError("no prompts to roll out")
+    sampling = policy.configure_sampling(config.resolution, config.guidance_scale, config.negative_prompt)
     state_bytes = 4 * math.prod(policy.sample_shape)
     pending = config.batch_size * (config.branches + 2) if config.algo == "tempflow" else config.batch_size * config.num_steps
     check_memory(f"--batch-size {config.batch_size} with --branches {config.branches}", 3 * pending * state_bytes,
@@ -407,6 +441,7 @@ def run_rollout(
         (_tempflow if config.algo == "tempflow" else _flow_grpo)(sampler, trajs)
         shards = writer.close()
         assert sampler.nfe == total, (sampler.nfe, total)  # planned_nfe is the documented cost
+        embeddings = write_embeddings(tmp, sampler.cond, sampler.negative)
         write_manifest(tmp, {
             "config": asdict(config),
             "branch_steps": config.resolve_branch_steps() if config.algo == "tempflow" else config.sde_window(),
@@ -414,6 +449,9 @@ def run_rollout(
             "prompts": prompts,
             "policy": policy_info,
             "sample_shape": list(policy.sample_shape),
+            "sampling": sampling,
+            "dtype": dtype_name(policy.dtype),
+            "embeddings": embeddings,
             "samples": writer.count,
             "nfe": sampler.nfe,
             "shards": shards,

@@ -39,7 +39,16 @@ from stages.artifacts import (
 )
 from stages.errors import TempflowError
 from stages.flow import grpo_loss, group_advantages, kl_to_reference, noise_aware_weights, sde_step
-from stages.policies import Cond, Policy, PolicyRecord, index_cond, load_policy, read_policy_record, save_policy
+from stages.policies import (
+    Cond,
+    Policy,
+    PolicyRecord,
+    index_cond,
+    load_policy,
+    read_policy_record,
+    save_policy,
+    with_negative,
+)
 from stages.limits import check_at_most, check_memory, check_seed
 from stages.progress import Progress, no_progress
 
@@ -300,18 +309,24 @@ class Stats:
 
 
 class Trainer:
-    def __init__(self, policy: Policy, reference: Policy | None, prompts: list[str], noise_level: float,
+    """GRPO steps on one policy. ``cond`` is the rollout's stored conditioning, one row per prompt;
+    the KL reference is ``reference`` (another policy) or the policy's own built-in one (a LoRA
+    adapter disabled)."""
+
+    def __init__(self, policy: Policy, reference: Policy | None, cond: Cond, noise_level: float,
                  config: UpdateConfig) -> None:
         self.policy, self.reference, self.config, self.noise_level = policy, reference, config, noise_level
-        self.cond = policy.encode(prompts)
-        self.params = [p for p in policy.trainable().parameters() if p.requires_grad]
+        self.cond = cond
+        policy.prepare_training()
+        self.named_params = policy.trainable_parameters()
+        self.params = [p for _, p in self.named_params]
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.stats = Stats()
         self.last: tuple[Tensor, Tensor, Cond] | None = None  # the last batch's inputs, for check_result
 
     def step(self, batch: Batch) -> None:
         cfg, device = self.config, self.policy.device
-        cond = index_cond(self.cond, batch.prompt_index)
+        cond = index_cond(self.cond, batch.prompt_index, device)
         shape = (-1,) + (1,) * (batch.state.ndim - 1)
         sigma, sigma_next = batch.sigma.reshape(shape).to(device), batch.sigma_next.reshape(shape).to(device)
         state, nxt = batch.state.to(device), batch.next.to(device)
@@ -324,9 +339,9 @@ class Trainer:
         policy_loss = grpo_loss(new.log_prob, log_prob_old, batch.advantage.to(device), batch.weight.to(device),
                                 cfg.clip_range).mean()
         kl = torch.zeros((), device=device)
-        if self.reference is not None and cfg.beta > 0:
+        if cfg.beta > 0:
             with torch.no_grad():
-                v_ref = self.reference.velocity(state, batch.sigma.to(device), cond)
+                v_ref = self._reference_velocity(state, batch.sigma.to(device), cond)
                 ref = sde_step(v_ref, state, sigma, sigma_next, self.noise_level, prev_sample=nxt)
             kl = kl_to_reference(new.mean, ref.mean, new.std).mean()
         loss = policy_loss + cfg.beta * kl
@@ -343,11 +358,20 @@ class Trainer:
         self._record(loss, policy_loss, kl, ratio, grad_norm)
         self.last = (state, batch.sigma.to(device), cond)
 
+    def _reference_velocity(self, state: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
+        if self.reference is not None:
+            return self.reference.velocity(state, sigma, cond)
+        builtin = self.policy.builtin_reference()
+        if builtin is None:
+            raise TempflowError("--beta > 0 needs a KL reference; this policy has no built-in one")
+        with builtin:
+            return self.policy.velocity(state, sigma, cond)
+
     @torch.no_grad()
     def check_result(self) -> None:
         """The trained weights, and the velocity they give on the last batch, must be finite: a
         policy that cannot sample is never written."""
-        for name, param in self.policy.trainable().named_parameters():
+        for name, param in self.named_params:
             if not torch.isfinite(param).all():
                 raise TempflowError(f"the update made parameter {name} NaN or infinite; nothing was written. "
                                     f"Lower --learning-rate (now {self.config.learning_rate:g})")
@@ -419,14 +443,32 @@ def _resolve_reference(policy_dir: Path, record: PolicyRecord, reference_dir: Pa
     return policy_dir, record.identity
 
 
-def _load_reference(ref_path: Path, ref_identity: str, policy_dir: Path, device: str) -> Policy:
+def rollout_conditioning(policy: Policy, rollout: Rollout, embeddings: bool = True) -> Cond | None:
+    """Set ``policy`` to sample as the rollout recorded (resolution, guidance, negative prompt) and
+    return the rollout's stored conditioning (text encoders never run in an update)."""
+    manifest, where = rollout.manifest, rollout.folder / "manifest.json"
+    sampling = manifest["sampling"]
+    policy.configure_sampling(sampling["resolution"], sampling["guidance_scale"] or 0.0, sampling["negative_prompt"] or "")
+    if list(policy.sample_shape) != manifest["sample_shape"] or policy.negative_prompt != sampling["negative_prompt"]:
+        raise TempflowError(f"{where}: sampled states {manifest['sample_shape']} with {sampling}, which this policy "
+                            f"cannot reproduce (its states are {list(policy.sample_shape)})")
+    if not embeddings:
+        return None
+    cond, negative = rollout.embeddings()
+    if (negative is None) != (policy.negative_prompt is None):
+        raise TempflowError(f"{rollout.folder}: the stored embeddings {'lack' if negative is None else 'hold'} a "
+                            "negative prompt's, unlike the manifest's sampling; the rollout is damaged")
+    return with_negative(cond, negative)
+
+
+def _load_reference(ref_path: Path, ref_identity: str, policy_dir: Path, device: str, dtype: str = "fp32") -> Policy:
     """The frozen KL reference, refused when missing or no longer the policy the run started from."""
     if not (ref_path / "config.json").is_file():
         raise TempflowError(
             f"reference policy {ref_path} (recorded in {policy_dir}/config.json) not found; "
             "pass --reference with the policy the run started from, or --beta 0"
         )
-    reference, loaded = load_policy(ref_path, device)  # checks the weights against loaded.identity
+    reference, loaded = load_policy(ref_path, device, dtype)  # checks the weights against loaded.identity
     if loaded.identity != ref_identity:
         raise TempflowError(f"reference policy {ref_path} changed since this run started from it; pass --reference")
     reference.trainable().eval().requires_grad_(False)
@@ -468,24 +510,34 @@ def run_update(
     device: str = "cpu",
     progress: Progress = no_progress,
     overwrite: bool = False,
+    dtype: str = "auto",
 ) -> UpdateResult:
-    """Train ``policy_dir`` on ``rollout`` scored by ``scores``; write the new policy folder ``out``."""
+    """Train ``policy_dir`` on ``rollout`` scored by ``scores``; write the new policy folder ``out``.
+    ``dtype`` ``auto`` runs the models in the dtype the rollout sampled with."""
     policy_dir, rollout, scores, out = Path(policy_dir), Path(rollout), Path(scores), Path(out)
     ref_path, ref_identity = _resolve_reference(policy_dir, read_policy_record(policy_dir), reference_dir)
     inputs = (policy_dir, rollout, scores, ref_path)  # the recorded KL reference is read too
     check_out_free(out, overwrite, inputs)
     if metrics_path is not None:
         check_out_free(metrics_path, overwrite, inputs, kind="file", outputs=(out,))
-    policy, record = load_policy(policy_dir, device)
     with Rollout(rollout) as opened:
+        manifest = opened.manifest
+        run_dtype = manifest["dtype"] if dtype == "auto" else dtype
+        policy, record = load_policy(policy_dir, device, run_dtype)
         _check_sampled_by(opened, record, policy_dir)
         check_memory(f"--shuffle-buffer {config.shuffle_buffer}",
                      3 * config.shuffle_buffer * 4 * math.prod(opened.shape), "lower --shuffle-buffer")
         plan = plan_update(opened, scores, config)
-        manifest = opened.manifest
-        reference = _load_reference(ref_path, ref_identity, policy_dir, device) if config.beta > 0 else None
-        trainer = Trainer(policy, reference, manifest["prompts"], manifest["config"]["noise_level"], config)
-        names = [n for n, p in policy.trainable().named_parameters() if p.requires_grad]
+        cond = rollout_conditioning(policy, opened)
+        reference = None
+        if config.beta > 0 and policy.builtin_reference() is None:
+            reference = _load_reference(ref_path, ref_identity, policy_dir, device, run_dtype)
+            rollout_conditioning(reference, opened, embeddings=False)
+        elif reference_dir is not None and read_policy_record(reference_dir).step != 0:
+            raise TempflowError(f"--reference {reference_dir} is a trained policy; a LoRA policy's KL reference is its "
+                                "base model (the adapter disabled): give the policy `tempflow init` made, or none")
+        trainer = Trainer(policy, reference, cond, manifest["config"]["noise_level"], config)
+        names = [n for n, _ in trainer.named_params]
         resumed = load_optimizer(trainer.optimizer, names, policy_dir)
         for group in trainer.optimizer.param_groups:  # this update's hyper-parameters win over stored ones
             group.update(lr=config.learning_rate, weight_decay=config.weight_decay)

@@ -150,38 +150,122 @@ def cli(debug: bool) -> None:
     """
 
 
+LORA_TARGETS_HELP = {  # mirrors stages.policies.lora.DEFAULT_TARGETS (importing it would load torch for --help)
+    "sd3": "attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out",
+    "flux": "sd3's plus ff.net.0.proj,ff.net.2,ff_context.net.0.proj,ff_context.net.2",
+}
+DTYPE_CHOICES = ["fp32", "bf16", "fp16"]
+
+
 @cli.command()
 @click.option("--preset", type=click.Choice(list(PRESET_HELP)), default="tiny", show_default=True,
-              help="Model to build. " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+              help="Model to build (without --from). " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
+@click.option("--from", "base_dir", type=click.Path(path_type=Path), default=None,
+              help="A diffusers pipeline folder to fine-tune instead of a preset: StableDiffusion3Pipeline (SD3, "
+                   "SD3.5; kind sd3) or FluxPipeline (FLUX.1 dev or schnell; kind flux), as model_index.json names "
+                   "it. The policy refers to it by absolute path and a fingerprint of its files, never copies it; "
+                   "a base folder that later moves or changes is refused.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Policy folder to create.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initial weights.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the random initial weights (a preset's model, or the LoRA adapter's A matrices).")
 @click.option("--image-size", type=int, default=32, show_default=True, help="Image side in pixels (the tiny and shapes presets).")
 @click.option("--vocab-from", type=click.Path(path_type=Path), default=None,
-              help="Prompts file whose words join the tokenizer's vocabulary (words outside it become [UNK]).")
+              help="Prompts file whose words join the tokenizer's vocabulary (presets; words outside it become [UNK]).")
+@click.option("--lora-rank", type=int, default=32, show_default=True,
+              help="With --from: rank r of the LoRA adapter that training changes (Flow-GRPO: 32 on SD3, 64 on FLUX).")
+@click.option("--lora-alpha", type=float, default=None,
+              help="With --from: LoRA alpha; the adapter's output is scaled by alpha / r. Default: twice the rank.")
+@click.option("--lora-targets", default=None,
+              help="With --from: comma-separated module-name suffixes the adapter wraps. Default: Flow-GRPO's for "
+                   "the kind; " + "; ".join(f"{k}: {v}" for k, v in LORA_TARGETS_HELP.items()) + ".")
+@click.option("--full", is_flag=True,
+              help="With --from: fine-tune the whole transformer instead of a LoRA adapter (float32 master weights; "
+                   "each update then writes the full transformer into its policy folder).")
+@click.option("--max-sequence-length", type=int, default=0, show_default=True,
+              help="With --from: T5 tokens per prompt; 0: the pipeline's own (sd3 256, flux 512).")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="fp32", show_default=True,
+              help="With --from: dtype the transformer is loaded in to attach the adapter (does not change it).")
 @OVERWRITE
-def init(preset: str, out: Path, seed: int, image_size: int, vocab_from: Path | None, overwrite: bool) -> None:
-    """Create a policy folder from a preset (config.json + safetensors weights)."""
+def init(preset: str, base_dir: Path | None, out: Path, seed: int, image_size: int, vocab_from: Path | None,
+         lora_rank: int, lora_alpha: float | None, lora_targets: str | None, full: bool, max_sequence_length: int,
+         dtype: str, overwrite: bool) -> None:
+    """Create a policy folder: from a preset (config.json + safetensors weights), or on a diffusers
+    pipeline folder with --from (config.json + a LoRA adapter that reproduces the base exactly)."""
     from stages.artifacts import atomic_output
-    from stages.policies import (
-        DEFAULT_WORDS,
-        PolicyRecord,
-        build_policy,
-        model_config,
-        prompt_words,
-        save_policy,
-    )
+    from stages.policies import PolicyRecord, save_policy
+
+    ctx = click.get_current_context()
+    if base_dir is not None:
+        _refuse_with_from(ctx, ("preset", "image_size", "vocab_from"))
+        from stages.policies.pipeline import init_from
+
+        policy = init_from(base_dir, seed=seed, lora=None if full else (lora_rank, lora_alpha, lora_targets),
+                           max_sequence_length=max_sequence_length, dtype=dtype)
+        rows: dict[str, Any] = {"kind": policy.kind, "base": policy.model["base"]["path"],
+                                "training": "full transformer" if full else f"LoRA r{policy.lora.rank} alpha {policy.lora.alpha:g}"}
+    else:
+        _refuse_without_from(ctx, ("lora_rank", "lora_alpha", "lora_targets", "full", "max_sequence_length", "dtype"))
+        policy = _preset_policy(preset, seed, image_size, vocab_from)
+        rows = {"preset": preset}
+    record = PolicyRecord(kind=policy.kind, model=policy.model if base_dir is not None else _model_config(policy))
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        save_policy(policy, tmp, record)
+    rows.update({"trainable parameters": sum(p.numel() for _, p in policy.trainable_parameters()),
+                 "state (sampled)": "x".join(map(str, policy.sample_shape)), "folder size": _size(out),
+                 "identity": record.identity[:16]})
+    summary(f"policy {out}", rows)
+
+
+def _preset_policy(preset: str, seed: int, image_size: int, vocab_from: Path | None) -> Any:
+    from stages.policies import DEFAULT_WORDS, build_policy, prompt_words
     from stages.prompts import read_prompts
 
     words = list(DEFAULT_WORDS)
     if vocab_from is not None:
         words += prompt_words(read_prompts(vocab_from))
-    policy = build_policy(preset, seed, {"image_size": image_size, "vocab": list(dict.fromkeys(words))})
-    record = PolicyRecord(kind=policy.kind, model=model_config(policy))
+    return build_policy(preset, seed, {"image_size": image_size, "vocab": list(dict.fromkeys(words))})
+
+
+def _model_config(policy: Any) -> dict[str, Any]:
+    from stages.policies import model_config
+
+    return model_config(policy)
+
+
+def _refuse_with_from(ctx: click.Context, names: tuple[str, ...]) -> None:
+    given = [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} describes a preset; with --from the model is the folder's")
+
+
+def _refuse_without_from(ctx: click.Context, names: tuple[str, ...]) -> None:
+    given = [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"--{given[0].replace('_', '-')} applies to a diffusers folder given with --from")
+
+
+def _size(folder: Path) -> str:
+    total = sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
+    return f"{total / 2**20:.2f} MiB"
+
+
+@cli.command(name="make-tiny")
+@click.argument("kind", type=click.Choice(["sd3", "flux-dev", "flux-schnell"]))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Pipeline folder to create.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@OVERWRITE
+def make_tiny(kind: str, out: Path, seed: int, overwrite: bool) -> None:
+    """Write a toy diffusers pipeline folder with random weights: the real classes of SD3.5
+    (sd3) or FLUX.1 (flux-dev, flux-schnell) at a size a CPU runs in seconds, tokenizer files
+    generated on the spot. Try `init --from` and the whole loop on it before your own model."""
+    from stages.artifacts import atomic_output
+    from stages.limits import check_seed
+    from stages.policies.tiny_pipelines import make_tiny_pipeline
+
+    check_seed("seed", seed)
     with atomic_output(out, overwrite=overwrite) as tmp:
-        save_policy(policy, tmp, record)
-    params = sum(p.numel() for p in policy.trainable().parameters())
-    summary(f"policy {out}", {"preset": preset, "trainable parameters": params, "state (sampled)": "x".join(map(str, policy.sample_shape)),
-                              "identity": record.identity[:16]})
+        make_tiny_pipeline(kind, tmp, seed)
+    summary(f"pipeline {out}", {"kind": kind, "folder size": _size(out)})
 
 
 def _rollout_options(fn):
@@ -196,16 +280,24 @@ def _rollout_options(fn):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Rollout folder to create.")
 @_rollout_options
 @DEVICE
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="fp32", show_default=True,
+              help="dtype the models (transformer, text encoders, VAE) compute in; the SDE math, log-probs and "
+                   "stored states stay float32. bf16 on a GPU for SD3.5/FLUX; tiny policies run in fp32 only.")
 @OVERWRITE
-def rollout(policy_dir: Path, prompts: Path, out: Path, device: str, overwrite: bool, **kwargs: Any) -> None:
-    """Sample trajectories and write trained transitions to webdataset shards."""
+def rollout(policy_dir: Path, prompts: Path, out: Path, device: str, dtype: str, overwrite: bool, **kwargs: Any) -> None:
+    """Sample trajectories and write trained transitions to webdataset shards.
+
+    The text encoders run once: every prompt's embeddings (and the negative prompt's) are stored in
+    the rollout, so the update never loads them. The manifest records the resolution, guidance,
+    schedule and dtype; the update samples with exactly those.
+    """
     from stages.policies import load_policy
     from stages.prompts import read_prompts
     from stages.rollout import RolloutConfig, run_rollout
 
     config = pop_config(RolloutConfig, kwargs)
     prompt_list = read_prompts(prompts)
-    policy, record = load_policy(policy_dir, device)
+    policy, record = load_policy(policy_dir, device, dtype)
     start = time.perf_counter()
     with progress_bars("NFE") as progress:
         result = run_rollout(policy, prompt_list, config, out,
@@ -272,21 +364,30 @@ def _update_options(fn):
 @click.option("--rewards", "scores", type=click.Path(path_type=Path), required=True, help="Scores parquet of that rollout.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="New policy folder to create.")
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
-              help="KL reference policy. Default: the one recorded in --policy, or --policy itself on the first update.")
+              help="KL reference policy. Default: the one recorded in --policy, or --policy itself on the first "
+                   "update. A LoRA policy's reference is always its base (the adapter disabled).")
 @click.option("--metrics", "metrics_path", type=click.Path(path_type=Path), default=None,
               help="Also write the update's metrics JSON here (it is always written into OUT/metrics.json).")
 @_update_options
 @DEVICE
+@click.option("--dtype", type=click.Choice(["auto", *DTYPE_CHOICES]), default="auto", show_default=True,
+              help="dtype the models compute in; auto: the rollout's (so the first-step ratio is 1).")
 @OVERWRITE
 def update(policy_dir: Path, rollout_dir: Path, scores: Path, out: Path, reference: Path | None,
-           metrics_path: Path | None, device: str, overwrite: bool, **kwargs: Any) -> None:
-    """Take one GRPO iteration (inner epochs of minibatch steps) and write the new policy."""
+           metrics_path: Path | None, device: str, dtype: str, overwrite: bool, **kwargs: Any) -> None:
+    """Take one GRPO iteration (inner epochs of minibatch steps) and write the new policy.
+
+    The prompts' conditioning comes from the rollout (no text encoder is loaded). A LoRA policy's KL
+    reference is its base with the adapter disabled (no second model); a LoRA policy folder holds
+    only the new adapter and its optimizer state.
+    """
     from stages.update import UpdateConfig, run_update
 
     config = pop_config(UpdateConfig, kwargs)
     with progress_bars("samples") as progress:
         result = run_update(policy_dir, rollout_dir, scores, out, config, reference_dir=reference,
-                            metrics_path=metrics_path, device=device, progress=progress, overwrite=overwrite)
+                            metrics_path=metrics_path, device=device, progress=progress, overwrite=overwrite,
+                            dtype=dtype)
     m = result.metrics
     summary(f"policy {out} (step {m['step']})", {
         k: m[k] for k in ("reward_mean", "trained_samples", "skipped_samples", "optimizer_steps", "loss", "policy_loss",

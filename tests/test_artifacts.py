@@ -228,7 +228,7 @@ def test_manifest_hashes_counts_and_nfe(policy_dir, tmp_path, algo, T, branch_st
     rollout = _rollout(policy_dir, tmp_path / "r", algo=algo, num_steps=T, branch_steps=branch_steps,
                        branches=K, samples_per_shard=7)
     manifest = _manifest(rollout)
-    assert manifest["schema"] == "tempflow.rollout/1"
+    assert manifest["schema"] == "tempflow.rollout/2"
     listed = [s["name"] for s in manifest["shards"]]
     assert sorted(p.name for p in rollout.glob("*.tar")) == sorted(listed)
     read = 0

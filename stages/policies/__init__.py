@@ -22,6 +22,7 @@ from stages.policies.base import (
     resolve_dtype,
     save_policy,
     tensor_hash,
+    with_negative,
 )
 from stages.policies.tiny import (
     DEFAULT_WORDS,
@@ -38,5 +39,5 @@ __all__ = [
     "DEFAULT_WORDS", "DTYPES", "POLICY_KINDS", "PRESETS", "PRESET_MODELS", "Cond", "Policy", "PolicyRecord",
     "TinyConfig", "TinyPolicy", "build_policy", "dtype_name", "index_cond", "load_policy", "model_config",
     "policy_class", "prompt_words", "read_policy_record", "resolve_device", "resolve_dtype", "save_policy",
-    "tensor_hash",
+    "tensor_hash", "with_negative",
 ]

@@ -47,10 +47,27 @@ def quiet_hub_libraries() -> None:
 Cond = dict[str, Tensor]  # prompt conditioning, every tensor batch-first
 
 
-def index_cond(cond: Cond, index: Tensor | list[int]) -> Cond:
-    """Rows ``index`` of every tensor in ``cond`` (e.g. one row per sample from one row per prompt)."""
+def index_cond(cond: Cond, index: Tensor | list[int], device: torch.device | str | None = None) -> Cond:
+    """Rows ``index`` of every tensor in ``cond`` (e.g. one row per sample from one row per prompt),
+    moved to ``device`` when given."""
     index = torch.as_tensor(index, dtype=torch.long)
-    return {name: t[index] for name, t in cond.items()}
+    return {name: t[index] if device is None else t[index].to(device) for name, t in cond.items()}
+
+
+def with_negative(cond: Cond, negative: Cond | None) -> Cond:
+    """``cond`` plus the negative prompt's conditioning as ``negative.NAME``, one (shared) row per prompt."""
+    rows = next(iter(cond.values())).shape[0]
+    extra = {f"negative.{name}": t.expand(rows, *t.shape[1:]) for name, t in (negative or {}).items()}
+    return {**cond, **extra}
+
+
+def tensors_digest(digest: Any, tensors: dict[str, Tensor]) -> str:
+    """Feed the names, dtypes, shapes and bytes of ``tensors`` (in name order) into ``digest``; its hex."""
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def tensor_hash(modules: dict[str, nn.Module], extra: bytes = b"") -> str:
@@ -62,10 +79,7 @@ def tensor_hash(modules: dict[str, nn.Module], extra: bytes = b"") -> str:
     digest = hashlib.sha256(extra)
     for prefix in sorted(modules):
         state = modules[prefix].state_dict()
-        for name in sorted(state):
-            t = state[name].detach().cpu().contiguous()
-            digest.update(f"{prefix}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
-            digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        tensors_digest(digest, {f"{prefix}.{name}": t for name, t in state.items()})
     return digest.hexdigest()
 
 
@@ -124,6 +138,9 @@ class Policy(ABC):
         """Every tensor :meth:`save_weights` writes (checked finite before anything is written)."""
         return {f"{prefix}.{name}": t for prefix, module in self.modules().items()
                 for name, t in module.state_dict().items()}
+
+    def prepare_training(self) -> None:
+        """Called once before an update trains the policy (full fine-tuning marks its weights its own)."""
 
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters GRPO updates, by name (the optimizer state is stored by these names)."""
