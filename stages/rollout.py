@@ -63,7 +63,8 @@ class RolloutConfig:
     num_steps: int = 10
     """T, sampling steps from pure noise to the image."""
     shift: float = 3.0
-    """Static timestep shift of the sigma schedule (SD3 uses 3)."""
+    """Static timestep shift of the sigma schedule (SD3 and SD3.5 use 3). FLUX policies ignore it and
+    use their scheduler's own (resolution-dependent for dev-shaped models); the manifest records the sigmas."""
     noise_level: float = 0.7
     """a, the SDE noise level of Flow-GRPO (0 would make the SDE an ODE, with nothing to learn)."""
     seeds_per_prompt: int = 2
@@ -85,7 +86,8 @@ class RolloutConfig:
     """Samples per webdataset shard."""
     resolution: int = 0
     """Image side in pixels; 0: the model's own (tiny: its image size; sd3: the transformer's sample
-    size x the VAE factor, 1024 for SD3.5; flux: 1024). Must be a multiple of VAE factor x patch size."""
+    size x the VAE factor, 1024 for SD3.5; flux: 1024). sd3: a multiple of VAE factor x patch size;
+    flux: of 2 x VAE factor x patch size (its 2x2 packing); 16 for SD3.5 and FLUX.1."""
     guidance_scale: float = 0.0
     """Guidance; 0: the kind's default (sd3: classifier-free guidance 4.5, as Flow-GRPO; FLUX dev-shaped:
     the guidance embedding 3.5; tiny and FLUX schnell-shaped: none). 1 turns sd3's guidance off."""
@@ -301,6 +303,7 @@ def encode_prompts(policy: Policy, prompts: list[str]) -> tuple[Cond, Cond | Non
     negative = None
     if policy.negative_prompt is not None:
         negative = {name: t.float().cpu() for name, t in policy.encode([policy.negative_prompt]).items()}
+    policy.release_text_encoders()
     return cond, negative
 
 
@@ -422,7 +425,7 @@ def run_rollout(
     ``policy_info`` (at least ``identity``) goes into the manifest, so that the update can check that
     it trains the policy that sampled.
     """
-    inputs = tuple(p for p in [policy_info.get("path")] if p)
+    inputs = (*(p for p in [policy_info.get("path")] if p), *policy.input_folders())  # the base model is read too
     check_out_free(out, overwrite, inputs)
     if not prompts:
         raise TempflowError("no prompts to roll out")

@@ -46,6 +46,7 @@ from stages.policies import (
     index_cond,
     load_policy,
     read_policy_record,
+    record_inputs,
     save_policy,
     with_negative,
 )
@@ -510,19 +511,21 @@ def run_update(
     device: str = "cpu",
     progress: Progress = no_progress,
     overwrite: bool = False,
-    dtype: str = "auto",
 ) -> UpdateResult:
     """Train ``policy_dir`` on ``rollout`` scored by ``scores``; write the new policy folder ``out``.
-    ``dtype`` ``auto`` runs the models in the dtype the rollout sampled with."""
+    The models run in the dtype the rollout sampled with: in any other, the first-step ratio would
+    differ from 1 by less than its tolerance while biasing every step."""
     policy_dir, rollout, scores, out = Path(policy_dir), Path(rollout), Path(scores), Path(out)
-    ref_path, ref_identity = _resolve_reference(policy_dir, read_policy_record(policy_dir), reference_dir)
-    inputs = (policy_dir, rollout, scores, ref_path)  # the recorded KL reference is read too
+    own_record = read_policy_record(policy_dir)
+    ref_path, ref_identity = _resolve_reference(policy_dir, own_record, reference_dir)
+    # the recorded KL reference is read too, and a real kind's base model folder
+    inputs = (policy_dir, rollout, scores, ref_path, *record_inputs(own_record))
     check_out_free(out, overwrite, inputs)
     if metrics_path is not None:
         check_out_free(metrics_path, overwrite, inputs, kind="file", outputs=(out,))
     with Rollout(rollout) as opened:
         manifest = opened.manifest
-        run_dtype = manifest["dtype"] if dtype == "auto" else dtype
+        run_dtype = manifest["dtype"]
         policy, record = load_policy(policy_dir, device, run_dtype)
         _check_sampled_by(opened, record, policy_dir)
         check_memory(f"--shuffle-buffer {config.shuffle_buffer}",
@@ -530,10 +533,11 @@ def run_update(
         plan = plan_update(opened, scores, config)
         cond = rollout_conditioning(policy, opened)
         reference = None
-        if config.beta > 0 and policy.builtin_reference() is None:
+        builtin = policy.builtin_reference() is not None
+        if config.beta > 0 and not builtin:
             reference = _load_reference(ref_path, ref_identity, policy_dir, device, run_dtype)
             rollout_conditioning(reference, opened, embeddings=False)
-        elif reference_dir is not None and read_policy_record(reference_dir).step != 0:
+        elif builtin and reference_dir is not None and read_policy_record(reference_dir).step != 0:
             raise TempflowError(f"--reference {reference_dir} is a trained policy; a LoRA policy's KL reference is its "
                                 "base model (the adapter disabled): give the policy `tempflow init` made, or none")
         trainer = Trainer(policy, reference, cond, manifest["config"]["noise_level"], config)
@@ -543,7 +547,8 @@ def run_update(
             group.update(lr=config.learning_rate, weight_decay=config.weight_decay)
         _train(trainer, opened, plan, progress)
 
-    metrics = {"step": record.step + 1, **_plan_metrics(plan, manifest, config), "optimizer_resumed": resumed,
+    metrics = {"step": record.step + 1, **_plan_metrics(plan, manifest, config), "dtype": run_dtype,
+               "optimizer_resumed": resumed,
                **trainer.metrics()}
     provenance = {"config": asdict(config), "policy": str(policy_dir), "rollout": str(rollout),
                   "rollout_manifest_sha256": opened.manifest_sha256, "scores": str(scores)}

@@ -105,6 +105,12 @@ class TempflowGroup(click.Group):
                 raise
             click.echo(f"error: {_error_line(err)}", err=True)
             ctx.exit(1)
+        except RuntimeError as err:  # torch.OutOfMemoryError (CUDA), without importing torch here
+            if type(err).__name__ != "OutOfMemoryError" or ctx.params.get("debug"):
+                raise
+            click.echo(f"error: out of GPU memory ({' '.join(str(err).split())[:160]}); lower --batch-size, or use "
+                       "--dtype bf16", err=True)
+            ctx.exit(1)
         except KeyboardInterrupt as err:
             kept = committed_outputs()[committed:]
             done = f"{', '.join(map(str, kept))} was written, the rest was not" if kept else "the stage's output was not written"
@@ -184,7 +190,8 @@ DTYPE_CHOICES = ["fp32", "bf16", "fp16"]
 @click.option("--max-sequence-length", type=int, default=0, show_default=True,
               help="With --from: T5 tokens per prompt; 0: the pipeline's own (sd3 256, flux 512).")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="fp32", show_default=True,
-              help="With --from: dtype the transformer is loaded in to attach the adapter (does not change it).")
+              help="With --from: dtype the transformer is loaded in to attach the adapter (the adapter itself is "
+                   "drawn in float32 either way, so this saves memory without changing it).")
 @OVERWRITE
 def init(preset: str, base_dir: Path | None, out: Path, seed: int, image_size: int, vocab_from: Path | None,
          lora_rank: int, lora_alpha: float | None, lora_targets: str | None, full: bool, max_sequence_length: int,
@@ -197,6 +204,9 @@ def init(preset: str, base_dir: Path | None, out: Path, seed: int, image_size: i
     ctx = click.get_current_context()
     if base_dir is not None:
         _refuse_with_from(ctx, ("preset", "image_size", "vocab_from"))
+        if full:
+            _refuse_given(ctx, ("lora_rank", "lora_alpha", "lora_targets"), "describes a LoRA adapter; --full trains "
+                          "the whole transformer")
         from stages.policies.pipeline import init_from
 
         policy = init_from(base_dir, seed=seed, lora=None if full else (lora_rank, lora_alpha, lora_targets),
@@ -210,7 +220,8 @@ def init(preset: str, base_dir: Path | None, out: Path, seed: int, image_size: i
     record = PolicyRecord(kind=policy.kind, model=policy.model if base_dir is not None else _model_config(policy))
     with atomic_output(out, overwrite=overwrite) as tmp:
         save_policy(policy, tmp, record)
-    rows.update({"trainable parameters": sum(p.numel() for _, p in policy.trainable_parameters()),
+    trained = policy.trainable().parameters() if full else (p for _, p in policy.trainable_parameters())
+    rows.update({"trainable parameters": sum(p.numel() for p in trained),
                  "state (sampled)": "x".join(map(str, policy.sample_shape)), "folder size": _size(out),
                  "identity": record.identity[:16]})
     summary(f"policy {out}", rows)
@@ -232,16 +243,18 @@ def _model_config(policy: Any) -> dict[str, Any]:
     return model_config(policy)
 
 
-def _refuse_with_from(ctx: click.Context, names: tuple[str, ...]) -> None:
+def _refuse_given(ctx: click.Context, names: tuple[str, ...], why: str) -> None:
     given = [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
     if given:
-        raise click.UsageError(f"--{given[0].replace('_', '-')} describes a preset; with --from the model is the folder's")
+        raise click.UsageError(f"--{given[0].replace('_', '-')} {why}")
+
+
+def _refuse_with_from(ctx: click.Context, names: tuple[str, ...]) -> None:
+    _refuse_given(ctx, names, "describes a preset; with --from the model is the folder's")
 
 
 def _refuse_without_from(ctx: click.Context, names: tuple[str, ...]) -> None:
-    given = [n for n in names if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
-    if given:
-        raise click.UsageError(f"--{given[0].replace('_', '-')} applies to a diffusers folder given with --from")
+    _refuse_given(ctx, names, "applies to a diffusers folder given with --from")
 
 
 def _size(folder: Path) -> str:
@@ -370,14 +383,13 @@ def _update_options(fn):
               help="Also write the update's metrics JSON here (it is always written into OUT/metrics.json).")
 @_update_options
 @DEVICE
-@click.option("--dtype", type=click.Choice(["auto", *DTYPE_CHOICES]), default="auto", show_default=True,
-              help="dtype the models compute in; auto: the rollout's (so the first-step ratio is 1).")
 @OVERWRITE
 def update(policy_dir: Path, rollout_dir: Path, scores: Path, out: Path, reference: Path | None,
-           metrics_path: Path | None, device: str, dtype: str, overwrite: bool, **kwargs: Any) -> None:
+           metrics_path: Path | None, device: str, overwrite: bool, **kwargs: Any) -> None:
     """Take one GRPO iteration (inner epochs of minibatch steps) and write the new policy.
 
-    The prompts' conditioning comes from the rollout (no text encoder is loaded). A LoRA policy's KL
+    The models run in the dtype the rollout recorded (so the first-step ratio is 1), with the
+    prompts' conditioning the rollout stored (no text encoder is loaded). A LoRA policy's KL
     reference is its base with the adapter disabled (no second model); a LoRA policy folder holds
     only the new adapter and its optimizer state.
     """
@@ -386,8 +398,7 @@ def update(policy_dir: Path, rollout_dir: Path, scores: Path, out: Path, referen
     config = pop_config(UpdateConfig, kwargs)
     with progress_bars("samples") as progress:
         result = run_update(policy_dir, rollout_dir, scores, out, config, reference_dir=reference,
-                            metrics_path=metrics_path, device=device, progress=progress, overwrite=overwrite,
-                            dtype=dtype)
+                            metrics_path=metrics_path, device=device, progress=progress, overwrite=overwrite)
     m = result.metrics
     summary(f"policy {out} (step {m['step']})", {
         k: m[k] for k in ("reward_mean", "trained_samples", "skipped_samples", "optimizer_steps", "loss", "policy_loss",

@@ -18,6 +18,7 @@ from stages.policies.base import (
     load_policy,
     policy_class,
     read_policy_record,
+    record_inputs,
     resolve_device,
     resolve_dtype,
     save_policy,
@@ -38,6 +39,6 @@ from stages.policies.tiny import (
 __all__ = [
     "DEFAULT_WORDS", "DTYPES", "POLICY_KINDS", "PRESETS", "PRESET_MODELS", "Cond", "Policy", "PolicyRecord",
     "TinyConfig", "TinyPolicy", "build_policy", "dtype_name", "index_cond", "load_policy", "model_config",
-    "policy_class", "prompt_words", "read_policy_record", "resolve_device", "resolve_dtype", "save_policy",
+    "policy_class", "prompt_words", "read_policy_record", "record_inputs", "resolve_device", "resolve_dtype", "save_policy",
     "tensor_hash", "with_negative",
 ]

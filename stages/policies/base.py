@@ -172,6 +172,14 @@ class Policy(ABC):
 
         return make_sigmas(num_steps, shift)
 
+    def input_folders(self) -> tuple[Path, ...]:
+        """Folders besides the policy folder that the policy reads (a real kind's base model): stages
+        protect them like their inputs, so no output can replace or land inside them."""
+        return ()
+
+    def release_text_encoders(self) -> None:
+        """Free the text encoders once a rollout has encoded its prompts (they are not used again)."""
+
     def builtin_reference(self) -> Any | None:
         """A context manager under which the policy computes its KL reference (a LoRA adapter
         disabled), or None: the reference is another policy folder, loaded beside it."""
@@ -271,6 +279,12 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise TempflowError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return resolved
+
+
+def record_inputs(record: PolicyRecord) -> tuple[Path, ...]:
+    """The folders a policy folder refers to (:meth:`Policy.input_folders`), from its record alone."""
+    base = record.model.get("base") if isinstance(record.model, dict) else None
+    return (Path(base["path"]),) if isinstance(base, dict) and isinstance(base.get("path"), str) else ()
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -66,7 +66,8 @@ class FluxPolicy(PipelinePolicy):
 
     def configure_sampling(self, resolution: int, guidance_scale: float, negative_prompt: str) -> dict[str, Any]:
         multiple = 2 * self.vae_factor * int(self.transformer.config.patch_size)
-        self.resolution = self.check_resolution(resolution, multiple, 4096)
+        self.resolution = self.check_resolution(resolution, multiple, 4096, "2 x VAE factor x patch size: "
+                                                "FLUX packs 2x2 latent patches")
         if negative_prompt:
             raise TempflowError("--negative-prompt: FLUX.1 takes no negative prompt (its guidance is an embedding)")
         if not self.guidance_embeds:
@@ -86,8 +87,11 @@ class FluxPolicy(PipelinePolicy):
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.base, subfolder="scheduler",
-                                                                    local_files_only=True)
+        from stages.policies.pipeline import loading
+
+        with loading(self.base, "scheduler"):
+            scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.base, subfolder="scheduler",
+                                                                        local_files_only=True)
         c = scheduler.config
         tokens = (self.sample_shape[1] // 2) * (self.sample_shape[2] // 2)
         mu = calculate_shift(tokens, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from stages.errors import TempflowError
@@ -63,6 +64,12 @@ def add_adapter(transformer: nn.Module, spec: LoraSpec) -> None:
         if "lora_" in name:
             param.data = param.data.float()
             param.requires_grad_(True)
+    with torch.no_grad():  # peft drew A in the base layer's dtype: draw it again in float32, so the
+        for name, param in sorted(transformer.named_parameters()):  # adapter does not depend on --dtype
+            if "lora_A" in name:
+                param.normal_(0.0, 1.0 / spec.rank)
+            elif "lora_B" in name:
+                param.zero_()
 
 
 def adapter_state(transformer: nn.Module) -> dict[str, Tensor]:

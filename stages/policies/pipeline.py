@@ -105,6 +105,20 @@ def quiet_loading() -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def loading(folder: Path, what: str) -> Iterator[None]:
+    """diffusers, transformers and safetensors raise their own kinds for a damaged folder: one line."""
+    try:
+        yield
+    except TempflowError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, AttributeError) as err:
+        if type(err).__name__ == "OutOfMemoryError":
+            raise
+        first = " ".join(str(err).split())[:300] or type(err).__name__
+        raise TempflowError(f"{folder}: cannot load the {what} ({first})") from err
+
+
 def check_tokenizer(tokenizer: Any, vocab: int, where: str) -> None:
     """A tokenizer whose files were missing loads with a handful of special tokens and no error
     (transformers 5); its text encoder then sees garbage. Refuse it, naming the folder."""
@@ -183,7 +197,7 @@ class PipelinePolicy(Policy):
         source = path if own_transformer else Path(model["base"]["path"])
         # full fine-tuning keeps float32 master weights and computes under autocast
         weights_dtype = dtype if model.get("lora") else torch.float32
-        with quiet_loading():
+        with quiet_loading(), loading(source, "transformer"):
             transformer = cls.transformer_class().from_pretrained(
                 source, subfolder="transformer", torch_dtype=weights_dtype, local_files_only=True, use_safetensors=True)
         transformer.eval()
@@ -270,6 +284,14 @@ class PipelinePolicy(Policy):
                            if getattr(self._text, name, None) is not None})
         return loaded
 
+    def input_folders(self) -> tuple[Path, ...]:
+        return (self.base,)
+
+    def release_text_encoders(self) -> None:
+        self._text = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def builtin_reference(self) -> contextlib.AbstractContextManager | None:
         return self._adapter_disabled() if self.lora is not None else None
 
@@ -317,10 +339,13 @@ class PipelinePolicy(Policy):
         """The pipeline with its tokenizers and text encoders only (no transformer, no VAE)."""
         if self._text is None:
             quiet_hub_libraries()
-            with quiet_loading():
+            with quiet_loading(), loading(self.base, "text encoders"):
+                absent = {name: None for name in self.optional_components
+                          if name not in self.model["base"]["components"]}
                 pipe = self.diffusers_pipeline().from_pretrained(
                     self.base, transformer=None, vae=None, torch_dtype=self.dtype, local_files_only=True,
-                    use_safetensors=True)
+                    use_safetensors=True, **absent)
+            pipe.transformer = self.transformer  # SD3 without T5 sizes its zero T5 block from the transformer's config
             for tok_name, enc_name in self.text_components:
                 tokenizer, encoder = getattr(pipe, tok_name, None), getattr(pipe, enc_name, None)
                 if tokenizer is not None and encoder is not None:
@@ -333,7 +358,7 @@ class PipelinePolicy(Policy):
         if self._vae is None:
             from diffusers import AutoencoderKL
 
-            with quiet_loading():
+            with quiet_loading(), loading(self.base, "vae"):
                 self._vae = AutoencoderKL.from_pretrained(self.base, subfolder="vae", torch_dtype=self.dtype,
                                                           local_files_only=True, use_safetensors=True)
             self._vae.to(self.device).eval().requires_grad_(False)
@@ -342,13 +367,13 @@ class PipelinePolicy(Policy):
     def _encode(self, pipe: Any, prompts: list[str]) -> Cond:
         raise NotImplementedError
 
-    def check_resolution(self, resolution: int, multiple: int, largest: int) -> int:
+    def check_resolution(self, resolution: int, multiple: int, largest: int, why: str) -> int:
         """The sampling side in pixels: ``0`` means the model's default; refused unless a positive
-        multiple of what the VAE and patching need, and within what the model's positions cover."""
+        multiple of what the VAE and patching need (``why`` says what), within what the model covers."""
         side = resolution or self.default_resolution()
         if side < multiple or side % multiple or side > largest:
             raise TempflowError(f"--resolution {resolution}: this {self.kind} model takes sides that are multiples of "
-                                f"{multiple} pixels (VAE factor x patch size), from {multiple} to {largest}")
+                                f"{multiple} pixels ({why}), from {multiple} to {largest}")
         return side
 
 
@@ -390,7 +415,8 @@ def init_from(folder: Path, seed: int, lora: tuple[int, float | None, str | None
     cls = policy_class(kind)
     check_tokenizers(Path(folder), index, cls.text_components)
     check_seed("seed", seed)
-    check_at_most("max-sequence-length", max_sequence_length, 4096, "T5 attends over every token pair")
+    check_at_most("max-sequence-length", max_sequence_length, 512, "the diffusers SD3 and FLUX pipelines refuse "
+                  "longer T5 prompts, so an adapter trained on them would not reproduce in yours")
     if max_sequence_length < 0:
         raise TempflowError(f"--max-sequence-length must be >= 0, 0 meaning the pipeline's (got {max_sequence_length})")
     spec = None

@@ -41,11 +41,14 @@ class SD3Policy(PipelinePolicy):
     def configure_sampling(self, resolution: int, guidance_scale: float, negative_prompt: str) -> dict[str, Any]:
         config = self.transformer.config
         multiple = self.vae_factor * int(config.patch_size)
-        self.resolution = self.check_resolution(resolution, multiple, int(config.pos_embed_max_size) * multiple)
+        self.resolution = self.check_resolution(resolution, multiple, int(config.pos_embed_max_size) * multiple,
+                                                "VAE factor x patch size")
         scale = DEFAULT_GUIDANCE if guidance_scale == 0 else float(guidance_scale)
         if not 1.0 <= scale <= 100.0:
             raise TempflowError(f"--guidance-scale {guidance_scale:g}: use 1 (no guidance) up to 100; Flow-GRPO "
                                 f"samples SD3.5 at {DEFAULT_GUIDANCE}")
+        if scale == 1.0 and negative_prompt:
+            raise TempflowError("--negative-prompt needs classifier-free guidance; --guidance-scale 1 turns it off")
         self.guidance_scale = scale
         self._negative = negative_prompt if scale > 1.0 else None
         return {"resolution": self.resolution, "guidance_scale": scale, "negative_prompt": self._negative}
