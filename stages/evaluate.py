@@ -19,7 +19,7 @@ import torch
 from stages.artifacts import atomic_output, check_out_free, write_json
 from stages.errors import TempflowError
 from stages.flow import make_sigmas, ode_step
-from stages.policies import Policy, load_policy
+from stages.policies import Policy, load_policy, read_policy_record
 from stages.limits import check_at_most, check_seed
 from stages.progress import Progress, no_progress
 from stages.rollout import derive_seed, seeded_normal
@@ -115,6 +115,10 @@ def run_eval(policy_dir: Path, prompts: list[str], out: Path, config: EvalConfig
     out = Path(out)
     check_out_free(out, overwrite, (policy_dir,))
     scenes = [shapes.parse_prompt(p) for p in prompts]  # refuses prompts outside the world, before sampling
+    kind = read_policy_record(policy_dir).kind
+    if kind != "tiny":
+        raise TempflowError(f"{policy_dir}: tempflow eval measures policies of the shapes world; a {kind} policy "
+                            "draws other images: score its rollouts with `tempflow score` instead")
     policy, record = load_policy(policy_dir, device)
     pairs = [(p, i) for p in range(len(prompts)) for i in range(config.images_per_prompt)]
     seeds = [derive_seed("eval", config.seed, i, prompts[p]) for p, i in pairs]

@@ -28,8 +28,8 @@ from tempflow_cli.ui import comparison, progress_bars, summary
 
 PRESET_HELP = {  # mirrors stages.policies.PRESETS, which would import torch just to print --help (a test checks)
     "tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config",
-    "shapes": "the shapes world's model: a pixel-space UNet, channels 16/32/64, text "
-              "cross-attention at its coarsest level (1.1M parameters)",
+    "shapes": "the shapes world's model: a UNet (channels 32/64, text cross-attention at its coarsest "
+              "level) on the 4x8x8 latents of a small AutoencoderKL; `tempflow pretrain` trains both",
 }
 OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (it is replaced only once complete).")
 DEVICE = click.option("--device", default="cpu", show_default=True, help="torch device to run the model on, e.g. cuda:0.")

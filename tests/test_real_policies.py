@@ -486,3 +486,8 @@ def test_the_bring_your_own_model_dvc_loop_runs_on_a_pipeline_folder(pipelines, 
     assert second["optimizer_resumed"] and second["step"] == 2 and second["first_step_ratio_deviation"] <= 1e-5
     assert {p.name for p in (runs / "policies/it02").iterdir()} == UPDATE_FILES
     assert json.loads((runs / "report/summary.json").read_text())["iterations"] == 2
+
+
+def test_eval_refuses_a_real_policy(pipelines, tmp_path):
+    _ok("init", "--from", pipelines["sd3"], "--out", tmp_path / "p0", "--lora-rank", "2")
+    assert "measures policies of the shapes world" in _error("eval", "--policy", tmp_path / "p0", "--out", tmp_path / "e")
