@@ -444,17 +444,20 @@ def _resolve_reference(policy_dir: Path, record: PolicyRecord, reference_dir: Pa
     return policy_dir, record.identity
 
 
-def rollout_conditioning(policy: Policy, rollout: Rollout, embeddings: bool = True) -> Cond | None:
-    """Set ``policy`` to sample as the rollout recorded (resolution, guidance, negative prompt) and
-    return the rollout's stored conditioning (text encoders never run in an update)."""
+def sample_as_recorded(policy: Policy, rollout: Rollout) -> None:
+    """Set ``policy`` to sample as the rollout recorded: resolution, guidance, negative prompt."""
     manifest, where = rollout.manifest, rollout.folder / "manifest.json"
     sampling = manifest["sampling"]
     policy.configure_sampling(sampling["resolution"], sampling["guidance_scale"] or 0.0, sampling["negative_prompt"] or "")
     if list(policy.sample_shape) != manifest["sample_shape"] or policy.negative_prompt != sampling["negative_prompt"]:
         raise TempflowError(f"{where}: sampled states {manifest['sample_shape']} with {sampling}, which this policy "
                             f"cannot reproduce (its states are {list(policy.sample_shape)})")
-    if not embeddings:
-        return None
+
+
+def rollout_conditioning(policy: Policy, rollout: Rollout) -> Cond:
+    """``policy`` set to sample as the rollout did, and the rollout's stored conditioning for it
+    (text encoders never run in an update)."""
+    sample_as_recorded(policy, rollout)
     cond, negative = rollout.embeddings()
     if (negative is None) != (policy.negative_prompt is None):
         raise TempflowError(f"{rollout.folder}: the stored embeddings {'lack' if negative is None else 'hold'} a "
@@ -536,7 +539,7 @@ def run_update(
         builtin = policy.builtin_reference() is not None
         if config.beta > 0 and not builtin:
             reference = _load_reference(ref_path, ref_identity, policy_dir, device, run_dtype)
-            rollout_conditioning(reference, opened, embeddings=False)
+            sample_as_recorded(reference, opened)
         elif builtin and reference_dir is not None and read_policy_record(reference_dir).step != 0:
             raise TempflowError(f"--reference {reference_dir} is a trained policy; a LoRA policy's KL reference is its "
                                 "base model (the adapter disabled): give the policy `tempflow init` made, or none")

@@ -45,9 +45,9 @@ def build_base(folder: Path, config: dict, dtype: torch.dtype) -> None:
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-    from stages.policies.tiny_pipelines import _tokenizers
+    from stages.policies.tiny_pipelines import make_tokenizers
 
-    clip, t5 = _tokenizers(folder.parent / "tokenizer-scratch")
+    clip, t5 = make_tokenizers(folder.parent / "tokenizer-scratch")
     pooled, joint = config["pooled_projection_dim"], config["joint_attention_dim"]
 
     def clip_model(width: int):

@@ -25,7 +25,15 @@ from torch import Tensor, nn
 
 from stages.errors import TempflowError
 from stages.policies.base import Cond, Policy, quiet_hub_libraries, tensors_digest
-from stages.policies.lora import LoraSpec, adapter_state, load_adapter, read_adapter, save_adapter
+from stages.policies.lora import (
+    LoraSpec,
+    adapter_state,
+    add_adapter,
+    load_adapter,
+    read_adapter,
+    save_adapter,
+    spec_record,
+)
 
 PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 """The pipeline classes tempflow trains, by the ``_class_name`` in ``model_index.json``."""
@@ -178,7 +186,7 @@ class PipelinePolicy(Policy):
     def create(cls, folder: Path, index: dict[str, Any], lora: LoraSpec | None, dtype: torch.dtype,
                max_sequence_length: int = 0) -> PipelinePolicy:
         """A fresh policy on the base ``folder``: the base itself, plus a zero-effect adapter for LoRA."""
-        model = {"base": cls.base_record(folder, index), "lora": None if lora is None else lora.__dict__.copy(),
+        model = {"base": cls.base_record(folder, index), "lora": None if lora is None else spec_record(lora),
                  "max_sequence_length": max_sequence_length or cls.default_sequence_length}
         return cls._build(model, None, dtype)
 
@@ -204,8 +212,6 @@ class PipelinePolicy(Policy):
         if model.get("lora"):
             spec = LoraSpec(**model["lora"])
             if path is None:
-                from stages.policies.lora import add_adapter
-
                 add_adapter(transformer, spec)
             else:
                 state, stored = read_adapter(path)

@@ -93,7 +93,9 @@ def t5_sentencepiece(path: Path, vocab_size: int = 160) -> None:
     path.write_bytes(model.getvalue())
 
 
-def _tokenizers(scratch: Path):
+def make_tokenizers(scratch: Path):
+    """A CLIP tokenizer (byte-level BPE) and a T5 tokenizer (sentencepiece), their files written under
+    ``scratch`` and loaded from them alone."""
     from transformers import CLIPTokenizer, T5TokenizerFast
 
     # loaded from the files alone, as transformers reads a folder that has no tokenizer.json
@@ -171,7 +173,7 @@ def make_tiny_pipeline(kind: str, out: Path, seed: int = 0) -> Path:
     quiet_hub_libraries()
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
-        clip, t5 = _tokenizers(Path(scratch))
+        clip, t5 = make_tokenizers(Path(scratch))
         pipe = build_sd3(clip, t5) if kind == "sd3" else build_flux(clip, t5, guidance=kind == "flux-dev")
         pipe.save_pretrained(out, safe_serialization=True)
     return out
