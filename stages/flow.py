@@ -181,8 +181,27 @@ def grpo_loss(
     return torch.as_tensor(weights, dtype=ratio.dtype) * torch.maximum(unclipped, clipped)
 
 
-def kl_to_reference(mean_new: Tensor, mean_ref: Tensor, std: Tensor) -> Tensor:
-    """KL between the new and reference policy's Gaussians (same std), mean over non-batch dims:
-    ``mean_dims (mean_new - mean_ref)^2 / (2 std^2)``, shape ``(B,)``."""
-    kl = (mean_new - mean_ref) ** 2 / (2 * std**2)
+KL_FORMS = ("exact", "flow-grpo")
+
+
+def kl_scale(form: str, sigma: Sigma, sigma_next: Sigma, noise_level: float) -> Tensor:
+    """The ``scale`` :func:`kl_to_reference` divides by: ``std_k`` for the ``exact`` form, ``sig_k``
+    for the ``flow-grpo`` form (DESIGN.md §2). float32."""
+    sig, std = sde_noise_scale(sigma, sigma_next, noise_level)
+    if form == "exact":
+        return std
+    if form == "flow-grpo":
+        return sig
+    raise ValueError(f"unknown KL form {form!r}; choose one of {', '.join(KL_FORMS)}")
+
+
+def kl_to_reference(mean_new: Tensor, mean_ref: Tensor, scale: Tensor) -> Tensor:
+    """The KL term between the new and reference policy's Gaussians (same std), mean over non-batch
+    dims: ``mean_dims (mean_new - mean_ref)^2 / (2 scale^2)``, shape ``(B,)``.
+
+    ``scale`` decides what the term is (DESIGN.md §2): the step's ``std_k = sig_k sqrt(s_k - s_{k+1})``
+    gives the exact KL ("exact", TempFlow-GRPO's code); ``sig_k`` alone gives Flow-GRPO's code's term,
+    the exact KL times ``s_k - s_{k+1}`` ("flow-grpo"). A beta is only meaningful with its form.
+    """
+    kl = (mean_new - mean_ref) ** 2 / (2 * scale**2)
     return kl.mean(dim=tuple(range(1, kl.ndim)))

@@ -38,7 +38,7 @@ from stages.artifacts import (
     write_json,
 )
 from stages.errors import TempflowError
-from stages.flow import grpo_loss, group_advantages, kl_to_reference, noise_aware_weights, sde_step
+from stages.flow import grpo_loss, group_advantages, kl_scale, kl_to_reference, noise_aware_weights, sde_step
 from stages.policies import (
     Cond,
     Policy,
@@ -58,6 +58,10 @@ WEIGHTINGS = {
     "noise-aware": "w_k = std_k / mean std (TempFlow-GRPO)",
     "uniform": "w_k = 1 (Flow-GRPO)",
 }
+KL_FORMS = {
+    "exact": "the KL of the two steps' Gaussians, divided by std_k^2 (TempFlow-GRPO's code; its beta 0.001-0.004)",
+    "flow-grpo": "divided by sig_k^2 alone, the exact KL x (s_k - s_{k+1}) (Flow-GRPO's code; its beta 0.01-0.04)",
+}
 ADV_GROUPS = {
     "rollout": "the rollout's own groups: (prompt, seed, step) for tempflow, prompt for flow-grpo",
     "seed": "(prompt, seed, step): branches sharing x_k",
@@ -72,7 +76,10 @@ class UpdateConfig:
     learning_rate: float = 3e-4
     """AdamW learning rate."""
     beta: float = 0.004
-    """Weight of the KL to the reference policy (0 turns it off and skips the reference model)."""
+    """Weight of the KL to the reference policy (0 turns it off and skips the reference model). Its scale
+    depends on --kl-form: 0.004 is TempFlow-GRPO's with the exact form; Flow-GRPO's 0.04 is meant for its own."""
+    kl_form: str = "exact"
+    """Which KL term beta weighs."""
     clip_range: float = 1e-4
     """eps, PPO clip range of the ratio (Flow-GRPO's 1e-4 at SD3 scale; the tiny preset wants ~1e-2)."""
     adv_clip: float = 5.0
@@ -103,6 +110,8 @@ class UpdateConfig:
             raise TempflowError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
         if self.adv_group not in ADV_GROUPS:
             raise TempflowError(f"unknown adv-group {self.adv_group!r}; choose one of {', '.join(ADV_GROUPS)}")
+        if self.kl_form not in KL_FORMS:
+            raise TempflowError(f"unknown kl-form {self.kl_form!r}; choose one of {', '.join(KL_FORMS)}")
         if self.adv_std not in ("group", "global"):
             raise TempflowError(f"adv-std must be 'group' or 'global' (got {self.adv_std!r})")
         for name in ("learning_rate", "clip_range", "adv_clip", "max_grad_norm", "ratio_tolerance"):
@@ -119,7 +128,7 @@ class UpdateConfig:
         check_seed("seed", self.seed)
         check_at_most("learning-rate", self.learning_rate, 1.0,
                       "AdamW moves every weight by about the learning rate each step, which wrecks any model past 1")
-        check_at_most("beta", self.beta, 1e3, "the KL term would drown the reward (papers use 0.001-0.04)")
+        check_at_most("beta", self.beta, 1e3, "the KL term would drown the reward (papers use 0.001-0.04, each in its own --kl-form)")
         check_at_most("weight-decay", self.weight_decay, 1.0, "AdamW would shrink the weights to nothing")
         check_at_most("clip-range", self.clip_range, 1.0, "a ratio clipped at 1 +- eps >= 1 is not clipped")
         check_at_most("ratio-tolerance", self.ratio_tolerance, 1.0, "a first-step ratio off by more than 1 is never on-policy")
@@ -344,7 +353,7 @@ class Trainer:
             with torch.no_grad():
                 v_ref = self._reference_velocity(state, batch.sigma.to(device), cond)
                 ref = sde_step(v_ref, state, sigma, sigma_next, self.noise_level, prev_sample=nxt)
-            kl = kl_to_reference(new.mean, ref.mean, new.std).mean()
+            kl = kl_to_reference(new.mean, ref.mean, kl_scale(cfg.kl_form, sigma, sigma_next, self.noise_level)).mean()
         loss = policy_loss + cfg.beta * kl
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -576,6 +585,8 @@ def _plan_metrics(plan: Plan, manifest: dict[str, Any], config: UpdateConfig) ->
     return {
         "algo": algo,
         "weighting": resolved_weighting(config, algo),
+        "kl_form": config.kl_form,
+        "beta": config.beta,
         "samples": len(plan.advantage),
         "trained_samples": plan.active,
         "skipped_samples": len(plan.advantage) - plan.active,

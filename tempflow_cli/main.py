@@ -365,9 +365,9 @@ def score(rollout_dir: Path, rewards: tuple, out: Path, batch_size: int, overwri
 
 
 def _update_options(fn):
-    from stages.update import ADV_GROUPS, WEIGHTINGS, UpdateConfig
+    from stages.update import ADV_GROUPS, KL_FORMS, WEIGHTINGS, UpdateConfig
 
-    return config_options(UpdateConfig, choices={"weighting": WEIGHTINGS, "adv_group": ADV_GROUPS,
+    return config_options(UpdateConfig, choices={"weighting": WEIGHTINGS, "adv_group": ADV_GROUPS, "kl_form": KL_FORMS,
                                                  "adv_std": {"group": "the group's std", "global": "the rollout's std"}})(fn)
 
 

@@ -58,6 +58,25 @@ def test_cli_pipeline_changes_parameters_with_ratio_one(policy_dir, prompts_file
     assert "first_step_ratio_deviation" in result.stdout
 
 
+def test_kl_forms_differ_by_the_step_size(policy_dir, tmp_path):
+    """On one branch step k, the flow-grpo form's KL is the exact form's times s_k - s_{k+1} (beta so
+    small that both updates move the weights alike); metrics.json names the form and beta."""
+    rollout = make_rollout(policy_dir, tmp_path / "r", branch_steps="1")
+    run_score(rollout, COMPRESSIBILITY, tmp_path / "s.parquet")
+    run_update(policy_dir, rollout, tmp_path / "s.parquet", tmp_path / "p1", UpdateConfig(beta=0.0, learning_rate=1e-2))
+    rollout2 = make_rollout(tmp_path / "p1", tmp_path / "r2", seed=1, branch_steps="1")
+    run_score(rollout2, COMPRESSIBILITY, tmp_path / "s2.parquet")
+    kl = {}
+    for form in ("exact", "flow-grpo"):
+        metrics = run_update(tmp_path / "p1", rollout2, tmp_path / "s2.parquet", tmp_path / form,
+                             UpdateConfig(beta=1e-9, kl_form=form)).metrics
+        assert (metrics["kl_form"], metrics["beta"]) == (form, 1e-9)
+        kl[form] = metrics["kl"]
+    sigmas = json.loads((rollout2 / "manifest.json").read_text())["sigmas"]
+    assert kl["exact"] > 0
+    assert kl["flow-grpo"] == pytest.approx(kl["exact"] * (sigmas[1] - sigmas[2]), rel=1e-4)
+
+
 def _paired_eval(policy: Path, out: Path) -> float:
     """Mean reward on fixed noise: the same seeds before and after training, so the noise cancels."""
     model, record = load_policy(policy)

@@ -17,6 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from stages.flow import (
     grpo_loss,
     group_advantages,
+    kl_scale,
     kl_to_reference,
     make_sigmas,
     noise_aware_weights,
@@ -414,6 +415,23 @@ def test_kl_to_reference_hand_computed():
     assert kl.shape == (2,)
     torch.testing.assert_close(kl, torch.tensor([2.5 / 3, 0.75 / 3]))
     assert torch.equal(kl_to_reference(mean_new, mean_new.clone(), std), torch.zeros(2))
+
+
+def test_kl_scale_of_both_forms_hand_computed():
+    """s = 0.75 -> 0.5 at a = 0.7: sig = 0.7 sqrt(0.75 / 0.25) = 1.2124, std = sig sqrt(0.25) = 0.6062.
+    The flow-grpo form's KL is the exact one times s_k - s_{k+1} = 0.25."""
+    sig = 0.7 * math.sqrt(3.0)
+    assert float(kl_scale("exact", 0.75, 0.5, 0.7)) == pytest.approx(sig * 0.5, rel=1e-6)
+    assert float(kl_scale("flow-grpo", 0.75, 0.5, 0.7)) == pytest.approx(sig, rel=1e-6)
+    mean_new, mean_ref = torch.zeros(1, 4), torch.full((1, 4), 0.1)
+    exact = kl_to_reference(mean_new, mean_ref, kl_scale("exact", 0.75, 0.5, 0.7))
+    sig_only = kl_to_reference(mean_new, mean_ref, kl_scale("flow-grpo", 0.75, 0.5, 0.7))
+    assert float(exact) == pytest.approx(0.01 / (2 * 0.7**2 * 3 * 0.25), rel=1e-5)  # 0.013605
+    assert float(sig_only) == pytest.approx(0.25 * float(exact), rel=1e-5)
+    # at s_0 = 1 both use s_1 in sig's denominator (DESIGN §1)
+    assert float(kl_scale("flow-grpo", 1.0, 0.9, 0.7)) == pytest.approx(0.7 * math.sqrt(1.0 / 0.1), rel=1e-6)
+    with pytest.raises(ValueError, match="unknown KL form"):
+        kl_scale("sig", 0.75, 0.5, 0.7)
 
 
 def test_constant_group_gives_exact_zero_despite_mean_rounding():
