@@ -43,7 +43,9 @@ import numpy as np
 
 from stages.errors import TempflowError
 
-ROLLOUT_SCHEMA = "tempflow.rollout/2"  # 2: prompt embeddings, sampling settings and dtype
+ROLLOUT_SCHEMA = "tempflow.rollout/3"
+# 2: prompt embeddings, sampling settings and dtype; 3: trained_steps (was branch_steps) and their
+# step_inclusion chances, decodes
 SCORES_SCHEMA = "tempflow.scores/1"
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.safetensors"
@@ -570,13 +572,14 @@ def check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
         return TempflowError(f"{where}: {field} {_short(manifest.get(field))} is not {expected}; the manifest is damaged")
 
     for key in ("shards", "samples", "config", "policy", "nfe", "prompts", "sigmas", "sample_shape", "sampling",
-                "embeddings", "dtype"):
+                "embeddings", "dtype", "trained_steps", "step_inclusion", "decodes"):
         if key not in manifest:
             raise TempflowError(f"{where}: missing {key!r}; the manifest is damaged")
     if not _is_int(manifest["samples"]) or manifest["samples"] < 1:
         raise bad("samples", "a count of at least 1 (a rollout always holds samples)")
-    if not _is_int(manifest["nfe"]) or manifest["nfe"] < 0:
-        raise bad("nfe", "a count")
+    for count in ("nfe", "decodes"):
+        if not _is_int(manifest[count]) or manifest[count] < 0:
+            raise bad(count, "a count")
     if not isinstance(manifest["policy"], dict) or not isinstance(manifest["policy"].get("identity"), str):
         raise bad("policy", "{identity, ...}")
     prompts = manifest["prompts"]
@@ -593,7 +596,21 @@ def check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
         raise bad("sigmas", f"{config.num_steps + 1} numbers falling from 1 to 0")
     _check_shard_list(manifest["shards"], manifest["samples"], where)
     _check_sampling(manifest, where, bad)
+    _check_steps(manifest, config.num_steps, bad)
     return manifest
+
+
+def _check_steps(manifest: dict[str, Any], num_steps: int, bad: Any) -> None:
+    """``trained_steps``: distinct ascending steps of ``0..T-2``; ``step_inclusion``: none, or one chance
+    in ``(0, 1]`` per step of ``0..T-2`` that sum to the number of trained steps."""
+    steps, pi = manifest["trained_steps"], manifest["step_inclusion"]
+    if not (isinstance(steps, list) and steps and all(_is_int(k) for k in steps)
+            and steps == sorted(set(steps)) and 0 <= steps[0] and steps[-1] <= num_steps - 2):
+        raise bad("trained_steps", f"distinct ascending steps within 0..{num_steps - 2}")
+    if pi is not None and not (isinstance(pi, list) and len(pi) == num_steps - 1
+                               and all(_is_number(p) and 0 < p <= 1 for p in pi)
+                               and abs(sum(pi) - len(steps)) < 1e-6 and all(pi[k] > 0 for k in steps)):
+        raise bad("step_inclusion", f"null or {num_steps - 1} chances in (0, 1] summing to the {len(steps)} trained steps")
 
 
 def _check_sampling(manifest: dict[str, Any], where: Path, bad: Any) -> None:

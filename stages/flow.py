@@ -1,5 +1,5 @@
 """The math of TempFlow-GRPO: the sigma schedule, the ODE and SDE steps, noise-aware weights,
-group advantages and the clipped GRPO loss (DESIGN.md §1-§2).
+group advantages, the clipped GRPO loss, the KL term and the draw of branch steps (DESIGN.md §1-§2).
 
 Convention (SD3 / diffusers): ``x_s = (1 - s) * x_data + s * noise``; ``s = 1`` is pure noise and the
 model predicts the velocity ``v ~ noise - x_data``. Everything here is pure tensor math: no I/O, no
@@ -8,6 +8,8 @@ models. Sigmas may be Python floats or tensors that broadcast against the batch,
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -124,6 +126,36 @@ def noise_aware_weights(sigmas: Tensor, noise_level: float) -> Tensor:
         raise ValueError(f"noise-aware weights need noise_level > 0, got {noise_level}")
     _, std = sde_noise_scale(sigmas[:-2], sigmas[1:-1], noise_level)
     return std / std.mean()
+
+
+def inclusion_probabilities(weights: Sequence[float], n: int) -> list[float]:
+    """``pi_k = min(1, c * w_k)`` with ``c`` such that ``sum pi = n``: each step's chance of being among
+    ``n`` drawn branch steps, proportional to its weight where no step would exceed certainty."""
+    w = [float(x) for x in weights]
+    if not 1 <= n <= len(w) or min(w) <= 0 or not all(math.isfinite(x) for x in w):
+        raise ValueError(f"need 1 <= n <= {len(w)} and finite positive weights (got n = {n})")
+    certain: set[int] = set()
+    while True:
+        rest = sum(x for k, x in enumerate(w) if k not in certain)
+        scale = (n - len(certain)) / rest
+        newly = {k for k, x in enumerate(w) if k not in certain and scale * x >= 1.0}
+        if not newly:
+            return [1.0 if k in certain else scale * x for k, x in enumerate(w)]
+        certain |= newly
+
+
+def systematic_sample(pi: Sequence[float], u: float) -> list[int]:
+    """Madow's systematic sampling: lay the ``pi_k`` end to end on ``[0, n)`` and take the steps whose
+    stretch holds one of ``u, u + 1, ..., u + n - 1`` (``u`` uniform in ``[0, 1)``). Each step is drawn
+    with probability exactly ``pi_k`` (all ``pi_k <= 1``) and exactly ``n = sum pi`` distinct steps are
+    drawn, so a sum over the drawn steps of ``term_k / pi_k`` is an unbiased (Horvitz-Thompson)
+    estimate of the sum over all steps."""
+    n = round(sum(pi))
+    edges = list(itertools.accumulate(pi, initial=0.0))
+    picked = sorted({min(bisect.bisect_right(edges, u + i) - 1, len(pi) - 1) for i in range(n)})
+    if len(picked) != n or not 0.0 <= u < 1.0:
+        raise ValueError(f"systematic sampling of {n} steps drew {picked} at u = {u}")
+    return picked
 
 
 def group_advantages(

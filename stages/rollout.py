@@ -42,7 +42,7 @@ from stages.artifacts import (
     write_manifest,
 )
 from stages.errors import TempflowError
-from stages.flow import make_sigmas, ode_step, sde_step
+from stages.flow import inclusion_probabilities, make_sigmas, noise_aware_weights, ode_step, sde_step, systematic_sample
 from stages.policies import Cond, Policy, dtype_name, index_cond, with_negative
 from stages.limits import check_at_most, check_memory, check_seed
 from stages.progress import Progress, no_progress
@@ -73,7 +73,13 @@ class RolloutConfig:
     """K, SDE samples per branch step (tempflow)."""
     branch_steps: str = "all"
     """Where tempflow branches: 'all' (0..T-2), 'first:N', 'sampled:N' (N distinct steps drawn per
-    rollout from the seed), or an explicit comma list such as '0,2,5'."""
+    rollout from the seed, uniformly), 'weighted:N' (N steps drawn with chance proportional to the
+    noise-aware weight; the update divides each step's loss by its chance, so the expected gradient
+    is the all-steps one), or an explicit comma list such as '0,2,5'."""
+    finish_steps: int = 0
+    """tempflow: finish each branch from s_{k+1} to 0 in at most this many ODE steps, on a coarser
+    schedule taken from the rollout's own (evenly spaced in its indices); 0: every remaining step. A
+    finish is only scored, never trained: fewer steps cost fewer NFE and give the reward a rougher image."""
     window: int = 2
     """w, SDE window length of flow-grpo-fast."""
     batch_size: int = 32
@@ -105,6 +111,8 @@ class RolloutConfig:
             raise TempflowError(f"noise_level must be > 0 for GRPO to have something to learn (got {self.noise_level})")
         if self.prompts_per_rollout < 0:
             raise TempflowError(f"prompts-per-rollout must be >= 0, 0 meaning all (got {self.prompts_per_rollout})")
+        if self.finish_steps < 0:
+            raise TempflowError(f"finish-steps must be >= 0, 0 meaning every remaining step (got {self.finish_steps})")
         for name in ("seeds_per_prompt", "branches", "batch_size", "samples_per_shard", "window"):
             if getattr(self, name) < 1:
                 raise TempflowError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
@@ -119,7 +127,10 @@ class RolloutConfig:
             )
         self._check_limits()
         self.branch_steps = str(self.branch_steps).replace(" ", "")
-        self.resolve_branch_steps()  # validates the spec
+        self._branch_spec = parse_branch_steps(self.branch_steps, self.num_steps)
+        if self.finish_steps and self.algo != "tempflow":
+            raise TempflowError(f"--finish-steps shortens tempflow's branch finishes; {self.algo} trains every step "
+                                "of its trajectories, so it has none")
         sigmas = make_sigmas(self.num_steps, self.shift)
         if not bool((sigmas[:-1] > sigmas[1:]).all()):
             raise TempflowError(f"--shift {self.shift:g} with {self.num_steps} steps gives equal neighbouring "
@@ -141,6 +152,7 @@ class RolloutConfig:
         check_at_most("branches", self.branches, 1024, "each branch step holds K x batch states in memory and "
                       "finishing them costs K forward passes per remaining step (the papers use K = 4-6)")
         check_at_most("batch-size", self.batch_size, 65536, "one forward pass would hold that many states and their activations")
+        check_at_most("finish-steps", self.finish_steps, 1000, "a finish never has more steps than the schedule")
         check_at_most("samples-per-shard", self.samples_per_shard, 10**6, "a shard is written and hashed whole")
         check_at_most("prompts-per-rollout", self.prompts_per_rollout, 10**7, "every prompt's embedding is held in memory")
         check_at_most("resolution", self.resolution, 8192, "one latent state alone would fill a GPU")
@@ -150,37 +162,71 @@ class RolloutConfig:
             raise TempflowError(f"--guidance-scale {self.guidance_scale:g} must lie in [0, 100] (0: the kind's default)")
         check_at_most("negative-prompt", len(self.negative_prompt), 10000, "characters make a prompt no tokenizer keeps")
 
-    def resolve_branch_steps(self) -> list[int]:
-        """The branch set B for this rollout, a sorted subset of 0..T-2."""
-        last = self.num_steps - 2
-        spec = self.branch_steps
-        try:
-            if spec == "all":
-                steps = list(range(last + 1))
-            elif spec.startswith("first:"):
-                steps = list(range(int(spec[6:])))
-            elif spec.startswith("sampled:"):
-                n = int(spec[8:])
-                if not 1 <= n <= last + 1:
-                    raise ValueError
-                steps = sorted(random.Random(derive_seed(self.seed, "branch-steps")).sample(range(last + 1), n))
-            else:
-                steps = sorted({int(s) for s in spec.split(",")})
-        except ValueError:
-            raise TempflowError(
-                f"branch-steps {spec!r}: use 'all', 'first:N', 'sampled:N' or a list like '0,2,5' "
-                f"with steps in 0..{last} (N between 1 and {last + 1})"
-            ) from None
-        if not steps or steps[0] < 0 or steps[-1] > last:
-            raise TempflowError(f"branch-steps {spec!r}: steps must lie in 0..{last} (T = {self.num_steps}); the last step is never trained")
-        return steps
-
-    def sde_window(self) -> list[int]:
-        """Steps sampled by SDE (and written) for the flow-grpo algorithms."""
+    def step_plan(self, sigmas: Tensor | None = None) -> StepPlan:
+        """The steps this rollout trains: tempflow's branch set B, flow-grpo's SDE steps. Drawn ones
+        (``sampled:N``, ``weighted:N``, flow-grpo-fast's window) come from the seed; ``weighted:N`` weighs
+        by ``sigmas``' noise-aware weights (default: the static-shift schedule)."""
+        T = self.num_steps
         if self.algo == "flow-grpo":
-            return list(range(self.num_steps - 1))
-        start = random.Random(derive_seed(self.seed, "window")).randint(0, self.num_steps // 2 - self.window)
-        return list(range(start, start + self.window))
+            return StepPlan(list(range(T - 1)))
+        rng = random.Random(derive_seed(self.seed, "window" if self.algo == "flow-grpo-fast" else "branch-steps"))
+        if self.algo == "flow-grpo-fast":
+            start = rng.randint(0, T // 2 - self.window)
+            return StepPlan(list(range(start, start + self.window)))
+        kind, value = self._branch_spec
+        if kind == "all":
+            return StepPlan(list(range(T - 1)))
+        if kind == "list":
+            return StepPlan(list(value))
+        if kind == "sampled":
+            return StepPlan(sorted(rng.sample(range(T - 1), value)), [value / (T - 1)] * (T - 1))
+        sigmas = make_sigmas(T, self.shift) if sigmas is None else sigmas
+        pi = inclusion_probabilities(noise_aware_weights(sigmas, self.noise_level).tolist(), value)
+        return StepPlan(systematic_sample(pi, rng.random()), pi)
+
+    def finish_path(self, step: int) -> list[int]:
+        """The sigma indices a branch of ``step`` is finished along by ODE, from ``k + 1`` to ``T``:
+        every one, or ``finish_steps + 1`` of them evenly spaced."""
+        T, first = self.num_steps, step + 1
+        if self.finish_steps == 0 or T - first <= self.finish_steps:
+            return list(range(first, T + 1))
+        return [first + round(i * (T - first) / self.finish_steps) for i in range(self.finish_steps + 1)]
+
+
+@dataclass
+class StepPlan:
+    """The trained steps of a rollout, and when they were drawn at random each step's chance of
+    being drawn (``inclusion[k]`` for every ``k`` in ``0..T-2``), which the update reweighs by."""
+
+    steps: list[int]
+    inclusion: list[float] | None = None
+
+
+def parse_branch_steps(spec: str, num_steps: int) -> tuple[str, Any]:
+    """``--branch-steps`` as ``(kind, value)``: ``("all", None)``, ``("list", steps)`` (``first:N``
+    and explicit lists), ``("sampled", N)`` or ``("weighted", N)``."""
+    last = num_steps - 2
+    try:
+        if spec == "all":
+            return "all", None
+        if spec.startswith("first:"):
+            kind, value = "list", list(range(int(spec[6:])))
+        elif spec.startswith(("sampled:", "weighted:")):
+            kind, _, n = spec.partition(":")
+            value = int(n)
+            if not 1 <= value <= last + 1:
+                raise ValueError
+            return kind, value
+        else:
+            kind, value = "list", sorted({int(s) for s in spec.split(",")})
+    except ValueError:
+        raise TempflowError(
+            f"branch-steps {spec!r}: use 'all', 'first:N', 'sampled:N', 'weighted:N' or a list like '0,2,5' "
+            f"with steps in 0..{last} (N between 1 and {last + 1})"
+        ) from None
+    if not value or value[0] < 0 or value[-1] > last:
+        raise TempflowError(f"branch-steps {spec!r}: steps must lie in 0..{last} (T = {num_steps}); the last step is never trained")
+    return kind, value
 
 
 def select_prompts(prompts: list[str], config: RolloutConfig) -> list[str]:
@@ -221,7 +267,7 @@ class Branch:
     next: Tensor  # x_{k+1}, the SDE sample
     log_prob: float
     x: Tensor  # current state of the continuation
-    at: int  # index of the sigma x is at
+    path: list[int]  # sigma indices still ahead of it, the first being the one x is at
 
 
 @dataclass
@@ -229,19 +275,20 @@ class RolloutResult:
     samples: int
     nfe: int
     shards: int
-    branch_steps: list[int] = field(default_factory=list)
+    trained_steps: list[int] = field(default_factory=list)
     prompts: int = 0
+    decodes: int = 0
 
 
 class _Sampler:
     """Shared plumbing of the algorithms: model calls with NFE counting, and sample writing."""
 
     def __init__(self, policy: Policy, prompts: list[str], config: RolloutConfig, writer: ShardWriter,
-                 progress: Progress, total_nfe: int) -> None:
+                 sigmas: Tensor, plan: StepPlan, progress: Progress) -> None:
         self.policy, self.prompts, self.config, self.writer = policy, prompts, config, writer
-        self.sigmas = policy_sigmas(policy, config)
-        self.progress, self.total_nfe = progress, total_nfe
-        self.nfe = 0
+        self.sigmas, self.steps = sigmas, plan.steps
+        self.progress, self.total_nfe = progress, planned_nfe(config, len(prompts), plan.steps)
+        self.nfe = self.decodes = 0
         self.cond, self.negative = encode_prompts(policy, prompts)
         self.cond_all = with_negative(self.cond, self.negative)
 
@@ -261,10 +308,15 @@ class _Sampler:
         self.progress("rollout", x.shape[0], self.total_nfe)
         return v.cpu()
 
-    def sigma_pair(self, at: Tensor) -> tuple[Tensor, Tensor]:
-        """``(s_i, s_{i+1})`` per row, shaped to broadcast against ``(B, C, H, W)``."""
+    def sigma_pair(self, at: Tensor, to: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """``(s_at, s_to)`` per row (``to`` defaults to ``at + 1``), shaped to broadcast against ``(B, C, H, W)``."""
         shape = (-1,) + (1,) * len(self.policy.sample_shape)
-        return self.sigmas[at].reshape(shape), self.sigmas[at + 1].reshape(shape)
+        return self.sigmas[at].reshape(shape), self.sigmas[at + 1 if to is None else to].reshape(shape)
+
+    def decode(self, x: Tensor) -> np.ndarray:
+        """Final states to images (the VAE decode each reward call reads), counted."""
+        self.decodes += x.shape[0]
+        return self.policy.decode(x)
 
     def initial_noise(self, trajs: list[Trajectory]) -> Tensor:
         return seeded_normal(self.policy.sample_shape, [t.seed for t in trajs])
@@ -324,19 +376,24 @@ def _trajectories(config: RolloutConfig, num_prompts: int) -> list[Trajectory]:
     ]
 
 
-def planned_nfe(config: RolloutConfig, num_prompts: int) -> int:
-    """Forward passes the rollout will make (the cost the benchmark compares)."""
+def planned_nfe(config: RolloutConfig, num_prompts: int, steps: list[int]) -> int:
+    """Forward passes the rollout will make (the cost the benchmark compares), for its trained ``steps``."""
     n, T = num_prompts * config.seeds_per_prompt, config.num_steps
     if config.algo != "tempflow":
         return n * T
-    steps = config.resolve_branch_steps()
     main = n * (steps[-1] + 1)  # the main path stops at the last branch step
-    return main + n * config.branches * sum(T - k - 1 for k in steps)
+    return main + n * config.branches * sum(len(config.finish_path(k)) - 1 for k in steps)
+
+
+def planned_decodes(config: RolloutConfig, num_prompts: int, steps: list[int]) -> int:
+    """Images the rollout decodes, one per reward call: one per branch (tempflow), per trajectory (flow-grpo)."""
+    n = num_prompts * config.seeds_per_prompt
+    return n * config.branches * len(steps) if config.algo == "tempflow" else n
 
 
 def _tempflow(s: _Sampler, trajs: list[Trajectory]) -> None:
     cfg = s.config
-    steps = cfg.resolve_branch_steps()
+    steps = s.steps
     for start in range(0, len(trajs), cfg.batch_size):
         chunk = trajs[start:start + cfg.batch_size]
         pool: list[Branch] = []
@@ -351,7 +408,8 @@ def _tempflow(s: _Sampler, trajs: list[Trajectory]) -> None:
                     eps = seeded_normal(s.policy.sample_shape, [derive_seed(t.seed, "branch", i, b) for t in chunk])
                     out = sde_step(v, x, sigma, sigma_next, cfg.noise_level, noise=eps)
                     pool += [
-                        Branch(t, i, b, x[n], out.prev_sample[n], float(out.log_prob[n]), out.prev_sample[n], i + 1)
+                        Branch(t, i, b, x[n], out.prev_sample[n], float(out.log_prob[n]), out.prev_sample[n],
+                               cfg.finish_path(i))
                         for n, t in enumerate(chunk)
                     ]
                 _advance_branches(s, pool, drain=False)  # keeps at most a batch plus one step's branches
@@ -360,31 +418,30 @@ def _tempflow(s: _Sampler, trajs: list[Trajectory]) -> None:
 
 
 def _advance_branches(s: _Sampler, pool: list[Branch], drain: bool) -> None:
-    """Run pending branches to s_T = 0 by ODE, ``batch_size`` rows at a time across groups and
-    steps (per-row sigmas), writing each as it finishes. Works while a full batch is pending, or
-    until ``pool`` (mutated in place) is empty when ``drain``."""
-    T, size = s.config.num_steps, s.config.batch_size
+    """Run pending branches to s_T = 0 by ODE along their finish paths, ``batch_size`` rows at a
+    time across groups and steps (per-row sigmas), writing each as it finishes. Works while a full
+    batch is pending, or until ``pool`` (mutated in place) is empty when ``drain``."""
+    size = s.config.batch_size
     while len(pool) >= size or (drain and pool):
         batch = pool[:size]
         del pool[:size]
-        at = torch.tensor([br.at for br in batch])
+        at, to = torch.tensor([br.path[0] for br in batch]), torch.tensor([br.path[1] for br in batch])
         x = torch.stack([br.x for br in batch])
         v = s.velocity(x, at, [br.traj.prompt_index for br in batch])
-        x = ode_step(v, x, *s.sigma_pair(at))
-        done = [n for n, br in enumerate(batch) if br.at + 1 == T]
-        images = s.policy.decode(x[done]) if done else None
+        x = ode_step(v, x, *s.sigma_pair(at, to))
         for n, br in enumerate(batch):
-            br.x, br.at = x[n], br.at + 1
-        for img, n in zip(images if done else [], done):
+            br.x, br.path = x[n], br.path[1:]
+        done = [n for n, br in enumerate(batch) if len(br.path) == 1]
+        for img, n in zip(s.decode(x[done]) if done else [], done):
             br = batch[n]
             group = seed_group(br.traj.prompt_index, br.traj.seed, br.step)
             s.write(br.traj, br.step, br.branch, br.state, br.next, br.log_prob, group, img)
-        pool[:0] = [br for br in batch if br.at < T]  # unfinished rows keep their place in the batch
+        pool[:0] = [br for br in batch if len(br.path) > 1]  # unfinished rows keep their place in the batch
 
 
 def _flow_grpo(s: _Sampler, trajs: list[Trajectory]) -> None:
     cfg = s.config
-    window = set(cfg.sde_window())
+    window = set(s.steps)
     for start in range(0, len(trajs), cfg.batch_size):
         chunk = trajs[start:start + cfg.batch_size]
         pis = [t.prompt_index for t in chunk]
@@ -401,7 +458,7 @@ def _flow_grpo(s: _Sampler, trajs: list[Trajectory]) -> None:
                 x = out.prev_sample
             else:
                 x = ode_step(v, x, sigma, sigma_next)
-        images = s.policy.decode(x)
+        images = s.decode(x)
         for n, traj in enumerate(chunk):
             owner = None
             for step, state, nxt, log_prob in transitions:
@@ -435,20 +492,23 @@ def run_rollout(
     check_memory(f"--batch-size {config.batch_size} with --branches {config.branches}", 3 * pending * state_bytes,
                  "lower --batch-size or --branches")
     prompts = select_prompts(prompts, config)
-    trajs = _trajectories(config, len(prompts))
-    total = planned_nfe(config, len(prompts))
+    sigmas = policy_sigmas(policy, config)
+    plan = config.step_plan(sigmas)  # drawn once: every count and record below uses this one
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         tmp.mkdir()
         writer = ShardWriter(tmp, config.samples_per_shard)
-        sampler = _Sampler(policy, prompts, config, writer, progress, total)
-        (_tempflow if config.algo == "tempflow" else _flow_grpo)(sampler, trajs)
+        sampler = _Sampler(policy, prompts, config, writer, sigmas, plan, progress)
+        (_tempflow if config.algo == "tempflow" else _flow_grpo)(sampler, _trajectories(config, len(prompts)))
         shards = writer.close()
-        assert sampler.nfe == total, (sampler.nfe, total)  # planned_nfe is the documented cost
+        # the documented costs: the forward passes and decodes the rollout was planned to make
+        assert sampler.nfe == sampler.total_nfe, (sampler.nfe, sampler.total_nfe)
+        assert sampler.decodes == planned_decodes(config, len(prompts), plan.steps), sampler.decodes
         embeddings = write_embeddings(tmp, sampler.cond, sampler.negative)
         write_manifest(tmp, {
             "config": asdict(config),
-            "branch_steps": config.resolve_branch_steps() if config.algo == "tempflow" else config.sde_window(),
-            "sigmas": [float(v) for v in sampler.sigmas],
+            "trained_steps": plan.steps,
+            "step_inclusion": plan.inclusion,
+            "sigmas": [float(v) for v in sigmas],
             "prompts": prompts,
             "policy": policy_info,
             "sample_shape": list(policy.sample_shape),
@@ -457,8 +517,8 @@ def run_rollout(
             "embeddings": embeddings,
             "samples": writer.count,
             "nfe": sampler.nfe,
+            "decodes": sampler.decodes,
             "shards": shards,
         })
-    steps = config.resolve_branch_steps() if config.algo == "tempflow" else config.sde_window()
-    return RolloutResult(samples=writer.count, nfe=sampler.nfe, shards=len(shards), branch_steps=steps,
-                         prompts=len(prompts))
+    return RolloutResult(samples=writer.count, nfe=sampler.nfe, shards=len(shards), trained_steps=plan.steps,
+                         prompts=len(prompts), decodes=sampler.decodes)

@@ -168,6 +168,26 @@ def group_label(meta: dict[str, Any], mode: str) -> str:
     return f"p{meta['prompt_index']}-k{meta['step']}"
 
 
+def step_weights(manifest: dict[str, Any], weighting: str) -> list[float]:
+    """Each step's loss weight ``w_k`` (noise-aware or 1), divided by the step's chance of having
+    been drawn relative to the mean chance, ``pi_k / mean_j pi_j``, when the rollout drew its steps
+    at random (``step_inclusion``). That is the Horvitz-Thompson estimator: a step drawn with chance
+    ``pi_k`` enters the loss with weight ``w_k / pi_k`` (times the constant ``N / (T-1)`` that keeps the
+    mean over the drawn steps' samples on the scale of the all-steps mean), so over the draws the
+    expected gradient is the all-steps one for the same noise. ``sampled:N`` has equal chances and
+    keeps ``w_k``."""
+    T = len(manifest["sigmas"]) - 1
+    if weighting == "noise-aware":
+        weights = noise_aware_weights(torch.tensor(manifest["sigmas"]), manifest["config"]["noise_level"]).tolist()
+    else:
+        weights = [1.0] * (T - 1)
+    pi = manifest["step_inclusion"]
+    if pi is None:
+        return weights
+    mean_pi = sum(pi) / len(pi)
+    return [w * mean_pi / p for w, p in zip(weights, pi)]
+
+
 def plan_update(rollout: Rollout, scores_path: Path, config: UpdateConfig) -> Plan:
     """Join scores to the rollout by key and compute per-sample advantages and weights."""
     manifest = rollout.manifest
@@ -192,11 +212,8 @@ def plan_update(rollout: Rollout, scores_path: Path, config: UpdateConfig) -> Pl
     labels = [group_label(metas[k], config.adv_group) for k in keys]
     adv = group_advantages(torch.from_numpy(rewards), labels, clip=config.adv_clip,
                            global_std=config.adv_std == "global").numpy()
-    if resolved_weighting(config, algo) == "noise-aware":
-        step_weights = noise_aware_weights(torch.tensor(manifest["sigmas"]), manifest["config"]["noise_level"]).tolist()
-        weights = [step_weights[metas[k]["step"]] for k in keys]
-    else:
-        weights = [1.0] * len(keys)
+    per_step = step_weights(manifest, resolved_weighting(config, algo))
+    weights = [per_step[metas[k]["step"]] for k in keys]
     groups = set(labels)
     trained_groups = {label for label, a in zip(labels, adv) if a != 0.0}
     return Plan(
@@ -585,6 +602,7 @@ def _plan_metrics(plan: Plan, manifest: dict[str, Any], config: UpdateConfig) ->
     return {
         "algo": algo,
         "weighting": resolved_weighting(config, algo),
+        "step_reweighting": "inclusion" if manifest["step_inclusion"] else "none",
         "kl_form": config.kl_form,
         "beta": config.beta,
         "samples": len(plan.advantage),

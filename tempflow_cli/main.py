@@ -319,7 +319,7 @@ def rollout(policy_dir: Path, prompts: Path, out: Path, device: str, dtype: str,
     seconds = time.perf_counter() - start
     summary(f"rollout {out}", {
         "algo": config.algo, "prompts": result.prompts, "samples": result.samples, "shards": result.shards,
-        "steps trained": ",".join(map(str, result.branch_steps)), "NFE": result.nfe,
+        "steps trained": ",".join(map(str, result.trained_steps)), "NFE": result.nfe, "decodes": result.decodes,
         "seconds": round(seconds, 2), "NFE/s": round(result.nfe / max(seconds, 1e-9), 1),
     })
 

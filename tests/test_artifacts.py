@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stages.artifacts import check_meta
+from stages.errors import TempflowError
 from stages.rewards import parse_reward_spec
 from stages.score import run_score
 from tests.conftest import PROMPTS, invoke, make_rollout
@@ -211,7 +213,7 @@ def test_flow_grpo_fast_writes_only_its_window(policy_dir, tmp_path, seed, windo
         assert len(steps) == window, (where, steps)
         assert steps == list(range(steps[0], steps[0] + window)), (where, steps)
         assert 0 <= steps[0] <= T // 2 - window, (where, steps)
-        assert steps == _manifest(rollout)["branch_steps"]
+        assert steps == _manifest(rollout)["trained_steps"]
 
 
 @pytest.mark.parametrize("algo, T, branch_steps, K", [
@@ -220,6 +222,8 @@ def test_flow_grpo_fast_writes_only_its_window(policy_dir, tmp_path, seed, windo
     ("tempflow", 5, "1", 2),
     ("tempflow", 6, "0,2", 2),
     ("tempflow", 6, "first:2", 2),
+    ("tempflow", 6, "sampled:2", 2),
+    ("tempflow", 6, "weighted:3", 2),
     ("flow-grpo", 4, "all", 2),
     ("flow-grpo-fast", 6, "all", 2),
 ])
@@ -228,7 +232,7 @@ def test_manifest_hashes_counts_and_nfe(policy_dir, tmp_path, algo, T, branch_st
     rollout = _rollout(policy_dir, tmp_path / "r", algo=algo, num_steps=T, branch_steps=branch_steps,
                        branches=K, samples_per_shard=7)
     manifest = _manifest(rollout)
-    assert manifest["schema"] == "tempflow.rollout/2"
+    assert manifest["schema"] == "tempflow.rollout/3"
     listed = [s["name"] for s in manifest["shards"]]
     assert sorted(p.name for p in rollout.glob("*.tar")) == sorted(listed)
     read = 0
@@ -242,14 +246,20 @@ def test_manifest_hashes_counts_and_nfe(policy_dir, tmp_path, algo, T, branch_st
 
     N = len(PROMPTS[:2]) * 2
     if algo == "tempflow":
-        B = list(range(T - 1)) if branch_steps == "all" else (
-            list(range(int(branch_steps[6:]))) if branch_steps.startswith("first:")
-            else sorted(int(s) for s in branch_steps.split(",")))
-        assert manifest["branch_steps"] == B
+        if branch_steps.startswith(("sampled:", "weighted:")):  # drawn: N distinct steps, the draw recorded
+            B = manifest["trained_steps"]
+            assert len(B) == len(set(B)) == int(branch_steps.split(":")[1]) and B == sorted(B)
+            assert sum(manifest["step_inclusion"]) == pytest.approx(len(B))
+        else:
+            B = list(range(T - 1)) if branch_steps == "all" else (
+                list(range(int(branch_steps[6:]))) if branch_steps.startswith("first:")
+                else sorted(int(s) for s in branch_steps.split(",")))
+            assert manifest["trained_steps"] == B and manifest["step_inclusion"] is None
         expected = N * (max(B) + 1) + N * K * sum(T - k - 1 for k in B)
-        assert read == N * K * len(B)
+        assert read == manifest["decodes"] == N * K * len(B)
     else:
         expected = N * T
+        assert manifest["decodes"] == N  # one image per trajectory
     assert manifest["nfe"] == expected
 
 
@@ -711,16 +721,44 @@ def test_metrics_path_obeys_overwrite_and_kind(policy_dir, tmp_path):
     assert r.exit_code == 1 and "--overwrite" in r.stderr and (folder / "it01.json").is_file()
     r = _update_cli(policy_dir, rollout, scores, tmp_path / "new", "--metrics", folder, "--overwrite")
     assert r.exit_code == 1 and "folder" in r.stderr and (folder / "it01.json").is_file()
-    assert not (tmp_path / "new").exists() or (tmp_path / "new" / "config.json").is_file()
+    assert not (tmp_path / "new").exists()  # refused before anything was trained or written
 
 
-def test_meta_not_matching_the_manifest_is_refused(policy_dir, tmp_path):
-    """A meta whose sigma is not its step's in the manifest: update refuses, naming the sample."""
+def test_edited_manifest_no_longer_matches_its_scores(policy_dir, tmp_path):
+    """Scores name the manifest's hash: an update on an edited manifest is refused before any sample is read."""
     rollout, scores = _scored(policy_dir, tmp_path)
     manifest = _manifest(rollout)
-    manifest["sigmas"][1] = 0.5  # the schedule the samples claim no longer matches
+    manifest["config"]["batch_size"] += 1  # still a valid manifest, but not the one that was scored
     (rollout / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "new"
     r = _update_cli(policy_dir, rollout, scores, out)
     assert r.exit_code == 1 and not out.exists()
-    assert "another rollout" in r.stderr or "sigmas" in r.stderr
+    assert "another rollout" in r.stderr
+
+
+def _good_meta(rollout: Path) -> tuple[dict, dict]:
+    manifest = _manifest(rollout)
+    first = next(iter(_read_rollout(rollout).values()))
+    return json.loads(first["meta.json"]), manifest
+
+
+@pytest.mark.parametrize("edit, problem", [
+    ({"step": 3}, "not a trainable step"),  # T = 4: steps 0..2 are trained, 3 is the last
+    ({"step": True}, "not a trainable step"),
+    ({"prompt_index": 7}, "does not name its prompt"),
+    ({"prompt": "another prompt"}, "does not name its prompt"),
+    ({"sigma": 0.123}, "are not step"),
+    ({"log_prob": float("nan")}, "not a finite number"),
+    ({"log_prob": "0.5"}, "not a finite number"),
+    ({"seed": 1.5}, "seed and branch"),
+    ({"branch": "0"}, "seed and branch"),
+    ({"group": 3}, "seed and branch"),
+    ({"algo": "flow-grpo"}, "is not the manifest's"),
+    ({"image_key": "a.b"}, "is not a sample key"),
+])
+def test_check_meta_refuses_each_kind_of_damage(policy_dir, tmp_path, edit, problem):
+    """Each branch of check_meta on its own: one field edited in an otherwise valid meta."""
+    meta, manifest = _good_meta(_rollout(policy_dir, tmp_path / "r", num_steps=4))
+    check_meta("k", meta, manifest)  # the untouched meta passes
+    with pytest.raises(TempflowError, match=f"sample k: .*{problem}"):
+        check_meta("k", {**meta, **edit}, manifest)

@@ -139,6 +139,46 @@ def test_baselines_train(policy_dir, tmp_path, algo):
         run_update(policy_dir, rollout, tmp_path / "s.parquet", tmp_path / "new2", UpdateConfig(adv_group="seed"))
 
 
+def test_adv_std_global_through_run_update(policy_dir, tmp_path):
+    """--adv-std global: each prompt's mean, the whole rollout's std, by hand from the scores file."""
+    import pyarrow.parquet as pq
+
+    from stages.artifacts import Rollout
+    from stages.update import plan_update
+
+    rollout = make_rollout(policy_dir, tmp_path / "r", algo="flow-grpo", num_steps=4, seeds_per_prompt=3)
+    run_score(rollout, COMPRESSIBILITY, tmp_path / "s.parquet")
+    table = pq.read_table(tmp_path / "s.parquet").to_pydict()
+    reward = dict(zip(table["key"], table["reward"]))
+    prompt = {key: int(key[1:6]) for key in reward}
+    values = list(reward.values())
+    mean_all = sum(values) / len(values)
+    std_all = (sum((r - mean_all) ** 2 for r in values) / len(values)) ** 0.5
+    with Rollout(rollout) as opened:
+        plan = plan_update(opened, tmp_path / "s.parquet", UpdateConfig(adv_std="global"))
+    for key, r in reward.items():
+        group = [v for k, v in reward.items() if prompt[k] == prompt[key]]
+        assert plan.advantage[key] == pytest.approx((r - sum(group) / len(group)) / (std_all + 1e-4), rel=1e-9)
+    metrics = run_update(policy_dir, rollout, tmp_path / "s.parquet", tmp_path / "p", UpdateConfig(adv_std="global")).metrics
+    assert metrics["trained_samples"] > 0 and metrics["first_step_ratio_deviation"] < 1e-5
+
+
+def test_inner_epochs_make_more_steps_off_policy(policy_dir, tmp_path):
+    """Two inner epochs: twice the optimizer steps, the first still on-policy, later ratios off 1,
+    and other weights than one epoch gives."""
+    rollout = make_rollout(policy_dir, tmp_path / "r", num_steps=4, branches=3)
+    run_score(rollout, COMPRESSIBILITY, tmp_path / "s.parquet")
+    config = dict(learning_rate=1e-2, batch_size=16, beta=0.0)
+    one = run_update(policy_dir, rollout, tmp_path / "s.parquet", tmp_path / "one", UpdateConfig(**config)).metrics
+    two = run_update(policy_dir, rollout, tmp_path / "s.parquet", tmp_path / "two",
+                     UpdateConfig(**config, inner_epochs=2)).metrics
+    assert two["optimizer_steps"] == 2 * one["optimizer_steps"] == 2 * -(-one["trained_samples"] // 16)
+    assert two["first_step_ratio_deviation"] < 1e-5
+    assert two["ratio_max"] - two["ratio_min"] > one["ratio_max"] - one["ratio_min"] > 0
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert any(not torch.equal(a[name], b[name]) for name in a)
+
+
 def _small_loop_params(path: Path) -> None:
     params = yaml.safe_load(path.read_text())
     params["pretrain"].update({"image-size": 16, "steps": 4, "batch-size": 4, "warmup": 1, "checkpoint-every": 2,

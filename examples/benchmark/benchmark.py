@@ -135,16 +135,22 @@ def train_run(name: str, seed: int, base: Path, prompts: list[str], work: Path, 
     curve = [{"nfe": 0, "seconds": 0.0, "iteration": 0, **base_eval}]
     next_eval = settings.nfe_budget / settings.evals
     specs = [parse_reward_spec("shapes")]
-    per_iteration = planned_nfe(RolloutConfig(**{**rollout_base, **method.rollout}), settings.prompts_per_rollout)
-    while spent + per_iteration <= settings.nfe_budget:  # no method spends more than the budget
+
+    def rollout_config(iteration: int) -> RolloutConfig:
+        return RolloutConfig(**{**rollout_base, **method.rollout, "seed": 1000 * seed + iteration,
+                                "prompts_per_rollout": settings.prompts_per_rollout})
+
+    def cost(iteration: int) -> int:  # drawn branch steps make an iteration's NFE vary
+        config = rollout_config(iteration)
+        return planned_nfe(config, settings.prompts_per_rollout, config.step_plan().steps)
+
+    while spent + cost(iteration + 1) <= settings.nfe_budget:  # no method spends more than the budget
         iteration += 1
         it = run_dir / f"it{iteration:03d}"
-        rollout_config = RolloutConfig(**{**rollout_base, **method.rollout, "seed": 1000 * seed + iteration,
-                                          "prompts_per_rollout": settings.prompts_per_rollout})
         update_config = UpdateConfig(**{**update_base, "weighting": method.weighting, "seed": 1000 * seed + iteration})
         began = time.perf_counter()
         model, record = load_policy(policy)
-        result = run_rollout(model, prompts, rollout_config, it / "rollout",
+        result = run_rollout(model, prompts, rollout_config(iteration), it / "rollout",
                              {"identity": record.identity, "path": str(policy), "step": record.step})
         run_score(it / "rollout", specs, it / "scores.parquet")
         run_update(policy, it / "rollout", it / "scores.parquet", it / "policy", update_config,
@@ -155,7 +161,7 @@ def train_run(name: str, seed: int, base: Path, prompts: list[str], work: Path, 
             shutil.rmtree(policy.parent)  # the previous iteration's artifacts: only the new policy is needed
         policy = it / "policy"
         shutil.rmtree(it / "rollout")
-        last = spent + per_iteration > settings.nfe_budget
+        last = spent + cost(iteration + 1) > settings.nfe_budget
         if spent >= next_eval or last:
             curve.append({"nfe": spent, "seconds": seconds, "iteration": iteration,
                           **evaluate(policy, run_dir / "eval", settings)})
