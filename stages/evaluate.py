@@ -24,7 +24,12 @@ from stages.limits import check_at_most, check_seed
 from stages.progress import Progress, no_progress
 from stages.rollout import derive_seed, seeded_normal
 
-SPLITS = {"heldout": "pairings and compositions never trained on", "train": "the training split"}
+SPLITS = {
+    "heldout": "pairings and compositions never trained on",
+    "validation": "half of the held-out prompts, for choosing settings",
+    "test": "the other half, for reporting at the chosen settings",
+    "train": "the training split",
+}
 
 
 @dataclass

@@ -285,14 +285,30 @@ def _all_scenes() -> tuple[Scene, ...]:
     )
 
 
+HELDOUT_HALVES = ("validation", "test")
+"""Disjoint halves of the held-out split: one for choosing settings (beta, learning rate, the
+iteration to report), the other for the figures reported at the chosen settings."""
+
+
 @cache
 def _scenes_of(split: str, task: str) -> tuple[Scene, ...]:
+    if split in HELDOUT_HALVES:
+        return tuple(s for s in _scenes_of("heldout", task) if heldout_half(s) == split)
     return tuple(s for s in _all_scenes() if s.task == task and split_of(s) == split)
 
 
-def _check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise TempflowError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+@cache
+def heldout_half(scene: Scene) -> str:
+    """``"validation"`` or ``"test"`` for a held-out scene: within each (task, held-out kind), the
+    scenes in grammar order alternate test, validation, test, ... so each half holds both kinds of
+    every task."""
+    same = [s for s in _scenes_of("heldout", scene.task) if heldout_kind(s) == heldout_kind(scene)]
+    return HELDOUT_HALVES[same.index(scene) % 2 == 0]
+
+
+def _check_split(split: str, allowed: tuple[str, ...] = SPLITS) -> None:
+    if split not in allowed:
+        raise TempflowError(f"unknown split {split!r}; choose one of {', '.join(allowed)}")
 
 
 def all_prompts() -> list[str]:
@@ -313,10 +329,11 @@ def heldout_prompts() -> list[str]:
 def eval_prompts(split: str = "heldout", per_task: int = 16, seed: int = 0) -> list[str]:
     """``per_task`` prompts of each task of ``split`` (all of a task's prompts when it has fewer).
 
-    Deterministic in ``seed``. Within a task the held-out kinds (pairing, composition) take turns, so a
-    held-out subset always tests both.
+    ``split`` is ``train``, ``heldout`` or one of its :data:`HELDOUT_HALVES`. Deterministic in ``seed``.
+    Within a task the held-out kinds (pairing, composition) take turns, so a held-out subset always
+    tests both.
     """
-    _check_split(split)
+    _check_split(split, SPLITS + HELDOUT_HALVES)
     if per_task < 1:
         raise TempflowError(f"per-task must be >= 1 (got {per_task})")
     picked = []

@@ -492,8 +492,9 @@ def _eval_options(fn):
 @click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True, help="Policy folder to evaluate.")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None,
               help="Prompts file in the shapes grammar (default: a balanced subset of --split).")
-@click.option("--split", type=click.Choice(["heldout", "train"]), default="heldout", show_default=True,
-              help="World split to draw prompts from when --prompts is not given.")
+@click.option("--split", type=click.Choice(["heldout", "validation", "test", "train"]), default="heldout", show_default=True,
+              help="World split to draw prompts from when --prompts is not given; validation and test are disjoint halves "
+              "of heldout (choose settings on one, report the other).")
 @click.option("--per-task", type=int, default=16, show_default=True, help="Prompts per task type drawn from --split.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json, results.jsonl, grid.png.")
 @_eval_options

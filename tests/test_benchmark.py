@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from dataclasses import asdict, replace
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,13 +22,22 @@ def test_quick_benchmark_writes_table_plot_and_measurements(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
-    methods = {"tempflow", "flow-grpo", "flow-grpo-fast", "branch-only", "weight-only"}
+    methods = {"tempflow", "flow-grpo", "flow-grpo-fast", "branch-only", "weight-only", "tempflow-k6",
+               "tempflow-finish3", "tempflow-weighted3"}
     assert set(results["curves"]) == methods
     budget = results["settings"]["nfe_budget"]
     for name, curves in results["curves"].items():
         (curve,) = curves  # one seed in --quick
         assert curve[0]["nfe"] == 0 and 0 < curve[-1]["nfe"] <= budget, name  # whole iterations within the budget
-        assert all(0 <= row["strict"] <= row["reward"] <= 1 for row in curve)
+        assert all(0 <= row[f"{half}_strict"] <= row[f"{half}_reward"] <= 1 for row in curve for half in ("val", "test"))
+        assert all(row["decodes"] > 0 and row["optimizer_steps"] >= 0 for row in curve[1:])  # a quick base may give equal rewards
+        assert "test_images" not in curve[-1]  # the per-image rewards stay in the kept runs
+    kept = json.loads((out / "runs" / "tempflow-s0.json").read_text())["curve"]
+    assert len(kept[-1]["test_images"]) == 8  # 2 test prompts per task x 4 tasks x 1 image
+    summary = {row["method"]: row for row in results["summary"]}
+    assert summary["flow-grpo"]["diff_final"]["mean"] == 0.0  # flow-grpo against itself
+    reach = summary["flow-grpo"]["nfe_to_reach"]  # flow-grpo reaches its own final validation reward by its end
+    assert reach["not_reached"] == 0 and reach["per_seed"][0] <= summary["flow-grpo"]["nfe"]
     memory = results["memory"]
     assert memory["8x"]["samples"] == 8 * memory["1x"]["samples"]
     assert memory["1x"]["peak_rss_mib"] >= memory["1x"]["rss_before_mib"] > 0
@@ -84,3 +95,36 @@ def test_base_digest_follows_contents_not_path(tmp_path):
     assert bench.folder_digest(a) == bench.folder_digest(b)
     (b / "sub" / "w.bin").write_bytes(b"retrained")
     assert bench.folder_digest(a) != bench.folder_digest(b)
+
+
+def _stats_module():
+    spec = importlib.util.spec_from_file_location("stats", REPO / "examples/benchmark/stats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_difference_hand_computed():
+    """Seed 0 differs by [1, 0, 0], seed 1 by [0, 1, 1]: means 1/3 and 2/3, image SE sqrt(1/3)/sqrt(3) = 1/3
+    each; over the two seeds the mean is 1/2, sd sqrt(2)/6, and the interval t(1) = 12.706 times sd/sqrt(2)."""
+    stats = _stats_module()
+    diff = stats.paired_difference([[1, 0, 1], [1, 1, 1]], [[0, 0, 1], [1, 0, 0]])
+    assert diff["per_seed"] == pytest.approx([1 / 3, 2 / 3])
+    assert diff["mean"] == pytest.approx(0.5) and diff["n"] == 2
+    assert diff["image_se"] == pytest.approx(1 / 3)
+    assert diff["ci95"] == pytest.approx(12.706 * (math.sqrt(2) / 6) / math.sqrt(2))
+    with pytest.raises(ValueError, match="same images"):
+        stats.paired_difference([[1, 0]], [[1, 0, 1]])
+    one = stats.paired_difference([[1.0, 0.0]], [[0.0, 0.0]])
+    assert one["mean"] == 0.5 and math.isnan(one["ci95"])  # one training seed: no interval over seeds
+
+
+def test_t_quantiles_and_curve_choices():
+    stats = _stats_module()
+    assert stats.t_975(2) == 4.303 and stats.t_975(11) == 2.228 and stats.t_975(500) == 1.96
+    curve = [{"nfe": 0, "val_reward": 0.5}, {"nfe": 10, "val_reward": 0.7}, {"nfe": 20, "val_reward": 0.7},
+             {"nfe": 30, "val_reward": 0.6}]
+    assert stats.chosen_index(curve) == 1  # the earliest of the best
+    assert stats.nfe_to_reach(curve, 0.65) == 10.0 and stats.nfe_to_reach(curve, 0.8) is None
+    reach = stats.reach_summary([curve, curve[:1]], 0.65)
+    assert reach["per_seed"] == [10.0, None] and reach["not_reached"] == 1 and reach["mean"] == 10.0

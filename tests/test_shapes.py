@@ -148,6 +148,21 @@ def test_heldout_has_pairings_and_compositions():
     assert "a red square right of a green circle" in shapes.heldout_prompts()
 
 
+def test_heldout_halves_partition_heldout_with_every_task_and_kind():
+    """validation and test: disjoint, together the held-out split, each with both kinds of every task."""
+    validation = shapes.eval_prompts("validation", per_task=10**6)
+    test = shapes.eval_prompts("test", per_task=10**6)
+    assert not set(validation) & set(test)
+    assert sorted(validation + test) == sorted(shapes.heldout_prompts())
+    for half in (validation, test):
+        kinds = {(s.task, shapes.heldout_kind(s)) for s in map(parse_prompt, half)}
+        assert {("counting", "pair"), ("counting", "composition"), ("position", "composition"), ("single", "pair")} <= kinds
+        assert abs(len(half) - len(shapes.heldout_prompts()) / 2) <= 4  # halves in every (task, kind)
+    assert shapes.eval_prompts("test", per_task=8, seed=3) == shapes.eval_prompts("test", per_task=8, seed=3)
+    with pytest.raises(TempflowError, match="unknown split"):
+        shapes.eval_prompts("val")
+
+
 def test_sample_scene_stays_in_its_split():
     rng = np.random.default_rng(0)
     for split in shapes.SPLITS:

@@ -1,15 +1,20 @@
 """TempFlow-GRPO against Flow-GRPO in the shapes world, at equal forward-pass (NFE) budgets.
 
-    python examples/benchmark/benchmark.py --base runs/base --out runs/benchmark   # full: ~1 h on 2 cores
-    python examples/benchmark/benchmark.py --quick --out runs/benchmark-quick       # smoke test: ~1 min
+    python examples/benchmark/benchmark.py --base runs/base --out runs/benchmark   # full: hours on 2 cores
+    python examples/benchmark/benchmark.py --quick --out runs/benchmark-quick       # smoke test: ~2 min
 
 Every method starts from the same pretrained base and trains with the same update hyper-parameters
-(params.yaml's `update` group) until it has spent the same NFE on rollouts; the held-out reward and
-strict accuracy are measured along the way by `tempflow eval`'s deterministic ODE sampler. The stages
-run in-process through the library functions the CLI calls, artifacts on disk included, so the
-timings are the pipeline's. Writes OUT/results.json, OUT/table.md and OUT/benchmark.png. Each finished
-(method, seed) run is kept in OUT/runs/: run the same command again after an interruption and it
-goes on from there.
+(params.yaml's `update` group) until it has spent the same NFE on rollouts. Along the way each policy
+is evaluated by `tempflow eval`'s deterministic ODE sampler on the two disjoint halves of the held-out
+prompts, every method on the same prompts and initial noises: the validation half chooses the point
+to report (each seed's best validation reward) and decides when flow-grpo's final reward is reached;
+the test half gives the reported figures, and its per-image rewards the differences from flow-grpo,
+paired over images and training seeds (stats.py). Costs are counted three ways (rollout NFE,
+optimizer steps, seconds per stage) plus VAE decodes, one reward call each. The stages run in-process
+through the library functions the CLI calls, artifacts on disk included, so the timings are the
+pipeline's. Writes OUT/results.json, OUT/table.md and OUT/benchmark.png. Each finished (method, seed)
+run is kept in OUT/runs/ with its per-image test rewards: run the same command again after an
+interruption and it goes on from there.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -41,6 +47,9 @@ from stages.rollout import RolloutConfig, planned_nfe, run_rollout
 from stages.score import run_score
 from stages.update import UpdateConfig, run_update
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import stats  # noqa: E402  (this folder's statistics)
+
 
 @dataclass(frozen=True)
 class Method:
@@ -60,6 +69,14 @@ METHODS: dict[str, Method] = {
                           {"algo": "tempflow", "seeds_per_prompt": 2, "branches": 4, "branch_steps": "all"}, "uniform"),
     "weight-only": Method("ablation: flow-grpo trajectories, noise-aware weights",
                           {"algo": "flow-grpo", "seeds_per_prompt": 8}, "noise-aware"),
+    "tempflow-k6": Method("the official code's shape: branches at every step, K = 6",
+                          {"algo": "tempflow", "seeds_per_prompt": 2, "branches": 6, "branch_steps": "all"}, "noise-aware"),
+    "tempflow-finish3": Method("tempflow, each branch finished in at most 3 ODE steps",
+                               {"algo": "tempflow", "seeds_per_prompt": 2, "branches": 4, "branch_steps": "all",
+                                "finish_steps": 3}, "noise-aware"),
+    "tempflow-weighted3": Method("tempflow, 3 branch steps drawn by noise-aware weight, loss reweighted by 1/chance",
+                                 {"algo": "tempflow", "seeds_per_prompt": 2, "branches": 4, "branch_steps": "weighted:3"},
+                                 "noise-aware"),
 }
 
 
@@ -70,11 +87,16 @@ class Settings:
     """Rollout forward passes each method may spend (whole iterations only, never more): the default
     loop's, 16 TempFlow-GRPO iterations of 6,048."""
     evals: int = 8
-    """Held-out evaluations along the budget (plus one of the base)."""
+    """Evaluations along the budget (plus one of the base)."""
     prompts_per_rollout: int = 16
-    eval_per_task: int = 16
+    val_per_task: int = 1000
+    """Validation prompts per task (the held-out split's validation half; 1000: all 333)."""
+    val_images: int = 2
+    test_per_task: int = 1000
+    """Test prompts per task (the other half; 1000: all 335)."""
+    test_images: int = 3
+    """Images per test prompt: 1,005 images, so a paired difference has a standard error near 0.01."""
     eval_steps: int = 20
-    eval_images: int = 4
     pretrain: PretrainConfig | None = None
     """Pretraining of the base when no --base is given (None: params.yaml's `pretrain` group)."""
     memory_prompts: int = 8
@@ -82,8 +104,8 @@ class Settings:
 
 
 def quick_settings() -> Settings:
-    return Settings(seeds=[0], nfe_budget=2_500, evals=1, prompts_per_rollout=2, eval_per_task=2, eval_steps=6,
-                    eval_images=1, pretrain=PretrainConfig(steps=20, batch_size=16, checkpoint_every=0,
+    return Settings(seeds=[0], nfe_budget=2_500, evals=1, prompts_per_rollout=2, val_per_task=2, val_images=1,
+                    test_per_task=2, test_images=1, eval_steps=6, pretrain=PretrainConfig(steps=20, batch_size=16, checkpoint_every=0,
                                                            autoencoder_steps=10, autoencoder_batch_size=4),
                     memory_prompts=1)
 
@@ -115,24 +137,35 @@ def prompts_file(out: Path) -> Path:
 
 
 def evaluate(policy: Path, out: Path, settings: Settings) -> dict[str, Any]:
+    """Validation and test figures of ``policy``, and the test split's per-image rewards (in a fixed
+    order of prompts and seeds, the same for every method: what paired differences are taken over)."""
     from stages import shapes
 
-    prompts = shapes.eval_prompts("heldout", per_task=settings.eval_per_task, seed=0)
-    config = EvalConfig(num_steps=settings.eval_steps, images_per_prompt=settings.eval_images, grid_prompts=0)
-    metrics = run_eval(policy, prompts, out, config, overwrite=True).metrics
-    return {"reward": metrics["reward"], "strict": metrics["strict"]}
+    row: dict[str, Any] = {}
+    for half, per_task, images in (("val", settings.val_per_task, settings.val_images),
+                                   ("test", settings.test_per_task, settings.test_images)):
+        prompts = shapes.eval_prompts("validation" if half == "val" else "test", per_task=per_task, seed=0)
+        config = EvalConfig(num_steps=settings.eval_steps, images_per_prompt=images, grid_prompts=0)
+        metrics = run_eval(policy, prompts, out / half, config, overwrite=True).metrics
+        row.update({f"{half}_reward": metrics["reward"], f"{half}_strict": metrics["strict"]})
+        if half == "test":
+            lines = (out / half / "results.jsonl").read_text().splitlines()
+            row["test_images"] = [json.loads(line)["reward"] for line in lines]
+    return row
 
 
 def train_run(name: str, seed: int, base: Path, prompts: list[str], work: Path, settings: Settings,
               rollout_base: dict[str, Any], update_base: dict[str, Any]) -> list[dict[str, Any]]:
-    """Iterate rollout -> score -> update until the budget is spent; a curve row per evaluation."""
+    """Iterate rollout -> score -> update until the budget is spent; a curve row per evaluation, with
+    the costs spent so far: rollout NFE, decodes (one reward call each), optimizer steps, seconds per stage."""
     method = METHODS[name]
     run_dir = work / f"{name}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    policy, spent, seconds, iteration = base, 0, 0.0, 0
-    base_eval = evaluate(base, run_dir / "eval", settings)
-    curve = [{"nfe": 0, "seconds": 0.0, "iteration": 0, **base_eval}]
+    policy, iteration = base, 0
+    spent = {"nfe": 0, "decodes": 0, "optimizer_steps": 0, "seconds": 0.0,
+             "seconds_rollout": 0.0, "seconds_score": 0.0, "seconds_update": 0.0}
+    curve = [{**spent, "iteration": 0, **evaluate(base, run_dir / "eval", settings)}]
     next_eval = settings.nfe_budget / settings.evals
     specs = [parse_reward_spec("shapes")]
 
@@ -144,30 +177,36 @@ def train_run(name: str, seed: int, base: Path, prompts: list[str], work: Path, 
         config = rollout_config(iteration)
         return planned_nfe(config, settings.prompts_per_rollout, config.step_plan().steps)
 
-    while spent + cost(iteration + 1) <= settings.nfe_budget:  # no method spends more than the budget
+    while spent["nfe"] + cost(iteration + 1) <= settings.nfe_budget:  # no method spends more than the budget
         iteration += 1
         it = run_dir / f"it{iteration:03d}"
         update_config = UpdateConfig(**{**update_base, "weighting": method.weighting, "seed": 1000 * seed + iteration})
-        began = time.perf_counter()
+        clock = time.perf_counter()
         model, record = load_policy(policy)
         result = run_rollout(model, prompts, rollout_config(iteration), it / "rollout",
                              {"identity": record.identity, "path": str(policy), "step": record.step})
+        spent["seconds_rollout"] += time.perf_counter() - clock
+        clock = time.perf_counter()
         run_score(it / "rollout", specs, it / "scores.parquet")
-        run_update(policy, it / "rollout", it / "scores.parquet", it / "policy", update_config,
-                   reference_dir=base)
-        seconds += time.perf_counter() - began
-        spent += result.nfe
+        spent["seconds_score"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        metrics = run_update(policy, it / "rollout", it / "scores.parquet", it / "policy", update_config,
+                             reference_dir=base).metrics
+        spent["seconds_update"] += time.perf_counter() - clock
+        spent["seconds"] = spent["seconds_rollout"] + spent["seconds_score"] + spent["seconds_update"]
+        spent["nfe"] += result.nfe
+        spent["decodes"] += result.decodes
+        spent["optimizer_steps"] += metrics["optimizer_steps"]
         if policy != base:
             shutil.rmtree(policy.parent)  # the previous iteration's artifacts: only the new policy is needed
         policy = it / "policy"
         shutil.rmtree(it / "rollout")
-        last = spent + cost(iteration + 1) > settings.nfe_budget
-        if spent >= next_eval or last:
-            curve.append({"nfe": spent, "seconds": seconds, "iteration": iteration,
-                          **evaluate(policy, run_dir / "eval", settings)})
+        last = spent["nfe"] + cost(iteration + 1) > settings.nfe_budget
+        if spent["nfe"] >= next_eval or last:
+            curve.append({**spent, "iteration": iteration, **evaluate(policy, run_dir / "eval", settings)})
             next_eval += settings.nfe_budget / settings.evals
-        print(f"  {name} seed {seed} it {iteration}: NFE {spent} / {settings.nfe_budget}, "
-              f"{seconds:.0f} s, held-out reward {curve[-1]['reward']:.3f}", flush=True)
+        print(f"  {name} seed {seed} it {iteration}: NFE {spent['nfe']} / {settings.nfe_budget}, "
+              f"{spent['seconds']:.0f} s, validation reward {curve[-1]['val_reward']:.3f}", flush=True)
     shutil.rmtree(run_dir)
     return curve
 
@@ -318,42 +357,76 @@ def measure_update(base: Path, it: Path) -> None:
 # Summaries
 
 
-def mean_curve(curves: list[list[dict[str, Any]]], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Seeds aligned by evaluation index: x (mean NFE), mean seconds, mean and std of ``key``."""
+def mean_curve(curves: list[list[dict[str, Any]]], x: str, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Seeds aligned by evaluation index: the mean ``x`` (nfe, optimizer_steps, seconds), the mean
+    and std over seeds of ``key``."""
     n = min(len(c) for c in curves)
-    nfe = np.mean([[row["nfe"] for row in c[:n]] for c in curves], axis=0)
-    secs = np.mean([[row["seconds"] for row in c[:n]] for c in curves], axis=0)
+    xs = np.mean([[row[x] for row in c[:n]] for c in curves], axis=0)
     values = np.array([[row[key] for row in c[:n]] for c in curves])
-    return nfe, secs, values.mean(axis=0), values.std(axis=0)
+    return xs, values.mean(axis=0), values.std(axis=0)
 
 
-def nfe_to_reach(curves: list[list[dict[str, Any]]], target: float) -> float | None:
-    nfe, _, mean, _ = mean_curve(curves, "reward")
-    hits = np.nonzero(mean >= target)[0]
-    return float(nfe[hits[0]]) if len(hits) else None
+def _mean(rows: list[dict[str, Any]], key: str) -> float:
+    return float(np.mean([row[key] for row in rows]))
 
 
 def summarise(results: dict[str, list[list[dict[str, Any]]]]) -> list[dict[str, Any]]:
-    target = mean_curve(results["flow-grpo"], "reward")[2][-1] if "flow-grpo" in results else None
+    """Per method: test figures at the point each seed's validation reward chose and at the end of the
+    budget; the paired test difference from flow-grpo at both; the NFE to reach flow-grpo's final
+    validation reward; the costs spent."""
+    baseline = results.get("flow-grpo")
+    target = _mean([c[-1] for c in baseline], "val_reward") if baseline else None
     rows = []
     for name, curves in results.items():
-        nfe, secs, reward, reward_std = mean_curve(curves, "reward")
-        _, _, strict, strict_std = mean_curve(curves, "strict")
-        rows.append({"method": name, "base_reward": reward[0], "final_reward": reward[-1], "final_reward_std": reward_std[-1],
-                     "base_strict": strict[0], "final_strict": strict[-1], "final_strict_std": strict_std[-1],
-                     "nfe": nfe[-1], "seconds": secs[-1],
-                     "nfe_to_flow_grpo_final": nfe_to_reach(curves, target) if target is not None else None})
+        chosen = [c[stats.chosen_index(c)] for c in curves]
+        final = [c[-1] for c in curves]
+        row: dict[str, Any] = {
+            "method": name, "seeds": len(curves),
+            "base_test_reward": _mean([c[0] for c in curves], "test_reward"),
+            "base_test_strict": _mean([c[0] for c in curves], "test_strict"),
+            "chosen_test_reward": stats.mean_ci([r["test_reward"] for r in chosen]),
+            "chosen_test_strict": stats.mean_ci([r["test_strict"] for r in chosen]),
+            "chosen_nfe": _mean(chosen, "nfe"),
+            "final_test_reward": stats.mean_ci([r["test_reward"] for r in final]),
+            "final_test_strict": stats.mean_ci([r["test_strict"] for r in final]),
+            **{key: _mean(final, key) for key in ("nfe", "decodes", "optimizer_steps", "seconds", "seconds_rollout",
+                                                  "seconds_score", "seconds_update")},
+        }
+        if baseline is not None:
+            row["nfe_to_reach"] = stats.reach_summary(curves, target)
+            base_chosen = [c[stats.chosen_index(c)] for c in baseline]
+            row["diff_chosen"] = stats.paired_difference([r["test_images"] for r in chosen],
+                                                         [r["test_images"] for r in base_chosen])
+            row["diff_final"] = stats.paired_difference([r["test_images"] for r in final],
+                                                        [r["test_images"] for r in (c[-1] for c in baseline)])
+        rows.append(row)
     return rows
 
 
-def table_markdown(rows: list[dict[str, Any]], seeds: int) -> str:
-    lines = [(f"| method | held-out reward: base → final (± std, {seeds} seeds) | strict: base → final | NFE | "
-             "train seconds | NFE to reach flow-grpo's final reward |"), "|---|---|---|---|---|---|"]
+def _ci(summary: dict[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
+    if not summary or summary["mean"] is None:
+        return "–"
+    mean = f"{summary['mean']:+.{digits}f}" if signed else f"{summary['mean']:.{digits}f}"
+    return mean if math.isnan(summary["ci95"]) else f"{mean} ± {summary['ci95']:.{digits}f}"  # NaN: one seed
+
+
+def table_markdown(rows: list[dict[str, Any]]) -> str:
+    """Test figures at the validation-chosen point; differences from flow-grpo paired over images and seeds."""
+    lines = ["| method | test reward: base → chosen (95 % CI) | Δ vs flow-grpo at chosen (image SE) | "
+             "Δ vs flow-grpo at end | test strict at chosen | NFE to reach flow-grpo's final val reward | "
+             "NFE | decodes | optimizer steps | seconds (rollout / score / update) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        reach = "not reached" if r["nfe_to_flow_grpo_final"] is None else f"{r['nfe_to_flow_grpo_final']:,.0f}"
-        lines.append(f"| {r['method']} | {r['base_reward']:.3f} → {r['final_reward']:.3f} ± {r['final_reward_std']:.3f} | "
-                     f"{r['base_strict']:.3f} → {r['final_strict']:.3f} ± {r['final_strict_std']:.3f} | "
-                     f"{r['nfe']:,.0f} | {r['seconds']:.0f} | {reach} |")
+        reach = r.get("nfe_to_reach")
+        reach_text = "–" if reach is None else (
+            f"{_ci(reach, 0)}" + (f" ({reach['not_reached']} of {r['seeds']} seeds never)" if reach["not_reached"] else ""))
+        diff = r.get("diff_chosen")
+        diff_text = "–" if diff is None or r["method"] == "flow-grpo" else f"{_ci(diff, signed=True)} ({diff['image_se']:.3f})"
+        end_text = "–" if diff is None or r["method"] == "flow-grpo" else _ci(r["diff_final"], signed=True)
+        lines.append(
+            f"| {r['method']} | {r['base_test_reward']:.3f} → {_ci(r['chosen_test_reward'])} | {diff_text} | {end_text} | "
+            f"{_ci(r['chosen_test_strict'])} | {reach_text} | {r['nfe']:,.0f} | {r['decodes']:,.0f} | "
+            f"{r['optimizer_steps']:,.0f} | {r['seconds']:.0f} ({r['seconds_rollout']:.0f} / {r['seconds_score']:.0f} / "
+            f"{r['seconds_update']:.0f}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -363,21 +436,22 @@ def plot(results: dict[str, list[list[dict[str, Any]]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), dpi=100)
+    axes_x = (("nfe", "rollout NFE"), ("optimizer_steps", "optimizer steps"), ("seconds", "training wall-clock (s, 2 CPU cores)"))
+    axes_y = (("test_reward", "test reward"), ("test_strict", "test strict accuracy"))
+    fig, axes = plt.subplots(2, 3, figsize=(15, 7.5), dpi=100)
     for name, curves in results.items():
-        for row, key in enumerate(("reward", "strict")):
-            nfe, secs, mean, std = mean_curve(curves, key)
-            for col, x in enumerate((nfe, secs)):
-                ax = axes[row][col]
-                line, = ax.plot(x, mean, marker="o", markersize=3, label=name)
-                ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-    for row, key in enumerate(("held-out reward", "held-out strict accuracy")):
-        for col, xlabel in enumerate(("rollout NFE", "training wall-clock (s, 2 CPU cores)")):
+        for row, (key, _) in enumerate(axes_y):
+            for col, (x, _) in enumerate(axes_x):
+                xs, mean, std = mean_curve(curves, x, key)
+                line, = axes[row][col].plot(xs, mean, marker="o", markersize=3, label=name)
+                axes[row][col].fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.12)
+    for row, (_, ylabel) in enumerate(axes_y):
+        for col, (_, xlabel) in enumerate(axes_x):
             axes[row][col].set_xlabel(xlabel)
-            axes[row][col].set_ylabel(key)
+            axes[row][col].set_ylabel(ylabel)
             axes[row][col].grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    fig.suptitle("shapes world: mean ± std over seeds, equal rollout NFE budget")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle("shapes world, test half of the held-out prompts: mean ± std over training seeds, equal rollout NFE budget")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -442,19 +516,20 @@ def main() -> None:
     efficiency = stage_efficiency(base, prompts, work, rollout_base, update_base, settings)
     memory = update_memory(base, prompts, work, rollout_base, update_base, settings)
     rows = summarise(results)
+    curves = {m: [[{k: v for k, v in row.items() if k != "test_images"} for row in c] for c in cs] for m, cs in results.items()}
     report = {"settings": {**asdict(settings), "pretrain": asdict(pretrain) if args.base is None else None,
                            "base": str(base)}, "methods": {
         m: asdict(METHODS[m]) for m in methods}, "rollout": rollout_base, "update": update_base,
-        "curves": results, "summary": rows, "efficiency": efficiency, "memory": memory,
+        "curves": curves, "summary": rows, "efficiency": efficiency, "memory": memory,
         "seconds_total": time.perf_counter() - began, "runs_reused": reused,
         "seconds_training_all_runs": sum(c[-1]["seconds"] for curves in results.values() for c in curves),
         "torch_threads": torch.get_num_threads(),
         "command": " ".join(sys.argv)}
     (out / "results.json").write_text(json.dumps(report, indent=2, default=float) + "\n")
-    (out / "table.md").write_text(table_markdown(rows, len(settings.seeds)))
+    (out / "table.md").write_text(table_markdown(rows))
     plot(results, out / "benchmark.png")
     shutil.rmtree(work, ignore_errors=True)
-    print(table_markdown(rows, len(settings.seeds)))
+    print(table_markdown(rows))
     print(json.dumps({"efficiency": efficiency, "memory": memory}, indent=2, default=float))
     print(f"wrote {out}/results.json, table.md, benchmark.png; this invocation took {report['seconds_total']:.0f} s")
 
