@@ -479,6 +479,8 @@ def check_meta(key: str, meta: dict[str, Any], manifest: dict[str, Any]) -> None
         problem = f"log_prob {log_prob!r} is not a finite number"
     elif not _is_int(meta["seed"]) or not _is_int(meta["branch"]) or not isinstance(meta["group"], str):
         problem = "seed and branch must be integers and group a string"
+    elif step not in manifest["trained_steps"]:
+        problem = f"step {step} is not among the manifest's trained steps {manifest['trained_steps']}"
     elif meta["algo"] != manifest["config"]["algo"]:
         problem = f"algo {meta['algo']!r} is not the manifest's {manifest['config']['algo']!r}"
     elif "image_key" in meta and not (isinstance(meta["image_key"], str) and _KEY.match(meta["image_key"])):
@@ -596,21 +598,27 @@ def check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
         raise bad("sigmas", f"{config.num_steps + 1} numbers falling from 1 to 0")
     _check_shard_list(manifest["shards"], manifest["samples"], where)
     _check_sampling(manifest, where, bad)
-    _check_steps(manifest, config.num_steps, bad)
+    _check_steps(manifest, config, bad)
     return manifest
 
 
-def _check_steps(manifest: dict[str, Any], num_steps: int, bad: Any) -> None:
-    """``trained_steps``: distinct ascending steps of ``0..T-2``; ``step_inclusion``: none, or one chance
-    in ``(0, 1]`` per step of ``0..T-2`` that sum to the number of trained steps."""
-    steps, pi = manifest["trained_steps"], manifest["step_inclusion"]
+def _check_steps(manifest: dict[str, Any], config: Any, bad: Any) -> None:
+    """``trained_steps``: distinct ascending steps of ``0..T-2``; ``step_inclusion``: for a tempflow
+    rollout that drew its steps (``sampled:N``, ``weighted:N``) one chance in ``(0, 1]`` per step of
+    ``0..T-2``, summing to the number of trained steps, every certain step among them; else null."""
+    steps, pi, num_steps = manifest["trained_steps"], manifest["step_inclusion"], config.num_steps
     if not (isinstance(steps, list) and steps and all(_is_int(k) for k in steps)
             and steps == sorted(set(steps)) and 0 <= steps[0] and steps[-1] <= num_steps - 2):
         raise bad("trained_steps", f"distinct ascending steps within 0..{num_steps - 2}")
-    if pi is not None and not (isinstance(pi, list) and len(pi) == num_steps - 1
-                               and all(_is_number(p) and 0 < p <= 1 for p in pi)
-                               and abs(sum(pi) - len(steps)) < 1e-6 and all(pi[k] > 0 for k in steps)):
-        raise bad("step_inclusion", f"null or {num_steps - 1} chances in (0, 1] summing to the {len(steps)} trained steps")
+    drawn = config.algo == "tempflow" and config.branch_steps.startswith(("sampled:", "weighted:"))
+    if not drawn:
+        if pi is not None:
+            raise bad("step_inclusion", f"null (--branch-steps {config.branch_steps} draws nothing)")
+        return
+    if not (isinstance(pi, list) and len(pi) == num_steps - 1 and all(_is_number(p) and 0 < p <= 1 for p in pi)
+            and abs(sum(pi) - len(steps)) < 1e-6 and all(k in steps for k, p in enumerate(pi) if p == 1)):
+        raise bad("step_inclusion", f"{num_steps - 1} chances in (0, 1] summing to the {len(steps)} trained steps, "
+                                    "each certain step among them")
 
 
 def _check_sampling(manifest: dict[str, Any], where: Path, bad: Any) -> None:

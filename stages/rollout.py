@@ -74,8 +74,8 @@ class RolloutConfig:
     branch_steps: str = "all"
     """Where tempflow branches: 'all' (0..T-2), 'first:N', 'sampled:N' (N distinct steps drawn per
     rollout from the seed, uniformly), 'weighted:N' (N steps drawn with chance proportional to the
-    noise-aware weight; the update divides each step's loss by its chance, so the expected gradient
-    is the all-steps one), or an explicit comma list such as '0,2,5'."""
+    noise-aware weight, capped at 1; the update divides each step's policy loss and KL by its chance,
+    so the expected loss over the draws is the all-steps one), or an explicit comma list such as '0,2,5'."""
     finish_steps: int = 0
     """tempflow: finish each branch from s_{k+1} to 0 in at most this many ODE steps, on a coarser
     schedule taken from the rollout's own (evenly spaced in its indices); 0: every remaining step. A

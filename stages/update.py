@@ -140,10 +140,12 @@ class UpdateConfig:
 
 @dataclass
 class Plan:
-    """What the meta pass decides for every sample: its advantage and weight."""
+    """What the meta pass decides for every sample: its advantage, its policy-loss weight and the
+    factor its KL term is reweighted by (:func:`draw_factors`)."""
 
     advantage: dict[str, float]
     weight: dict[str, float]
+    kl_factor: dict[str, float]
     rewards: np.ndarray
     skipped_groups: int
     groups: int
@@ -168,24 +170,32 @@ def group_label(meta: dict[str, Any], mode: str) -> str:
     return f"p{meta['prompt_index']}-k{meta['step']}"
 
 
+def draw_factors(manifest: dict[str, Any]) -> list[float]:
+    """Per step ``k`` of ``0..T-2``, ``mean_j pi_j / pi_k`` when the rollout drew its steps at random
+    (``step_inclusion``), else 1: the Horvitz-Thompson correction. A step drawn with chance ``pi_k``
+    counts ``1 / pi_k`` times; the constant ``mean pi = N / (T-1)`` keeps a mean over the drawn steps'
+    samples on the scale of the all-steps mean. Both loss terms take it: the policy loss through
+    :func:`step_weights`, the KL through ``Plan.kl_factor``. For the same noise, the expected loss
+    over the draws is then the all-steps loss, and so is its expected gradient, with ``--adv-std
+    group`` (a global std would depend on the draw) and up to two things the estimator does not
+    model: a minibatch averages over its samples with a non-zero advantage, and gradient clipping is
+    not linear. ``sampled:N`` has equal chances: every factor is 1."""
+    T = len(manifest["sigmas"]) - 1
+    pi = manifest["step_inclusion"]
+    if pi is None:
+        return [1.0] * (T - 1)
+    mean_pi = sum(pi) / len(pi)
+    return [mean_pi / p for p in pi]
+
+
 def step_weights(manifest: dict[str, Any], weighting: str) -> list[float]:
-    """Each step's loss weight ``w_k`` (noise-aware or 1), divided by the step's chance of having
-    been drawn relative to the mean chance, ``pi_k / mean_j pi_j``, when the rollout drew its steps
-    at random (``step_inclusion``). That is the Horvitz-Thompson estimator: a step drawn with chance
-    ``pi_k`` enters the loss with weight ``w_k / pi_k`` (times the constant ``N / (T-1)`` that keeps the
-    mean over the drawn steps' samples on the scale of the all-steps mean), so over the draws the
-    expected gradient is the all-steps one for the same noise. ``sampled:N`` has equal chances and
-    keeps ``w_k``."""
+    """Each step's policy-loss weight: ``w_k`` (noise-aware or 1) times its :func:`draw_factors` entry."""
     T = len(manifest["sigmas"]) - 1
     if weighting == "noise-aware":
         weights = noise_aware_weights(torch.tensor(manifest["sigmas"]), manifest["config"]["noise_level"]).tolist()
     else:
         weights = [1.0] * (T - 1)
-    pi = manifest["step_inclusion"]
-    if pi is None:
-        return weights
-    mean_pi = sum(pi) / len(pi)
-    return [w * mean_pi / p for w, p in zip(weights, pi)]
+    return [w * f for w, f in zip(weights, draw_factors(manifest))]
 
 
 def plan_update(rollout: Rollout, scores_path: Path, config: UpdateConfig) -> Plan:
@@ -212,12 +222,13 @@ def plan_update(rollout: Rollout, scores_path: Path, config: UpdateConfig) -> Pl
     labels = [group_label(metas[k], config.adv_group) for k in keys]
     adv = group_advantages(torch.from_numpy(rewards), labels, clip=config.adv_clip,
                            global_std=config.adv_std == "global").numpy()
-    per_step = step_weights(manifest, resolved_weighting(config, algo))
+    per_step, factors = step_weights(manifest, resolved_weighting(config, algo)), draw_factors(manifest)
     weights = [per_step[metas[k]["step"]] for k in keys]
     groups = set(labels)
     trained_groups = {label for label, a in zip(labels, adv) if a != 0.0}
     return Plan(
-        advantage=dict(zip(keys, adv.tolist())), weight=dict(zip(keys, weights)), rewards=rewards,
+        advantage=dict(zip(keys, adv.tolist())), weight=dict(zip(keys, weights)),
+        kl_factor={k: factors[metas[k]["step"]] for k in keys}, rewards=rewards,
         skipped_groups=len(groups - trained_groups), groups=len(groups),
     )
 
@@ -245,6 +256,7 @@ class Batch:
     log_prob_old: Tensor  # (B,)
     advantage: Tensor  # (B,)
     weight: Tensor  # (B,)
+    kl_factor: Tensor  # (B,)
     prompt_index: list[int]
 
 
@@ -260,6 +272,7 @@ def make_batch(samples: list[Sample], plan: Plan, manifest: dict[str, Any]) -> B
         log_prob_old=torch.tensor([m["log_prob"] for m in metas], dtype=torch.float32),
         advantage=torch.tensor([plan.advantage[s.key] for s in samples], dtype=torch.float32),
         weight=torch.tensor([plan.weight[s.key] for s in samples], dtype=torch.float32),
+        kl_factor=torch.tensor([plan.kl_factor[s.key] for s in samples], dtype=torch.float32),
         prompt_index=[m["prompt_index"] for m in metas],
     )
 
@@ -370,7 +383,8 @@ class Trainer:
             with torch.no_grad():
                 v_ref = self._reference_velocity(state, batch.sigma.to(device), cond)
                 ref = sde_step(v_ref, state, sigma, sigma_next, self.noise_level, prev_sample=nxt)
-            kl = kl_to_reference(new.mean, ref.mean, kl_scale(cfg.kl_form, sigma, sigma_next, self.noise_level)).mean()
+            scale = kl_scale(cfg.kl_form, sigma, sigma_next, self.noise_level)
+            kl = (batch.kl_factor.to(device) * kl_to_reference(new.mean, ref.mean, scale)).mean()
         loss = policy_loss + cfg.beta * kl
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

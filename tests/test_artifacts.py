@@ -742,6 +742,13 @@ def _good_meta(rollout: Path) -> tuple[dict, dict]:
     return json.loads(first["meta.json"]), manifest
 
 
+def test_check_meta_refuses_a_step_the_rollout_did_not_train(policy_dir, tmp_path):
+    meta, manifest = _good_meta(_rollout(policy_dir, tmp_path / "r", num_steps=4))
+    manifest["trained_steps"] = [k for k in manifest["trained_steps"] if k != meta["step"]]
+    with pytest.raises(TempflowError, match="not among the manifest's trained steps"):
+        check_meta("k", meta, manifest)
+
+
 @pytest.mark.parametrize("edit, problem", [
     ({"step": 3}, "not a trainable step"),  # T = 4: steps 0..2 are trained, 3 is the last
     ({"step": True}, "not a trainable step"),

@@ -30,14 +30,16 @@ def test_quick_benchmark_writes_table_plot_and_measurements(tmp_path):
         (curve,) = curves  # one seed in --quick
         assert curve[0]["nfe"] == 0 and 0 < curve[-1]["nfe"] <= budget, name  # whole iterations within the budget
         assert all(0 <= row[f"{half}_strict"] <= row[f"{half}_reward"] <= 1 for row in curve for half in ("val", "test"))
-        assert all(row["decodes"] > 0 and row["optimizer_steps"] >= 0 for row in curve[1:])  # a quick base may give equal rewards
+        assert all(row["decodes"] > 0 for row in curve[1:])
         assert "test_images" not in curve[-1]  # the per-image rewards stay in the kept runs
     kept = json.loads((out / "runs" / "tempflow-s0.json").read_text())["curve"]
     assert len(kept[-1]["test_images"]) == 8  # 2 test prompts per task x 4 tasks x 1 image
     summary = {row["method"]: row for row in results["summary"]}
-    assert summary["flow-grpo"]["diff_final"]["mean"] == 0.0  # flow-grpo against itself
-    reach = summary["flow-grpo"]["nfe_to_reach"]  # flow-grpo reaches its own final validation reward by its end
-    assert reach["not_reached"] == 0 and reach["per_seed"][0] <= summary["flow-grpo"]["nfe"]
+    baseline = json.loads((out / "runs" / "flow-grpo-s0.json").read_text())["curve"]
+    by_hand = sum(a - b for a, b in zip(kept[-1]["test_images"], baseline[-1]["test_images"])) / 8
+    assert summary["tempflow"]["diff_final"]["mean"] == pytest.approx(by_hand)  # paired image by image
+    decodes = {name: curves[0][-1]["decodes"] for name, curves in results["curves"].items()}
+    assert decodes["tempflow"] > decodes["flow-grpo"]  # a branch decodes one image, a trajectory one per G
     memory = results["memory"]
     assert memory["8x"]["samples"] == 8 * memory["1x"]["samples"]
     assert memory["1x"]["peak_rss_mib"] >= memory["1x"]["rss_before_mib"] > 0

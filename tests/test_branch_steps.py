@@ -20,7 +20,7 @@ from stages.policies import index_cond, load_policy
 from stages.rewards import parse_reward_spec
 from stages.rollout import RolloutConfig
 from stages.score import run_score
-from stages.update import UpdateConfig, plan_update, rollout_conditioning, step_weights
+from stages.update import UpdateConfig, draw_factors, plan_update, rollout_conditioning, step_weights
 from tests.conftest import PROMPTS, make_rollout
 
 COMPRESSIBILITY = [parse_reward_spec("jpeg_compressibility")]
@@ -172,6 +172,25 @@ def test_weighted_draws_give_the_all_steps_gradient_in_expectation(policy_dir, t
         assert (error < 4 * monte_carlo) == unbiased, (reweigh, error, monte_carlo, float(target.norm()))
 
 
+def test_reweighted_kl_term_is_the_all_steps_mean_in_expectation():
+    """The KL term of a draw, the mean over its samples of draw_factors * kl, averages over 3000
+    draws to the all-steps mean (per-step KL values fixed); without the factors it leans to the
+    likelier steps."""
+    T, sigmas = 10, make_sigmas(10, 3.0)
+    kl = [0.5 + k for k in range(T - 1)]  # any per-step mean KL; rising with k, so a lean shows
+    target = sum(kl) / (T - 1)
+    estimates = {True: [], False: []}
+    for seed in range(3000):
+        plan = RolloutConfig(num_steps=T, branch_steps="weighted:3", seed=seed).step_plan(sigmas)
+        factors = draw_factors({"sigmas": sigmas.tolist(), "step_inclusion": plan.inclusion})
+        for reweigh in (True, False):
+            estimates[reweigh].append(sum((factors[k] if reweigh else 1.0) * kl[k] for k in plan.steps) / 3)
+    for reweigh, unbiased in ((True, True), (False, False)):
+        values = torch.tensor(estimates[reweigh], dtype=torch.float64)
+        error, monte_carlo = abs(float(values.mean()) - target), float(values.std() / math.sqrt(len(values)))
+        assert (error < 4 * monte_carlo) == unbiased, (reweigh, error, monte_carlo)
+
+
 def test_update_reweighs_drawn_steps(policy_dir, tmp_path):
     """run_update takes the manifest's chances into its weights and says so in metrics.json."""
     from stages.update import run_update
@@ -183,8 +202,19 @@ def test_update_reweighs_drawn_steps(policy_dir, tmp_path):
         expected = step_weights(opened.manifest, "noise-aware")
         steps = {s.key: s.meta["step"] for s in opened.samples(fields=("meta.json",))}
     assert plan.weight == pytest.approx({key: expected[k] for key, k in steps.items()})
+    factors = draw_factors(json.loads((rollout / "manifest.json").read_text()))
+    assert plan.kl_factor == pytest.approx({key: factors[k] for key, k in steps.items()})
+    assert len(set(plan.kl_factor.values())) == 2  # the two drawn steps' chances differ
     metrics = run_update(policy_dir, rollout, tmp_path / "s.parquet", tmp_path / "p", UpdateConfig(beta=0.0)).metrics
     assert metrics["step_reweighting"] == "inclusion"
+
+
+def test_fixed_branch_steps_record_no_chances(policy_dir, tmp_path):
+    rollout = make_rollout(policy_dir, tmp_path / "r", num_steps=6, branch_steps="0,3")
+    manifest = _manifest(rollout)
+    manifest["step_inclusion"] = [0.4] * 5
+    with pytest.raises(TempflowError, match="draws nothing"):
+        check_manifest(manifest, rollout / "manifest.json")
 
 
 @pytest.mark.parametrize("edit, field", [
@@ -194,6 +224,8 @@ def test_update_reweighs_drawn_steps(policy_dir, tmp_path):
     (lambda m: m.update(trained_steps=[3, 1]), "trained_steps"),
     (lambda m: m.update(trained_steps=[0, 5]), "trained_steps"),
     (lambda m: m.update(decodes=-1), "decodes"),
+    (lambda m: m.update(step_inclusion=[1.0, 0.25, 0.25, 0.25, 0.25], trained_steps=[1, 2]), "step_inclusion"),
+    (lambda m: m.update(step_inclusion=None), "step_inclusion"),  # sampled:2 drew its steps
 ])
 def test_manifest_with_bad_step_records_is_refused(policy_dir, tmp_path, edit, field):
     rollout = make_rollout(policy_dir, tmp_path / "r", num_steps=6, branch_steps="sampled:2")

@@ -154,9 +154,10 @@ def test_heldout_halves_partition_heldout_with_every_task_and_kind():
     test = shapes.eval_prompts("test", per_task=10**6)
     assert not set(validation) & set(test)
     assert sorted(validation + test) == sorted(shapes.heldout_prompts())
+    every = {(s.task, shapes.heldout_kind(s)) for s in map(parse_prompt, shapes.heldout_prompts())}
     for half in (validation, test):
         kinds = {(s.task, shapes.heldout_kind(s)) for s in map(parse_prompt, half)}
-        assert {("counting", "pair"), ("counting", "composition"), ("position", "composition"), ("single", "pair")} <= kinds
+        assert kinds == every and len(every) == 7  # single: pairings only
         assert abs(len(half) - len(shapes.heldout_prompts()) / 2) <= 4  # halves in every (task, kind)
     assert shapes.eval_prompts("test", per_task=8, seed=3) == shapes.eval_prompts("test", per_task=8, seed=3)
     with pytest.raises(TempflowError, match="unknown split"):

@@ -43,7 +43,7 @@ from stages.evaluate import EvalConfig, run_eval
 from stages.policies import load_policy
 from stages.pretrain import PretrainConfig, run_pretrain
 from stages.rewards import parse_reward_spec
-from stages.rollout import RolloutConfig, planned_nfe, run_rollout
+from stages.rollout import RolloutConfig, planned_nfe, policy_sigmas, run_rollout
 from stages.score import run_score
 from stages.update import UpdateConfig, run_update
 
@@ -173,9 +173,11 @@ def train_run(name: str, seed: int, base: Path, prompts: list[str], work: Path, 
         return RolloutConfig(**{**rollout_base, **method.rollout, "seed": 1000 * seed + iteration,
                                 "prompts_per_rollout": settings.prompts_per_rollout})
 
+    sigmas = policy_sigmas(load_policy(base)[0], rollout_config(1))  # the schedule run_rollout draws with
+
     def cost(iteration: int) -> int:  # drawn branch steps make an iteration's NFE vary
         config = rollout_config(iteration)
-        return planned_nfe(config, settings.prompts_per_rollout, config.step_plan().steps)
+        return planned_nfe(config, settings.prompts_per_rollout, config.step_plan(sigmas).steps)
 
     while spent["nfe"] + cost(iteration + 1) <= settings.nfe_budget:  # no method spends more than the budget
         iteration += 1

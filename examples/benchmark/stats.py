@@ -3,10 +3,12 @@ curve chosen on validation, and the NFE a curve needs to reach a target.
 
 Pairing: every method is evaluated on the same prompts and initial noises, so image i of method A
 and image i of method B differ only by the policy; the difference of their rewards has far less
-variance than either reward. Training seeds are paired by index (seed s of A with seed s of B). The
-interval is Student's t over the training seeds' mean differences, which carries both the image
-noise and the training noise; the within-seed standard error over images is reported beside it as
-the evaluation's own resolution.
+variance than either reward. Training seeds are matched by index (seed s of A with seed s of B;
+the two runs share no randomness beyond the base, so the matching is a bookkeeping choice). The
+interval is Student's t over the training seeds' mean differences: it carries the training noise
+and the noise of each image given the prompt set, but it is conditional on the one fixed set of
+test prompts and noises every method is evaluated on. The within-seed standard error over images
+is reported beside it as the evaluation's own resolution.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ _T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365,
 
 
 def t_975(df: int) -> float:
-    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (the table's entry at or below
-    ``df``, so the interval is never too narrow); 1.96 past 120."""
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom: the table's entry at or below
+    ``df`` (never too small up to 120), 1.96 past 120 (too small by at most 0.02)."""
     if df < 1:
         raise ValueError(f"need at least 1 degree of freedom, got {df}")
     if df > 120:
