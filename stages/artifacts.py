@@ -610,8 +610,7 @@ def _check_steps(manifest: dict[str, Any], config: Any, bad: Any) -> None:
     if not (isinstance(steps, list) and steps and all(_is_int(k) for k in steps)
             and steps == sorted(set(steps)) and 0 <= steps[0] and steps[-1] <= num_steps - 2):
         raise bad("trained_steps", f"distinct ascending steps within 0..{num_steps - 2}")
-    drawn = config.algo == "tempflow" and config.branch_steps.startswith(("sampled:", "weighted:"))
-    if not drawn:
+    if not config.draws_steps:
         if pi is not None:
             raise bad("step_inclusion", f"null (--branch-steps {config.branch_steps} draws nothing)")
         return

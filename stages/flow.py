@@ -213,7 +213,11 @@ def grpo_loss(
     return torch.as_tensor(weights, dtype=ratio.dtype) * torch.maximum(unclipped, clipped)
 
 
-KL_FORMS = ("exact", "flow-grpo")
+KL_FORMS = {
+    "exact": "the KL of the two steps' Gaussians, divided by std_k^2 (TempFlow-GRPO's code; its beta 0.001-0.004)",
+    "flow-grpo": "divided by sig_k^2 alone, the exact KL x (s_k - s_{k+1}) (Flow-GRPO's code; its beta 0.01-0.04)",
+}
+"""The KL terms :func:`kl_scale` offers (DESIGN.md §2), with what each means."""
 
 
 def kl_scale(form: str, sigma: Sigma, sigma_next: Sigma, noise_level: float) -> Tensor:

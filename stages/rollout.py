@@ -184,6 +184,12 @@ class RolloutConfig:
         pi = inclusion_probabilities(noise_aware_weights(sigmas, self.noise_level).tolist(), value)
         return StepPlan(systematic_sample(pi, rng.random()), pi)
 
+    @property
+    def draws_steps(self) -> bool:
+        """Whether the trained steps are drawn at random with recorded chances (tempflow's
+        ``sampled:N`` and ``weighted:N``; :meth:`step_plan` then returns them)."""
+        return self.algo == "tempflow" and self._branch_spec[0] in ("sampled", "weighted")
+
     def finish_path(self, step: int) -> list[int]:
         """The sigma indices a branch of ``step`` is finished along by ODE, from ``k + 1`` to ``T``:
         every one, or ``finish_steps + 1`` of them evenly spaced."""

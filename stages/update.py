@@ -38,7 +38,7 @@ from stages.artifacts import (
     write_json,
 )
 from stages.errors import TempflowError
-from stages.flow import grpo_loss, group_advantages, kl_scale, kl_to_reference, noise_aware_weights, sde_step
+from stages.flow import KL_FORMS, grpo_loss, group_advantages, kl_scale, kl_to_reference, noise_aware_weights, sde_step
 from stages.policies import (
     Cond,
     Policy,
@@ -57,10 +57,6 @@ WEIGHTINGS = {
     "auto": "noise-aware on tempflow rollouts, uniform on flow-grpo ones (each paper's choice)",
     "noise-aware": "w_k = std_k / mean std (TempFlow-GRPO)",
     "uniform": "w_k = 1 (Flow-GRPO)",
-}
-KL_FORMS = {
-    "exact": "the KL of the two steps' Gaussians, divided by std_k^2 (TempFlow-GRPO's code; its beta 0.001-0.004)",
-    "flow-grpo": "divided by sig_k^2 alone, the exact KL x (s_k - s_{k+1}) (Flow-GRPO's code; its beta 0.01-0.04)",
 }
 ADV_GROUPS = {
     "rollout": "the rollout's own groups: (prompt, seed, step) for tempflow, prompt for flow-grpo",
