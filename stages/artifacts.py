@@ -43,9 +43,9 @@ import numpy as np
 
 from stages.errors import TempflowError
 
-ROLLOUT_SCHEMA = "tempflow.rollout/3"
+ROLLOUT_SCHEMA = "tempflow.rollout/4"
 # 2: prompt embeddings, sampling settings and dtype; 3: trained_steps (was branch_steps) and their
-# step_inclusion chances, decodes
+# step_inclusion chances, decodes; 4: step_spread, the drawing weights of --branch-steps spread:N
 SCORES_SCHEMA = "tempflow.scores/1"
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.safetensors"
@@ -552,6 +552,25 @@ class ShardWriter:
         return self.shards
 
 
+def read_step_spread(policy_dir: Path | str | None, num_steps: int) -> list[float | None] | None:
+    """The within-group reward spread per step of ``0..T-2`` recorded with a policy by the update that
+    made it (``metrics.json``'s ``step_reward_spread``; None for a step never measured). None when the
+    folder has none (a base; an update of a rollout that did not branch) or records another T."""
+    path = Path(policy_dir) / "metrics.json" if policy_dir else None
+    if path is None or not path.is_file():
+        return None
+    metrics = read_json(path, "an update's metrics")
+    if not isinstance(metrics, dict):
+        raise TempflowError(f"{path}: is not a JSON object; the metrics are damaged: restore the policy folder")
+    spread = metrics.get("step_reward_spread")
+    if spread is None or (isinstance(spread, list) and len(spread) != num_steps - 1):
+        return None
+    if not (isinstance(spread, list) and all(s is None or (_is_number(s) and s >= 0) for s in spread)):
+        raise TempflowError(f"{path}: step_reward_spread {_short(spread)} is not a list of spreads >= 0 (or null); "
+                            "the metrics are damaged: restore the policy folder")
+    return spread
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_json(folder / MANIFEST, {"schema": ROLLOUT_SCHEMA, **manifest})
 
@@ -574,7 +593,7 @@ def check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
         return TempflowError(f"{where}: {field} {_short(manifest.get(field))} is not {expected}; the manifest is damaged")
 
     for key in ("shards", "samples", "config", "policy", "nfe", "prompts", "sigmas", "sample_shape", "sampling",
-                "embeddings", "dtype", "trained_steps", "step_inclusion", "decodes"):
+                "embeddings", "dtype", "trained_steps", "step_inclusion", "step_spread", "decodes"):
         if key not in manifest:
             raise TempflowError(f"{where}: missing {key!r}; the manifest is damaged")
     if not _is_int(manifest["samples"]) or manifest["samples"] < 1:
@@ -604,12 +623,16 @@ def check_manifest(manifest: Any, where: Path) -> dict[str, Any]:
 
 def _check_steps(manifest: dict[str, Any], config: Any, bad: Any) -> None:
     """``trained_steps``: distinct ascending steps of ``0..T-2``; ``step_inclusion``: for a tempflow
-    rollout that drew its steps (``sampled:N``, ``weighted:N``) one chance in ``(0, 1]`` per step of
-    ``0..T-2``, summing to the number of trained steps, every certain step among them; else null."""
+    rollout that drew its steps (``sampled:N``, ``weighted:N``, ``spread:N``) one chance in ``(0, 1]``
+    per step of ``0..T-2``, summing to the number of trained steps, every certain step among them; else
+    null. ``step_spread``: the weights a ``spread:N`` draw used, one per step, from which its chances
+    follow; null otherwise, and when no spread was measured yet or every measured one was 0 (the
+    chances are then the noise-aware ones)."""
     steps, pi, num_steps = manifest["trained_steps"], manifest["step_inclusion"], config.num_steps
     if not (isinstance(steps, list) and steps and all(_is_int(k) for k in steps)
             and steps == sorted(set(steps)) and 0 <= steps[0] and steps[-1] <= num_steps - 2):
         raise bad("trained_steps", f"distinct ascending steps within 0..{num_steps - 2}")
+    _check_spread(manifest, config, bad)
     if not config.draws_steps:
         if pi is not None:
             raise bad("step_inclusion", f"null (--branch-steps {config.branch_steps} draws nothing)")
@@ -618,6 +641,20 @@ def _check_steps(manifest: dict[str, Any], config: Any, bad: Any) -> None:
             and abs(sum(pi) - len(steps)) < 1e-6 and all(k in steps for k, p in enumerate(pi) if p == 1)):
         raise bad("step_inclusion", f"{num_steps - 1} chances in (0, 1] summing to the {len(steps)} trained steps, "
                                     "each certain step among them")
+    if manifest["step_spread"] is not None:
+        from stages.flow import inclusion_probabilities
+
+        made = inclusion_probabilities(manifest["step_spread"], len(steps))
+        if any(abs(a - b) > 1e-9 for a, b in zip(made, pi)):
+            raise bad("step_inclusion", "the chances its step_spread weights give")
+
+
+def _check_spread(manifest: dict[str, Any], config: Any, bad: Any) -> None:
+    """``step_spread``: null, or under ``spread:N`` one drawing weight > 0 per step of ``0..T-2``."""
+    spread, n = manifest["step_spread"], config.num_steps - 1
+    if spread is not None and not (config.draws_by_spread and isinstance(spread, list) and len(spread) == n
+                                   and all(_is_number(s) and s > 0 for s in spread)):
+        raise bad("step_spread", f"null or, under spread:N, {n} drawing weights > 0")
 
 
 def _check_sampling(manifest: dict[str, Any], where: Path, bad: Any) -> None:

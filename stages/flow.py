@@ -144,6 +144,22 @@ def inclusion_probabilities(weights: Sequence[float], n: int) -> list[float]:
         certain |= newly
 
 
+SPREAD_FLOOR = 0.05
+"""Under ``spread:N`` no step's drawing weight falls below this share of the largest: a step whose
+branches agreed last time still keeps a chance, and Horvitz-Thompson needs every chance above 0."""
+
+
+def spread_weights(spread: Sequence[float | None]) -> list[float] | None:
+    """Drawing weights of the steps from their measured within-group reward spread (None: not measured
+    yet, which takes the mean of the measured ones), floored at :data:`SPREAD_FLOOR` of the largest.
+    None when nothing was measured, every spread is 0 or their sum overflows: nothing to allocate by."""
+    known = [float(s) for s in spread if s is not None]
+    if not known or max(known) <= 0 or not math.isfinite(sum(known)):
+        return None
+    fill, floor = sum(known) / len(known), SPREAD_FLOOR * max(known)
+    return [max(floor, fill if s is None else float(s)) for s in spread]
+
+
 def systematic_sample(pi: Sequence[float], u: float) -> list[int]:
     """Madow's systematic sampling: lay the ``pi_k`` end to end on ``[0, n)`` and take the steps whose
     stretch holds one of ``u, u + 1, ..., u + n - 1`` (``u`` uniform in ``[0, 1)``). Each step is drawn

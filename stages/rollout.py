@@ -37,12 +37,21 @@ from stages.artifacts import (
     check_out_free,
     npy_bytes,
     png_bytes,
+    read_step_spread,
     seed_group,
     write_embeddings,
     write_manifest,
 )
 from stages.errors import TempflowError
-from stages.flow import inclusion_probabilities, make_sigmas, noise_aware_weights, ode_step, sde_step, systematic_sample
+from stages.flow import (
+    inclusion_probabilities,
+    make_sigmas,
+    noise_aware_weights,
+    ode_step,
+    sde_step,
+    spread_weights,
+    systematic_sample,
+)
 from stages.policies import Cond, Policy, dtype_name, index_cond, with_negative
 from stages.limits import check_at_most, check_memory, check_seed
 from stages.progress import Progress, no_progress
@@ -75,7 +84,10 @@ class RolloutConfig:
     """Where tempflow branches: 'all' (0..T-2), 'first:N', 'sampled:N' (N distinct steps drawn per
     rollout from the seed, uniformly), 'weighted:N' (N steps drawn with chance proportional to the
     noise-aware weight, capped at 1; the update divides each step's policy loss and KL by its chance,
-    so the expected loss over the draws is the all-steps one), or an explicit comma list such as '0,2,5'."""
+    so the expected loss over the draws is the all-steps one), 'spread:N' (as weighted, with chance
+    proportional to the within-group reward spread of each step's branches that the update which made
+    the sampling policy measured, see `tempflow update`'s step_reward_spread; the noise-aware weight while
+    none is measured), or an explicit comma list such as '0,2,5'."""
     finish_steps: int = 0
     """tempflow: finish each branch from s_{k+1} to 0 in at most this many ODE steps, on a coarser
     schedule taken from the rollout's own (evenly spaced in its indices); 0: every remaining step. A
@@ -162,10 +174,12 @@ class RolloutConfig:
             raise TempflowError(f"--guidance-scale {self.guidance_scale:g} must lie in [0, 100] (0: the kind's default)")
         check_at_most("negative-prompt", len(self.negative_prompt), 10000, "characters make a prompt no tokenizer keeps")
 
-    def step_plan(self, sigmas: Tensor | None = None) -> StepPlan:
+    def step_plan(self, sigmas: Tensor | None = None, spread: list[float | None] | None = None) -> StepPlan:
         """The steps this rollout trains: tempflow's branch set B, flow-grpo's SDE steps. Drawn ones
-        (``sampled:N``, ``weighted:N``, flow-grpo-fast's window) come from the seed; ``weighted:N`` weighs
-        by ``sigmas``' noise-aware weights (default: the static-shift schedule)."""
+        (``sampled:N``, ``weighted:N``, ``spread:N``, flow-grpo-fast's window) come from the seed;
+        ``weighted:N`` weighs by ``sigmas``' noise-aware weights (default: the static-shift schedule),
+        ``spread:N`` by :func:`~stages.flow.spread_weights` of ``spread`` (per step, from
+        :func:`~stages.artifacts.read_step_spread`), falling back to the noise-aware ones."""
         T = self.num_steps
         if self.algo == "flow-grpo":
             return StepPlan(list(range(T - 1)))
@@ -180,15 +194,23 @@ class RolloutConfig:
             return StepPlan(list(value))
         if kind == "sampled":
             return StepPlan(sorted(rng.sample(range(T - 1), value)), [value / (T - 1)] * (T - 1))
-        sigmas = make_sigmas(T, self.shift) if sigmas is None else sigmas
-        pi = inclusion_probabilities(noise_aware_weights(sigmas, self.noise_level).tolist(), value)
-        return StepPlan(systematic_sample(pi, rng.random()), pi)
+        by_spread = spread_weights(spread) if kind == "spread" and spread is not None else None
+        if by_spread is None:
+            sigmas = make_sigmas(T, self.shift) if sigmas is None else sigmas
+            weights = noise_aware_weights(sigmas, self.noise_level).tolist()
+        pi = inclusion_probabilities(by_spread or weights, value)
+        return StepPlan(systematic_sample(pi, rng.random()), pi, by_spread)
 
     @property
     def draws_steps(self) -> bool:
         """Whether the trained steps are drawn at random with recorded chances (tempflow's
-        ``sampled:N`` and ``weighted:N``; :meth:`step_plan` then returns them)."""
-        return self.algo == "tempflow" and self._branch_spec[0] in ("sampled", "weighted")
+        ``sampled:N``, ``weighted:N`` and ``spread:N``; :meth:`step_plan` then returns them)."""
+        return self.algo == "tempflow" and self._branch_spec[0] in ("sampled", "weighted", "spread")
+
+    @property
+    def draws_by_spread(self) -> bool:
+        """``spread:N``: the draw needs the sampling policy's measured reward spread per step."""
+        return self.algo == "tempflow" and self._branch_spec[0] == "spread"
 
     def finish_path(self, step: int) -> list[int]:
         """The sigma indices a branch of ``step`` is finished along by ODE, from ``k + 1`` to ``T``:
@@ -206,18 +228,20 @@ class StepPlan:
 
     steps: list[int]
     inclusion: list[float] | None = None
+    spread: list[float] | None = None
+    """Under ``spread:N``, the drawing weights the chances were made from (None: the noise-aware ones)."""
 
 
 def parse_branch_steps(spec: str, num_steps: int) -> tuple[str, Any]:
     """``--branch-steps`` as ``(kind, value)``: ``("all", None)``, ``("list", steps)`` (``first:N``
-    and explicit lists), ``("sampled", N)`` or ``("weighted", N)``."""
+    and explicit lists), ``("sampled", N)``, ``("weighted", N)`` or ``("spread", N)``."""
     last = num_steps - 2
     try:
         if spec == "all":
             return "all", None
         if spec.startswith("first:"):
             kind, value = "list", list(range(int(spec[6:])))
-        elif spec.startswith(("sampled:", "weighted:")):
+        elif spec.startswith(("sampled:", "weighted:", "spread:")):
             kind, _, n = spec.partition(":")
             value = int(n)
             if not 1 <= value <= last + 1:
@@ -227,7 +251,7 @@ def parse_branch_steps(spec: str, num_steps: int) -> tuple[str, Any]:
             kind, value = "list", sorted({int(s) for s in spec.split(",")})
     except ValueError:
         raise TempflowError(
-            f"branch-steps {spec!r}: use 'all', 'first:N', 'sampled:N', 'weighted:N' or a list like '0,2,5' "
+            f"branch-steps {spec!r}: use 'all', 'first:N', 'sampled:N', 'weighted:N', 'spread:N' or a list like '0,2,5' "
             f"with steps in 0..{last} (N between 1 and {last + 1})"
         ) from None
     if not value or value[0] < 0 or value[-1] > last:
@@ -499,7 +523,8 @@ def run_rollout(
                  "lower --batch-size or --branches")
     prompts = select_prompts(prompts, config)
     sigmas = policy_sigmas(policy, config)
-    plan = config.step_plan(sigmas)  # drawn once: every count and record below uses this one
+    spread = read_step_spread(policy_info.get("path"), config.num_steps) if config.draws_by_spread else None
+    plan = config.step_plan(sigmas, spread)  # drawn once: every count and record below uses this one
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         tmp.mkdir()
         writer = ShardWriter(tmp, config.samples_per_shard)
@@ -514,6 +539,7 @@ def run_rollout(
             "config": asdict(config),
             "trained_steps": plan.steps,
             "step_inclusion": plan.inclusion,
+            "step_spread": plan.spread,
             "sigmas": [float(v) for v in sigmas],
             "prompts": prompts,
             "policy": policy_info,

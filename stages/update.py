@@ -34,6 +34,7 @@ from stages.artifacts import (
     load_safetensors,
     read_json,
     read_scores,
+    read_step_spread,
     seed_group,
     write_json,
 )
@@ -145,6 +146,8 @@ class Plan:
     rewards: np.ndarray
     skipped_groups: int
     groups: int
+    step_spread: list[float | None] | None = None
+    """Per step of ``0..T-2``, :func:`step_reward_spread` of this rollout (tempflow only)."""
 
     @property
     def active(self) -> int:
@@ -222,11 +225,36 @@ def plan_update(rollout: Rollout, scores_path: Path, config: UpdateConfig) -> Pl
     weights = [per_step[metas[k]["step"]] for k in keys]
     groups = set(labels)
     trained_groups = {label for label, a in zip(labels, adv) if a != 0.0}
+    spread = step_reward_spread([metas[k] for k in keys], rewards, len(per_step)) if algo == "tempflow" else None
     return Plan(
         advantage=dict(zip(keys, adv.tolist())), weight=dict(zip(keys, weights)),
         kl_factor={k: factors[metas[k]["step"]] for k in keys}, rewards=rewards,
-        skipped_groups=len(groups - trained_groups), groups=len(groups),
+        skipped_groups=len(groups - trained_groups), groups=len(groups), step_spread=spread,
     )
+
+
+def step_reward_spread(metas: list[dict[str, Any]], rewards: np.ndarray, steps: int) -> list[float | None]:
+    """Per step ``k`` of ``0..steps-1``: the mean over the rollout's branch groups at ``k`` (the K
+    branches that share one ``x_k``) of their rewards' standard deviation; None where nothing branched.
+    A step whose branches all score alike teaches nothing: this is what ``spread:N`` draws by."""
+    by_group: dict[str, list[float]] = {}
+    step_of: dict[str, int] = {}
+    for meta, reward in zip(metas, rewards):
+        by_group.setdefault(meta["group"], []).append(float(reward))
+        step_of[meta["group"]] = meta["step"]
+    per_step: dict[int, list[float]] = {}
+    for group, values in by_group.items():
+        per_step.setdefault(step_of[group], []).append(float(np.std(values)))
+    return [float(np.mean(per_step[k])) if k in per_step else None for k in range(steps)]
+
+
+def carried_spread(measured: list[float | None] | None, previous: list[float | None] | None) -> list[float | None] | None:
+    """This update's spread per step, a step this rollout did not branch at keeping the estimate the
+    sampling policy carried (so that ``spread:N``, which branches at N steps, keeps one for every step)."""
+    if measured is None:
+        return None
+    previous = previous or [None] * len(measured)
+    return [now if now is not None else before for now, before in zip(measured, previous)]
 
 
 def shuffled(items: Iterable[Sample], buffer_size: int, rng: random.Random) -> Iterator[Sample]:
@@ -570,6 +598,8 @@ def run_update(
         check_memory(f"--shuffle-buffer {config.shuffle_buffer}",
                      3 * config.shuffle_buffer * 4 * math.prod(opened.shape), "lower --shuffle-buffer")
         plan = plan_update(opened, scores, config)
+        # read before training, so that a damaged metrics.json stops the update before its work
+        previous_spread = read_step_spread(policy_dir, len(manifest["sigmas"]) - 1) if plan.step_spread else None
         cond = rollout_conditioning(policy, opened)
         reference = None
         builtin = policy.builtin_reference() is not None
@@ -588,6 +618,7 @@ def run_update(
 
     metrics = {"step": record.step + 1, **_plan_metrics(plan, manifest, config), "dtype": run_dtype,
                "optimizer_resumed": resumed,
+               "step_reward_spread": carried_spread(plan.step_spread, previous_spread),
                **trainer.metrics()}
     provenance = {"config": asdict(config), "policy": str(policy_dir), "rollout": str(rollout),
                   "rollout_manifest_sha256": opened.manifest_sha256, "scores": str(scores)}

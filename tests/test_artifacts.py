@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.artifacts import check_meta
+from stages.artifacts import ROLLOUT_SCHEMA, check_meta
 from stages.errors import TempflowError
 from stages.rewards import parse_reward_spec
 from stages.score import run_score
@@ -224,6 +224,7 @@ def test_flow_grpo_fast_writes_only_its_window(policy_dir, tmp_path, seed, windo
     ("tempflow", 6, "first:2", 2),
     ("tempflow", 6, "sampled:2", 2),
     ("tempflow", 6, "weighted:3", 2),
+    ("tempflow", 6, "spread:2", 2),
     ("flow-grpo", 4, "all", 2),
     ("flow-grpo-fast", 6, "all", 2),
 ])
@@ -232,7 +233,7 @@ def test_manifest_hashes_counts_and_nfe(policy_dir, tmp_path, algo, T, branch_st
     rollout = _rollout(policy_dir, tmp_path / "r", algo=algo, num_steps=T, branch_steps=branch_steps,
                        branches=K, samples_per_shard=7)
     manifest = _manifest(rollout)
-    assert manifest["schema"] == "tempflow.rollout/3"
+    assert manifest["schema"] == ROLLOUT_SCHEMA == "tempflow.rollout/4"
     listed = [s["name"] for s in manifest["shards"]]
     assert sorted(p.name for p in rollout.glob("*.tar")) == sorted(listed)
     read = 0
@@ -246,7 +247,7 @@ def test_manifest_hashes_counts_and_nfe(policy_dir, tmp_path, algo, T, branch_st
 
     N = len(PROMPTS[:2]) * 2
     if algo == "tempflow":
-        if branch_steps.startswith(("sampled:", "weighted:")):  # drawn: N distinct steps, the draw recorded
+        if branch_steps.startswith(("sampled:", "weighted:", "spread:")):  # drawn: N distinct steps, the draw recorded
             B = manifest["trained_steps"]
             assert len(B) == len(set(B)) == int(branch_steps.split(":")[1]) and B == sorted(B)
             assert sum(manifest["step_inclusion"]) == pytest.approx(len(B))

@@ -23,7 +23,7 @@ def test_quick_benchmark_writes_table_plot_and_measurements(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     results = json.loads((out / "results.json").read_text())
     methods = {"tempflow", "flow-grpo", "flow-grpo-fast", "branch-only", "weight-only", "tempflow-k6",
-               "tempflow-finish3", "tempflow-weighted3"}
+               "tempflow-finish3", "tempflow-weighted3", "tempflow-spread3"}
     assert set(results["curves"]) == methods
     budget = results["settings"]["nfe_budget"]
     for name, curves in results["curves"].items():

@@ -13,14 +13,30 @@ import numpy as np
 import pytest
 import torch
 
-from stages.artifacts import Rollout, check_manifest
+from stages.artifacts import Rollout, check_manifest, read_step_spread
 from stages.errors import TempflowError
-from stages.flow import grpo_loss, inclusion_probabilities, make_sigmas, noise_aware_weights, sde_step, systematic_sample
+from stages.flow import (
+    grpo_loss,
+    inclusion_probabilities,
+    make_sigmas,
+    noise_aware_weights,
+    sde_step,
+    spread_weights,
+    systematic_sample,
+)
 from stages.policies import index_cond, load_policy
 from stages.rewards import parse_reward_spec
 from stages.rollout import RolloutConfig
 from stages.score import run_score
-from stages.update import UpdateConfig, draw_factors, plan_update, rollout_conditioning, step_weights
+from stages.update import (
+    UpdateConfig,
+    carried_spread,
+    draw_factors,
+    plan_update,
+    rollout_conditioning,
+    step_reward_spread,
+    step_weights,
+)
 from tests.conftest import PROMPTS, make_rollout
 
 COMPRESSIBILITY = [parse_reward_spec("jpeg_compressibility")]
@@ -78,7 +94,8 @@ def test_step_plans_are_drawn_once_per_seed_with_their_chances():
     draws = {tuple(RolloutConfig(num_steps=T, branch_steps="weighted:2", seed=s).step_plan().steps) for s in range(40)}
     assert len(draws) > 3
     for spec, steps in (("all", [0, 1, 2, 3, 4]), ("first:2", [0, 1]), ("3,1", [1, 3])):
-        assert RolloutConfig(num_steps=T, branch_steps=spec).step_plan().__dict__ == {"steps": steps, "inclusion": None}
+        assert RolloutConfig(num_steps=T, branch_steps=spec).step_plan().__dict__ == {"steps": steps, "inclusion": None,
+                                                                                     "spread": None}
     with pytest.raises(TempflowError, match="weighted:N"):
         RolloutConfig(num_steps=T, branch_steps="weighted:6")
 
@@ -226,6 +243,7 @@ def test_fixed_branch_steps_record_no_chances(policy_dir, tmp_path):
     (lambda m: m.update(decodes=-1), "decodes"),
     (lambda m: m.update(step_inclusion=[1.0, 0.25, 0.25, 0.25, 0.25], trained_steps=[1, 2]), "step_inclusion"),
     (lambda m: m.update(step_inclusion=None), "step_inclusion"),  # sampled:2 drew its steps
+    (lambda m: m.update(step_spread=[1.0] * 5), "step_spread"),  # sampled:2 does not draw by spread
 ])
 def test_manifest_with_bad_step_records_is_refused(policy_dir, tmp_path, edit, field):
     rollout = make_rollout(policy_dir, tmp_path / "r", num_steps=6, branch_steps="sampled:2")
@@ -234,6 +252,74 @@ def test_manifest_with_bad_step_records_is_refused(policy_dir, tmp_path, edit, f
     edit(manifest)
     with pytest.raises(TempflowError, match=field):
         check_manifest(manifest, rollout / "manifest.json")
+
+
+# --------------------------------------------------------------------------------------------
+# Drawing by the measured reward spread
+
+
+def test_spread_weights_hand_computed():
+    """An unmeasured step takes the measured mean; none falls below 5 % of the largest."""
+    assert spread_weights([0.2, None, 0.0, 0.1]) == pytest.approx([0.2, 0.1, 0.01, 0.1])
+    assert spread_weights([None, None]) is None and spread_weights([0.0, None]) is None
+
+
+def test_step_reward_spread_hand_computed():
+    """The mean over a step's branch groups of their rewards' (population) standard deviation."""
+    metas = [{"group": g, "step": k} for g, k in (("a", 0), ("a", 0), ("b", 0), ("b", 0), ("c", 2), ("c", 2))]
+    rewards = np.array([0.0, 1.0, 0.5, 0.5, 0.2, 0.6])
+    assert step_reward_spread(metas, rewards, 4) == pytest.approx([0.25, None, 0.2, None])
+    assert carried_spread([0.25, None, 0.2, None], [0.1, 0.3, 0.4, None]) == [0.25, 0.3, 0.2, None]
+    assert carried_spread([0.25, None], None) == [0.25, None] and carried_spread(None, [0.1, 0.2]) is None
+
+
+def test_spread_draws_follow_the_sampling_policys_measured_spread(policy_dir, tmp_path):
+    """spread:2 from a base (nothing measured) draws by the noise-aware weights and records no
+    spread; its update measures the two branched steps; the next rollout draws by that policy's
+    spread, and the next update carries the steps it did not branch at."""
+    from stages.update import run_update
+
+    first = make_rollout(policy_dir, tmp_path / "r1", num_steps=6, branch_steps="spread:2", seed=2)
+    weighted = make_rollout(policy_dir, tmp_path / "w", num_steps=6, branch_steps="weighted:2", seed=2)
+    assert _manifest(first)["step_spread"] is None
+    assert _manifest(first)["step_inclusion"] == _manifest(weighted)["step_inclusion"]
+    run_score(first, COMPRESSIBILITY, tmp_path / "s1.parquet")
+    spread = run_update(policy_dir, first, tmp_path / "s1.parquet", tmp_path / "p1", UpdateConfig(beta=0.0)).metrics[
+        "step_reward_spread"]
+    drawn = _manifest(first)["trained_steps"]
+    assert [k for k, s in enumerate(spread) if s is not None] == drawn and all(spread[k] > 0 for k in drawn)
+
+    second = make_rollout(tmp_path / "p1", tmp_path / "r2", num_steps=6, branch_steps="spread:2", seed=5)
+    manifest = _manifest(second)
+    assert manifest["step_spread"] == pytest.approx(spread_weights(spread))
+    assert manifest["step_inclusion"] == pytest.approx(inclusion_probabilities(spread_weights(spread), 2))
+    assert manifest["trained_steps"] == RolloutConfig(num_steps=6, branch_steps="spread:2", seed=5).step_plan(
+        spread=spread).steps
+    for edit in ([1.0] * 4, [0.0] + [1.0] * 4, [1.0, 2.0, 3.0, 4.0, 5.0]):  # short, a zero, other chances
+        with pytest.raises(TempflowError, match="step_spread|step_inclusion"):
+            check_manifest({**manifest, "step_spread": edit}, second / "manifest.json")
+    with pytest.raises(TempflowError, match="step_spread"):  # a rollout that draws nothing records no weights
+        check_manifest({**_manifest(make_rollout(policy_dir, tmp_path / "all", num_steps=6)), "step_spread": [1.0] * 5},
+                       second / "manifest.json")
+    run_score(second, COMPRESSIBILITY, tmp_path / "s2.parquet")
+    carried = run_update(tmp_path / "p1", second, tmp_path / "s2.parquet", tmp_path / "p2", UpdateConfig(beta=0.0)).metrics[
+        "step_reward_spread"]
+    for k in range(5):
+        if k in manifest["trained_steps"]:
+            assert carried[k] is not None and carried[k] > 0
+        else:
+            assert carried[k] == spread[k]
+
+
+def test_read_step_spread_refuses_damaged_metrics_and_ignores_another_schedule(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"step_reward_spread": [0.1, None, 0.2]}))
+    assert read_step_spread(tmp_path, 4) == [0.1, None, 0.2]
+    assert read_step_spread(tmp_path, 6) is None  # measured on a 4-step schedule: not this one's
+    assert read_step_spread(tmp_path / "nothing", 4) is None and read_step_spread(None, 4) is None
+    for damaged in ({"step_reward_spread": [0.1, -1.0, 0.2]}, {"step_reward_spread": "wide"}, [0.1, 0.2, 0.3]):
+        (tmp_path / "metrics.json").write_text(json.dumps(damaged))
+        with pytest.raises(TempflowError, match="damaged"):
+            read_step_spread(tmp_path, 4)
 
 
 # --------------------------------------------------------------------------------------------
