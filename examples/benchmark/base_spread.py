@@ -1,25 +1,37 @@
-"""How much does the default run's base depend on chance? Pretrain it with several seeds and evaluate each.
+"""How much does the default run depend on chance? Pretrain its base with several seeds, evaluate each,
+and (``--loop``) run the default GRPO loop from each.
 
-    python examples/benchmark/base_spread.py --out runs/base-spread            # seeds 0,1,2: ~20 min on 2 cores
+    python examples/benchmark/base_spread.py --out runs/base-spread            # seeds 0,1,2: ~25 min on 2 cores
+    python examples/benchmark/base_spread.py --out runs/base-spread --loop     # + the loop from each: ~40 min more
 
 The recipe is params.yaml's `pretrain` group with only `seed` changed. The seed stands in for
 another machine: pretraining amplifies differences in the last bits of CPU kernels, just as it
 amplifies a different initialisation. Each base is evaluated the way the default run evaluates
-(params.yaml's `eval` group: 50 held-out prompts x 8 images, 40 ODE steps). The script prints and
-writes OUT/results.json: each seed's held-out reward and strict accuracy, their mean, and the
-largest deviation from the mean. A finished base is reused and an interrupted one resumes from its
-checkpoint.
+(params.yaml's `eval` group: 50 held-out prompts x 8 images, 40 ODE steps).
+
+``--loop`` then runs params.yaml's `loop` from each base exactly as dvc.yaml chains it (the same
+rollout, score and update options and seeds, the base as KL reference), through the library
+functions the commands call, and evaluates the last policy the same way: the default run's gain
+from each base. ``--seeds 1 --threads 1`` in two shells runs two seeds side by side.
+
+Prints and writes OUT/results.json: each seed's base held-out reward and strict accuracy (with
+``--loop`` also the final policy's and the gain), and for each the mean over seeds and the largest
+deviation from it. A finished base or loop is reused
+when it was made by the same recipe; an interrupted pretraining resumes from its checkpoint.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,43 +40,142 @@ sys.path.insert(0, str(ROOT))
 from stages import shapes  # noqa: E402
 from stages.evaluate import EvalConfig, run_eval  # noqa: E402
 from stages.pretrain import PretrainConfig, run_pretrain  # noqa: E402
+from stages.policies import load_policy  # noqa: E402
+from stages.prompts import read_prompts  # noqa: E402
+from stages.rewards import parse_reward_spec  # noqa: E402
+from stages.rollout import RolloutConfig, run_rollout  # noqa: E402
+from stages.score import run_score  # noqa: E402
+from stages.update import UpdateConfig, run_update  # noqa: E402
+
+PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def options(group: str, cls: type) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())[group]
-    names = set(cls.__dataclass_fields__)
-    return {k.replace("-", "_"): v for k, v in params.items() if k.replace("-", "_") in names}
+def options(group: str, cls: type) -> dict[str, Any]:
+    """params.yaml's ``group`` as ``cls``'s field names; every option must be one (as on the command line)."""
+    fields = {k.replace("-", "_"): v for k, v in PARAMS[group].items()}
+    unknown = set(fields) - set(cls.__dataclass_fields__)
+    if unknown:
+        sys.exit(f"params.yaml `{group}` has options {sorted(unknown)} that {cls.__name__} lacks; update this script")
+    return fields
+
+
+def made_by(folder: Path, record: str, expected: dict[str, Any]) -> bool:
+    path = folder / record
+    return path.is_file() and json.loads(path.read_text()).get("config") == expected
+
+
+def pretrained(recipe: PretrainConfig, base: Path) -> float:
+    """Pretrain ``base`` unless it exists with this recipe; the seconds it took (0: reused)."""
+    if made_by(base, "pretrain.json", asdict(recipe)):
+        return 0.0
+    shutil.rmtree(base, ignore_errors=True)
+    began = time.perf_counter()
+    run_pretrain(recipe, base)
+    return time.perf_counter() - began
+
+
+def default_loop(base: Path, work: Path, changes: dict[str, Any]) -> tuple[Path, float]:
+    """params.yaml's loop from ``base``, as dvc.yaml runs it, with ``changes`` to its update options;
+    the last policy and the seconds it took."""
+    done = work / "loop.json"
+    update = {**options("update", UpdateConfig), **changes}
+    key = {"base": json.loads((base / "pretrain.json").read_text())["config"],
+           **{group: PARAMS[group] for group in ("prompts", "rollout", "score", "update", "loop")}}
+    key["update"] = {**key["update"], **{name.replace("_", "-"): value for name, value in changes.items()}}
+    final = work / "policies" / PARAMS["loop"][-1]["name"]
+    if done.is_file() and json.loads(done.read_text())["key"] == key and final.is_dir():
+        return final, 0.0
+    shutil.rmtree(work, ignore_errors=True)
+    prompts = read_prompts(ROOT / PARAMS["prompts"])
+    specs = [parse_reward_spec(text) for text in PARAMS["score"]["reward"]]
+    rollout = options("rollout", RolloutConfig)
+    began = time.perf_counter()
+    for item in PARAMS["loop"]:
+        prev = base if item["prev"] == "base" else work / item["prev"]
+        it = item["name"]
+        policy, record = load_policy(prev)
+        run_rollout(policy, prompts, RolloutConfig(**rollout, seed=item["seed"]), work / "rollouts" / it,
+                    {"identity": record.identity, "path": str(prev), "step": record.step})
+        run_score(work / "rollouts" / it, specs, work / "scores" / f"{it}.parquet", batch_size=PARAMS["score"]["batch-size"])
+        metrics = run_update(prev, work / "rollouts" / it, work / "scores" / f"{it}.parquet", work / "policies" / it,
+                             UpdateConfig(**update, seed=item["seed"]), reference_dir=base).metrics
+        shutil.rmtree(work / "rollouts" / it)  # a rollout is large and needed by its update only
+        print(f"  {base.name} {it}: reward {metrics['reward_mean']:.3f}, kl {metrics['kl']:.4f}", flush=True)
+    seconds = time.perf_counter() - began
+    done.write_text(json.dumps({"key": key, "seconds": seconds}) + "\n")
+    return final, seconds
+
+
+def evaluated(policy: Path, out: Path, split: str, per_task: int) -> dict[str, float]:
+    params = PARAMS["eval"]
+    config = EvalConfig(num_steps=params["num-steps"], images_per_prompt=params["images-per-prompt"],
+                        seed=params["seed"], grid_prompts=0)
+    prompts = shapes.eval_prompts(split, per_task=per_task, seed=params["seed"])
+    metrics = run_eval(policy, prompts, out, config, overwrite=True).metrics
+    return {"reward": metrics["reward"], "strict": metrics["strict"]}
+
+
+def spread(rows: dict[int, dict[str, Any]], key: str) -> dict[str, float]:
+    values = [row[key] for row in rows.values()]
+    mean = sum(values) / len(values)
+    return {"mean": mean, "max_deviation": max(abs(v - mean) for v in values)}
+
+
+def update_change(text: str) -> tuple[str, Any]:
+    """``beta=0.004`` -> ("beta", 0.004): an update option as params.yaml spells it, its value as YAML reads it."""
+    name, sep, value = text.partition("=")
+    field = name.replace("-", "_")
+    if not sep or field not in UpdateConfig.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"{text!r} is not OPTION=VALUE with OPTION a `tempflow update` option")
+    return field, yaml.safe_load(value)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "base-spread")
     parser.add_argument("--seeds", default="0,1,2", help="Comma list of pretraining seeds.")
+    parser.add_argument("--loop", action="store_true", help="Also run the default loop from each base.")
+    parser.add_argument("--update", dest="changes", type=update_change, action="append", default=[],
+                        metavar="OPTION=VALUE", help="Change an update option of the loop (repeatable), e.g. beta=0.004.")
+    parser.add_argument("--split", default=PARAMS["eval"]["split"], choices=list(shapes.SPLITS + shapes.HELDOUT_HALVES),
+                        help="Held-out prompts to evaluate on (default: params.yaml's); validation for choosing settings.")
+    parser.add_argument("--per-task", type=int, default=PARAMS["eval"]["per-task"],
+                        help="Prompts per task type to evaluate on (default: params.yaml's; 1000: all of the split).")
+    parser.add_argument("--threads", type=int, default=0, help="Torch threads (0: torch's default).")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     recipe = PretrainConfig(**options("pretrain", PretrainConfig))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())["eval"]
-    eval_config = EvalConfig(num_steps=params["num-steps"], images_per_prompt=params["images-per-prompt"],
-                             seed=params["seed"], grid_prompts=0)
-    prompts = shapes.eval_prompts(params["split"], per_task=params["per-task"], seed=params["seed"])
+    changes = dict(args.changes)
+    tag = "".join(f"-{k}={v}" for k, v in sorted(changes.items()))
+    evaluation = "" if (args.split, args.per_task) == (PARAMS["eval"]["split"], PARAMS["eval"]["per-task"]) \
+        else f"-{args.split}{args.per_task}"
+    loop_tag, tag = tag, tag + evaluation
     rows = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         base = args.out / f"base-s{seed}"
-        began = time.perf_counter()
-        if not (base / "config.json").is_file():
-            run_pretrain(replace(recipe, seed=seed), base)
-        pretrain_seconds = time.perf_counter() - began
-        metrics = run_eval(base, prompts, args.out / f"eval-s{seed}", eval_config, overwrite=True).metrics
-        rows[seed] = {"reward": metrics["reward"], "strict": metrics["strict"], "pretrain_seconds": pretrain_seconds}
-        print(f"seed {seed}: held-out reward {metrics['reward']:.3f}, strict {metrics['strict']:.3f} "
-              f"(pretrained in {pretrain_seconds:.0f} s)", flush=True)
-    summary = {}
-    for key in ("reward", "strict"):
-        values = [row[key] for row in rows.values()]
-        mean = sum(values) / len(values)
-        summary[key] = {"mean": mean, "max_deviation": max(abs(v - mean) for v in values)}
+        row: dict[str, Any] = {"pretrain_seconds": pretrained(replace(recipe, seed=seed), base)}
+        row.update(evaluated(base, args.out / f"eval-s{seed}{tag}", args.split, args.per_task))
+        print(f"seed {seed}: base {args.split} reward {row['reward']:.3f}, strict {row['strict']:.3f} "
+              f"(pretrained in {row['pretrain_seconds']:.0f} s; 0: reused)", flush=True)
+        if args.loop:
+            final, row["loop_seconds"] = default_loop(base, args.out / f"loop-s{seed}{loop_tag}", changes)
+            row["final"] = evaluated(final, args.out / f"eval-final-s{seed}{tag}", args.split, args.per_task)
+            row["gain"] = {key: row["final"][key] - row[key] for key in ("reward", "strict")}
+            print(f"seed {seed}: final {args.split} reward {row['final']['reward']:.3f}, strict {row['final']['strict']:.3f} "
+                  f"(gain {row['gain']['reward']:+.3f} / {row['gain']['strict']:+.3f}; loop {row['loop_seconds']:.0f} s)",
+                  flush=True)
+        rows[seed] = row
+    summary = {key: spread(rows, key) for key in ("reward", "strict")}
+    if args.loop:
+        for part in ("final", "gain"):
+            summary[part] = {key: spread({s: row[part] for s, row in rows.items()}, key) for key in ("reward", "strict")}
     print(json.dumps(summary, indent=2))
-    (args.out / "results.json").write_text(json.dumps({"recipe": recipe.__dict__, "per_seed": rows,
-                                                       "summary": summary}, indent=2) + "\n")
+    result = {"recipe": asdict(recipe), "loop_iterations": len(PARAMS["loop"]) if args.loop else 0,
+              "update_changes": changes, "split": args.split, "per_task": args.per_task,
+              "torch_threads": torch.get_num_threads(), "per_seed": rows, "summary": summary}
+    name = f"results{'' if args.seeds == '0,1,2' else '-s' + args.seeds.replace(',', '-')}{tag}.json"
+    (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
