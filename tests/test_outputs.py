@@ -165,8 +165,23 @@ def test_killed_mid_swap_keeps_the_old_output_and_the_next_run_restores_it(tmp_p
     assert not (tmp_path / PARTIALS).exists()
 
 
+@pytest.fixture
+def sigint_handled():
+    """Python's own SIGINT handler in this process, as in a terminal. A job started in the background
+    (``pytest &``, some CI runners) inherits SIGINT ignored, and a command rightly leaves it so."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _sigint_default() -> None:
+    """(In a child before exec.) SIGINT back to the default, so that Python installs its handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_during_the_swap_waits_until_the_new_output_is_in_place(policy_dir, tmp_path, monkeypatch, sig):
+def test_a_signal_during_the_swap_waits_until_the_new_output_is_in_place(policy_dir, tmp_path, monkeypatch, sig,
+                                                                         sigint_handled):
     """SIGINT or SIGTERM arriving during the swap: the swap completes, the command exits 130 or 143
     and says the output *was* written (issue 13 item 3 said "not written" and had lost both)."""
     import stages.artifacts as artifacts
@@ -225,7 +240,7 @@ def _start_rollout(policy_dir: Path, prompts: Path, out: Path) -> subprocess.Pop
                                    "--overwrite", "--num-steps", "6", "--branches", "4", "--samples-per-shard", "1",
                                    "--batch-size", "4"],
                             cwd=Path(__file__).resolve().parents[1], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
 
 
 def _wait_for(predicate, proc: subprocess.Popen, seconds: float = 120) -> None:
