@@ -195,11 +195,14 @@ class RolloutConfig:
         if kind == "sampled":
             return StepPlan(sorted(rng.sample(range(T - 1), value)), [value / (T - 1)] * (T - 1))
         by_spread = spread_weights(spread) if kind == "spread" and spread is not None else None
-        if by_spread is None:
-            sigmas = make_sigmas(T, self.shift) if sigmas is None else sigmas
-            weights = noise_aware_weights(sigmas, self.noise_level).tolist()
-        pi = inclusion_probabilities(by_spread or weights, value)
+        weights = self._noise_aware_weights(sigmas) if by_spread is None else by_spread
+        pi = inclusion_probabilities(weights, value)
         return StepPlan(systematic_sample(pi, rng.random()), pi, by_spread)
+
+    def _noise_aware_weights(self, sigmas: Tensor | None) -> list[float]:
+        """``weighted:N``'s draw weights (and ``spread:N``'s before a spread is measured)."""
+        sigmas = make_sigmas(self.num_steps, self.shift) if sigmas is None else sigmas
+        return noise_aware_weights(sigmas, self.noise_level).tolist()
 
     @property
     def draws_steps(self) -> bool:

@@ -33,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
@@ -49,6 +48,7 @@ from stages.update import UpdateConfig, run_update
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stats  # noqa: E402  (this folder's statistics)
+from base_spread import options  # noqa: E402  (params.yaml read one way)
 
 
 @dataclass(frozen=True)
@@ -116,16 +116,10 @@ def quick_settings() -> Settings:
 
 def load_params() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """The default run's rollout, update and pretrain options from params.yaml, as dataclass field names."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-
-    def fields(group: str, cls: type) -> dict[str, Any]:
-        names = {f for f in cls.__dataclass_fields__}
-        return {k.replace("-", "_"): v for k, v in params[group].items() if k.replace("-", "_") in names}
-
-    rollout = fields("rollout", RolloutConfig)
+    rollout = options("rollout", RolloutConfig)
     keep = ("num_steps", "shift", "noise_level", "batch_size")
     kept = {k: v for k, v in rollout.items() if k in keep}
-    return kept, fields("update", UpdateConfig), fields("pretrain", PretrainConfig)
+    return kept, options("update", UpdateConfig), options("pretrain", PretrainConfig)
 
 
 def prompts_file(out: Path) -> Path:
