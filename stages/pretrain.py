@@ -70,7 +70,7 @@ class PretrainConfig:
     """Rendered images per flow-matching step."""
     autoencoder_steps: int = 2000
     """Optimizer steps of the autoencoder, trained before the flow (latent presets only). At 1,000 the
-    reconstructions of one seed in three still missed a requirement of 22 % of prompts."""
+    reconstructions of one seed in three still missed a requirement of 22 % of scenes (BENCHMARKS.md)."""
     autoencoder_batch_size: int = 16
     """Rendered images per autoencoder step."""
     autoencoder_learning_rate: float = 2e-3

@@ -4,7 +4,8 @@ and (``--loop``) run the default GRPO loop from each.
     python examples/benchmark/base_spread.py --out runs/base-spread            # seeds 0,1,2: ~25 min on 2 cores
     python examples/benchmark/base_spread.py --out runs/base-spread --loop     # + the loop from each: ~40 min more
 
-The recipe is params.yaml's `pretrain` group with only `seed` changed. The seed stands in for
+The recipe is params.yaml's `pretrain` group with only `seed` changed (and what ``--pretrain
+OPTION=VALUE`` changes, e.g. ``--pretrain steps=2000``; give such a recipe its own ``--out``). The seed stands in for
 another machine: pretraining amplifies differences in the last bits of CPU kernels, just as it
 amplifies a different initialisation. Each base is evaluated the way the default run evaluates
 (params.yaml's `eval` group: 50 held-out prompts x 8 images, 40 ODE steps).
@@ -121,13 +122,16 @@ def spread(rows: dict[int, dict[str, Any]], key: str) -> dict[str, float]:
     return {"mean": mean, "max_deviation": max(abs(v - mean) for v in values)}
 
 
-def update_change(text: str) -> tuple[str, Any]:
-    """``beta=0.004`` -> ("beta", 0.004): an update option as params.yaml spells it, its value as YAML reads it."""
-    name, sep, value = text.partition("=")
-    field = name.replace("-", "_")
-    if not sep or field not in UpdateConfig.__dataclass_fields__:
-        raise argparse.ArgumentTypeError(f"{text!r} is not OPTION=VALUE with OPTION a `tempflow update` option")
-    return field, yaml.safe_load(value)
+def option_change(cls: type, command: str):
+    """A parser of ``OPTION=VALUE`` for ``cls``'s options (``beta=0.004`` -> ("beta", 0.004)): the option as
+    params.yaml spells it, its value as YAML reads it."""
+    def parse(text: str) -> tuple[str, Any]:
+        name, sep, value = text.partition("=")
+        field = name.replace("-", "_")
+        if not sep or field not in cls.__dataclass_fields__:
+            raise argparse.ArgumentTypeError(f"{text!r} is not OPTION=VALUE with OPTION a `tempflow {command}` option")
+        return field, yaml.safe_load(value)
+    return parse
 
 
 def main() -> None:
@@ -135,7 +139,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "base-spread")
     parser.add_argument("--seeds", default="0,1,2", help="Comma list of pretraining seeds.")
     parser.add_argument("--loop", action="store_true", help="Also run the default loop from each base.")
-    parser.add_argument("--update", dest="changes", type=update_change, action="append", default=[],
+    parser.add_argument("--pretrain", dest="recipe_changes", type=option_change(PretrainConfig, "pretrain"),
+                        action="append", default=[], metavar="OPTION=VALUE",
+                        help="Change a pretraining option of params.yaml's recipe (repeatable), e.g. steps=2000.")
+    parser.add_argument("--update", dest="changes", type=option_change(UpdateConfig, "update"), action="append", default=[],
                         metavar="OPTION=VALUE", help="Change an update option of the loop (repeatable), e.g. beta=0.004.")
     parser.add_argument("--split", default=PARAMS["eval"]["split"], choices=list(shapes.SPLITS + shapes.HELDOUT_HALVES),
                         help="Held-out prompts to evaluate on (default: params.yaml's); validation for choosing settings.")
@@ -145,7 +152,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = PretrainConfig(**options("pretrain", PretrainConfig))
+    recipe = PretrainConfig(**{**options("pretrain", PretrainConfig), **dict(args.recipe_changes)})
     changes = dict(args.changes)
     tag = "".join(f"-{k}={v}" for k, v in sorted(changes.items()))
     evaluation = "" if (args.split, args.per_task) == (PARAMS["eval"]["split"], PARAMS["eval"]["per-task"]) \
