@@ -1,6 +1,6 @@
 """Does the autoencoder of a pretraining seed reconstruct what the reward reads?
 
-    python examples/benchmark/autoencoder_check.py --seed 1 --steps 2000 --threads 1   # ~6 min on 1 core
+    python examples/benchmark/autoencoder_check.py --seed 1 --steps 1000 --threads 1   # 6-8 min on 1 core beside two other jobs
 
 Trains only the autoencoder phase of params.yaml's recipe (``--steps``, ``--batch``, ``--lr`` override
 it) with pretraining seed ``--seed``, and at four points along it encodes and decodes 256 rendered

@@ -152,6 +152,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if any(name == "seed" for name, _ in args.recipe_changes):
+        parser.error("--pretrain seed=N: choose the pretraining seeds with --seeds")
     recipe = PretrainConfig(**{**options("pretrain", PretrainConfig), **dict(args.recipe_changes)})
     changes = dict(args.changes)
     tag = "".join(f"-{k}={v}" for k, v in sorted(changes.items()))
