@@ -1,4 +1,5 @@
-"""Collect the per-iteration ``metrics.json`` of a loop into one curve (for ``dvc plots``) and a summary."""
+"""Collect a loop's per-iteration ``metrics.json`` and evaluations into curves (for ``dvc plots``) and a
+summary of a few figures (for ``dvc exp show``)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,15 @@ import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from stages.artifacts import atomic_output, read_json, write_json
 from stages.errors import TempflowError
 
 CURVE_FIELDS = ("reward_mean", "reward_std", "loss", "policy_loss", "kl", "clip_fraction", "grad_norm",
                 "trained_samples", "skipped_samples", "rollout_nfe")
+WALL_FIELDS = ("rollout_seconds", "update_seconds")
+"""An update's record of the wall time of its rollout and of itself (optional: older updates lack them)."""
 
 
 def natural_key(path: Path) -> list:
@@ -21,10 +26,11 @@ def natural_key(path: Path) -> list:
 
 def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
     """One row per update, in natural file-name order (it2 before it10); ``reward_mean`` is the reward of the rollout that
-    update trained on, i.e. of the policy *before* it, and ``nfe`` counts forward passes so far."""
+    update trained on, i.e. of the policy *before* it, and ``nfe`` counts forward passes so far; ``seconds``, the
+    rollouts' and updates' wall time so far, is there when every update recorded both."""
     if not metrics_files:
         raise TempflowError("no update metrics files found; run `tempflow update --metrics FILE` first")
-    rows, nfe = [], 0
+    rows, walls, nfe = [], [], 0
     for i, path in enumerate(sorted(metrics_files, key=natural_key)):
         metrics = read_json(path, "a metrics.json written by `tempflow update`")
         missing = [f for f in CURVE_FIELDS if f not in metrics] if isinstance(metrics, dict) else list(CURVE_FIELDS)
@@ -35,6 +41,10 @@ def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
             raise TempflowError(f"{path}: {', '.join(not_numbers)} must be numbers; not update metrics written by `tempflow update`")
         nfe += metrics["rollout_nfe"]
         rows.append({"iteration": i, "name": path.stem, "nfe": nfe, **{f: metrics[f] for f in CURVE_FIELDS}})
+        walls.append([metrics.get(f) for f in WALL_FIELDS])
+    if all(_is_number(v) for wall in walls for v in wall):  # updates from before they were recorded: no seconds
+        for row, seconds in zip(rows, np.cumsum([sum(wall) for wall in walls])):
+            row["seconds"] = float(seconds)
     return rows
 
 
@@ -86,39 +96,59 @@ def eval_folders(folder: Path) -> dict[str, Path]:
 
 def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
                  evals: dict[str, Path] | None = None) -> dict[str, Any]:
-    """curve.json + curve.png (the training reward per iteration) and summary.json; with ``evals``
-    (e.g. ``{"base": ..., "final": ...}``, before to after) the summary also compares the first and
-    the last of their held-out metrics, and the curve draws them all."""
+    """curve.json (one row per update) + curve.png and summary.json; with ``evals`` (e.g. ``{"base":
+    ..., "final": ...}``, before to after) also evals.json (one row per evaluation), and the summary
+    compares the first and the last of them. The summary is what `dvc exp show` lists, so it holds
+    the loop's few headline figures only; everything per iteration is in the two curves (`dvc plots`)."""
     from stages.plots import line_chart
 
     if not Path(metrics_dir).is_dir():
         raise TempflowError(f"--metrics-dir {metrics_dir}: no such folder; give the folder `tempflow update --metrics` wrote into")
     rows = build_curve(list(Path(metrics_dir).glob("*.json")))
-    summary: dict[str, Any] = {
-        "iterations": len(rows),
-        "reward_first": rows[0]["reward_mean"],
-        "reward_last": rows[-1]["reward_mean"],
-        "reward_best": max(r["reward_mean"] for r in rows),
-        "reward_gain": rows[-1]["reward_mean"] - rows[0]["reward_mean"],
-        "total_nfe": rows[-1]["nfe"],
-    }
     evaluated = read_evals(evals or {})
-    for name, metrics in evaluated.items():
-        summary[f"eval_{name}_reward"] = metrics["reward"]
-        summary[f"eval_{name}_strict"] = metrics["strict"]
-    if len(evaluated) >= 2:
-        first, last = next(iter(evaluated.values())), list(evaluated.values())[-1]
-        summary["eval_reward_gain"] = last["reward"] - first["reward"]
-        summary["eval_strict_gain"] = last["strict"] - first["strict"]
+    points = eval_points(rows, evaluated)
+    summary = summarise(rows, points)
     with atomic_output(out, overwrite=overwrite, inputs=(metrics_dir, *(evals or {}).values())) as tmp:
         tmp.mkdir()
         write_json(tmp / "curve.json", rows)
+        if points:
+            write_json(tmp / "evals.json", points)
         write_json(tmp / "summary.json", summary)
-        _draw_curve(tmp / "curve.png", rows, evaluated, line_chart)
+        _draw_curve(tmp / "curve.png", rows, points, line_chart)
     return summary
 
 
-def _draw_curve(path: Path, rows: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]], line_chart: Any) -> None:
+def eval_points(rows: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per evaluation, in the given order: its policy's step and the rollout NFE spent before
+    that policy (step s has trained on s rollouts)."""
+    spent = [0] + [r["nfe"] for r in rows]
+    return [{"name": name, "step": m["step"], "nfe": spent[min(m["step"], len(rows))],
+             "reward": m["reward"], "strict": m["strict"]} for name, m in evaluated.items()]
+
+
+def summarise(rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> dict[str, Any]:
+    """The loop's headline figures. With evaluations: the first (``base_*``) and the last (``final_*``)
+    held-out reward and strict accuracy, their gains, the best evaluation's reward and step; without,
+    the training rollouts' first and last mean reward. Always the iterations, the rollout NFE spent
+    and, when every update recorded it, the wall time of rollouts and updates in seconds."""
+    summary: dict[str, Any] = {"iterations": len(rows)}
+    if points:
+        first, last = points[0], points[-1]
+        best = max(points, key=lambda p: p["reward"])  # the earliest of equals
+        summary.update({"base_reward": first["reward"], "base_strict": first["strict"],
+                        "final_reward": last["reward"], "final_strict": last["strict"]})
+        if len(points) >= 2:
+            summary.update({"reward_gain": last["reward"] - first["reward"], "strict_gain": last["strict"] - first["strict"]})
+        summary.update({"best_reward": best["reward"], "best_step": best["step"]})
+    else:
+        summary.update({"rollout_reward_first": rows[0]["reward_mean"], "rollout_reward_last": rows[-1]["reward_mean"]})
+    summary["nfe"] = rows[-1]["nfe"]
+    if "seconds" in rows[-1]:
+        summary["seconds"] = rows[-1]["seconds"]
+    return summary
+
+
+def _draw_curve(path: Path, rows: list[dict[str, Any]], points: list[dict[str, Any]], line_chart: Any) -> None:
     """Training reward (each rollout's mean; the rollouts draw different prompts, so it wanders) against
     forward passes; the evaluations' reward and strict accuracy as lines, each point placed at the NFE
     spent before the policy it measured (step s has seen s rollouts)."""
@@ -126,9 +156,9 @@ def _draw_curve(path: Path, rows: list[dict[str, Any]], evaluated: dict[str, dic
     x = [spent[i] for i in range(len(rows))]
     rollout = "rollout reward (train prompts, SDE)"
     series = {rollout: (x, [r["reward_mean"] for r in rows])}
-    if evaluated:
-        at = [spent[min(m["step"], len(rows))] for m in evaluated.values()]
-        series["eval reward (ODE)"] = (at, [m["reward"] for m in evaluated.values()])
-        series["eval strict accuracy (ODE)"] = (at, [m["strict"] for m in evaluated.values()])
+    if points:
+        at = [p["nfe"] for p in points]
+        series["eval reward (ODE)"] = (at, [p["reward"] for p in points])
+        series["eval strict accuracy (ODE)"] = (at, [p["strict"] for p in points])
     line_chart(path, series, xlabel="forward passes (NFE) spent on rollouts", ylabel="mean reward / accuracy",
                title="reward across the loop")

@@ -23,6 +23,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -528,6 +529,7 @@ def run_rollout(
     sigmas = policy_sigmas(policy, config)
     spread = read_step_spread(policy_info.get("path"), config.num_steps) if config.draws_by_spread else None
     plan = config.step_plan(sigmas, spread)  # drawn once: every count and record below uses this one
+    began = time.perf_counter()
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         tmp.mkdir()
         writer = ShardWriter(tmp, config.samples_per_shard)
@@ -554,6 +556,7 @@ def run_rollout(
             "nfe": sampler.nfe,
             "decodes": sampler.decodes,
             "shards": shards,
+            "seconds": time.perf_counter() - began,  # sampling and writing: the loop's wall time adds these up
         })
     return RolloutResult(samples=writer.count, nfe=sampler.nfe, shards=len(shards), trained_steps=plan.steps,
                          prompts=len(prompts), decodes=sampler.decodes)

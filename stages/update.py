@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -582,6 +583,7 @@ def run_update(
     """Train ``policy_dir`` on ``rollout`` scored by ``scores``; write the new policy folder ``out``.
     The models run in the dtype the rollout sampled with: in any other, the first-step ratio would
     differ from 1 by less than its tolerance while biasing every step."""
+    began = time.perf_counter()
     policy_dir, rollout, scores, out = Path(policy_dir), Path(rollout), Path(scores), Path(out)
     own_record = read_policy_record(policy_dir)
     ref_path, ref_identity = _resolve_reference(policy_dir, own_record, reference_dir)
@@ -619,7 +621,7 @@ def run_update(
     metrics = {"step": record.step + 1, **_plan_metrics(plan, manifest, config), "dtype": run_dtype,
                "optimizer_resumed": resumed,
                "step_reward_spread": carried_spread(plan.step_spread, previous_spread),
-               **trainer.metrics()}
+               **trainer.metrics(), "update_seconds": time.perf_counter() - began}
     provenance = {"config": asdict(config), "policy": str(policy_dir), "rollout": str(rollout),
                   "rollout_manifest_sha256": opened.manifest_sha256, "scores": str(scores)}
     new_record = PolicyRecord(
@@ -654,7 +656,14 @@ def _plan_metrics(plan: Plan, manifest: dict[str, Any], config: UpdateConfig) ->
         "reward_mean": float(plan.rewards.mean()),
         "reward_std": float(plan.rewards.std()),
         "rollout_nfe": manifest["nfe"],
+        "rollout_seconds": _rollout_seconds(manifest),
     }
+
+
+def _rollout_seconds(manifest: dict[str, Any]) -> float | None:
+    """The rollout's own wall time (None from a manifest written before rollouts recorded it)."""
+    seconds = manifest.get("seconds")
+    return float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
 
 
 def _check_sampled_by(rollout: Rollout, record: PolicyRecord, policy_dir: Path) -> None:

@@ -7,6 +7,7 @@
     tempflow report  --metrics-dir DIR --out DIR
     tempflow pretrain --world shapes --out POLICY
     tempflow eval    --policy POLICY --out DIR
+    tempflow check   rollout --branches 4 + update --beta 0.004
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT if it ex
 DEVICE = click.option("--device", default="cpu", show_default=True, help="torch device to run the model on, e.g. cuda:0.")
 
 
-OUTPUT_KINDS = {"score": {"out": "file"}, "update": {"out": "dir", "metrics_path": "file"}}
+OUTPUT_KINDS = {"score": {"out": "file"}, "update": {"out": "dir", "metrics_path": "file"}, "check": {"out": "file"}}
 """What each command writes, by option: a folder unless said here; ``--checkpoint`` is pretrain's own."""
 OUTPUT_OPTIONS = ("out", "metrics_path", "checkpoint")
 
@@ -350,7 +351,7 @@ def _reward_help() -> str:
 @click.option("--rollout", "rollout_dir", type=click.Path(path_type=Path), required=True, help="Rollout folder to score.")
 @click.option("--reward", "rewards", type=RewardParam(), multiple=True, required=True, help=_reward_help())
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Parquet file to write.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Images per reward call.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per reward call.")
 @OVERWRITE
 def score(rollout_dir: Path, rewards: tuple, out: Path, batch_size: int, overwrite: bool) -> None:
     """Compute rewards for a rollout's images; one parquet row per sample."""
@@ -423,7 +424,8 @@ class EvalParam(click.ParamType):
 
 @cli.command()
 @click.option("--metrics-dir", type=click.Path(path_type=Path), required=True, help="Folder of update metrics JSON files.")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for curve.json, curve.png and summary.json.")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Folder for curve.json, curve.png, summary.json and (with evaluations) evals.json.")
 @click.option("--eval", "evals", type=EvalParam(), multiple=True,
               help="A `tempflow eval` folder to compare, as NAME=DIR; repeat, first = before, last = after.")
 @click.option("--eval-dir", type=click.Path(path_type=Path), default=None,
@@ -495,7 +497,8 @@ def _eval_options(fn):
 @click.option("--split", type=click.Choice(["heldout", "validation", "test", "train"]), default="heldout", show_default=True,
               help="World split to draw prompts from when --prompts is not given; validation and test are disjoint halves "
               "of heldout (choose settings on one, report the other).")
-@click.option("--per-task", type=int, default=16, show_default=True, help="Prompts per task type drawn from --split.")
+@click.option("--per-task", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Prompts per task type drawn from --split.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json, results.jsonl, grid.png.")
 @_eval_options
 @DEVICE
@@ -510,8 +513,6 @@ def eval_(policy_dir: Path, prompts: Path | None, split: str, per_task: int, out
     from stages.evaluate import EvalConfig, read_eval_prompts, run_eval
 
     config = pop_config(EvalConfig, kwargs)
-    if per_task < 1:
-        raise click.BadParameter(f"must be >= 1, got {per_task}", param_hint="--per-task")
     prompt_list, source = read_eval_prompts(prompts, split, per_task, config.seed)
     with progress_bars("NFE") as progress:
         result = run_eval(policy_dir, prompt_list, out, config, device=device, progress=progress,
@@ -521,6 +522,62 @@ def eval_(policy_dir: Path, prompts: Path | None, split: str, per_task: int, out
                             "reward": m["reward"], "strict accuracy": m["strict"]}
     rows.update({f"{task}: reward / strict": f"{v['reward']:.3f} / {v['strict']:.3f}" for task, v in m["per_task"].items()})
     summary(f"eval {out} (policy step {m['policy']['step']})", rows)
+
+
+CHECKED_CONFIGS = {"pretrain": ("stages.pretrain", "PretrainConfig"), "rollout": ("stages.rollout", "RolloutConfig"),
+                   "score": None, "update": ("stages.update", "UpdateConfig"), "eval": ("stages.evaluate", "EvalConfig")}
+"""The commands `tempflow check` checks, and the config each builds from its options (score builds none)."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Also write a one-line record of what was checked here (what a DVC stage depends on).")
+@OVERWRITE
+@click.argument("commands", nargs=-1, type=click.UNPROCESSED, required=True)
+def check(out: Path | None, overwrite: bool, commands: tuple[str, ...]) -> None:
+    """Check stage options without running anything: COMMAND OPTIONS... [+ COMMAND OPTIONS...].
+
+    Each COMMAND (pretrain, rollout, score, update, eval) parses its OPTIONS and builds its config
+    as it would when run, so a value it would refuse fails here, first, with the command's own
+    error line. Paths it needs but is not given are left unchecked. The default DVC run starts
+    with this, so that a bad `dvc exp run -S` value fails before any stage runs:
+
+        tempflow check rollout --branches 1 + update --beta 0.04
+    """
+    from stages.artifacts import atomic_output
+
+    parts: list[list[str]] = [[]]
+    for arg in commands:
+        parts.append([]) if arg == "+" else parts[-1].append(arg)
+    checked = [_check_command(click.get_current_context(), part) for part in parts]
+    if out is not None:
+        with atomic_output(out, overwrite=overwrite, kind="file") as tmp:
+            tmp.write_text(f"options valid: {' '.join(checked)}\n")  # the same text for any valid values
+    summary("check", {name: "options valid" for name in checked})
+
+
+def _check_command(ctx: click.Context, args: list[str]) -> str:
+    """Parse ``args`` (``COMMAND OPTIONS...``) as that command would and build its config; its name."""
+    import importlib
+
+    if not args or args[0] not in CHECKED_CONFIGS:
+        raise click.UsageError(f"expected one of {', '.join(CHECKED_CONFIGS)} before its options, got "
+                               f"{args[0] if args else 'nothing'!r} (separate commands with +)", ctx)
+    name, options = args[0], args[1:]
+    command = cli.get_command(ctx, name)
+    assert command is not None
+    given = {opt for opt in options if opt.startswith("--")}
+    for param in command.params:  # required paths it is not given: placeholders, never opened
+        if param.required and not given & set(param.opts):
+            options = [*options, param.opts[0], "-"]
+    with command.make_context(name, options, parent=ctx) as sub:
+        if CHECKED_CONFIGS[name] is not None:
+            module, cls = CHECKED_CONFIGS[name]
+            try:
+                pop_config(getattr(importlib.import_module(module), cls), dict(sub.params))
+            except TempflowError as err:
+                raise TempflowError(f"{name}: {err}") from err
+    return name
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -190,17 +190,27 @@ def _small_loop_params(path: Path) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
-    """dvc repro on a copy of the project's dvc.yaml runs every stage; a second repro runs none."""
+def _project_copy(tmp_path: Path) -> Path:
+    """The project's DVC pipeline, code and params (on a tiny loop) in a fresh folder."""
     work = tmp_path / "project"
     work.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
         shutil.copy(REPO / name, work / name)
     shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
     for folder in ("examples", "stages", "tempflow_cli"):  # the stages depend on the code they run
-        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__", "runs"))
     _small_loop_params(work / "params.yaml")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return work
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
+    """dvc repro on a copy of the project's dvc.yaml runs every stage; a second repro runs none."""
+    work = _project_copy(tmp_path)
+    env = _env()
 
     def run(*cmd: str) -> str:
         proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
@@ -213,7 +223,7 @@ def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
                   "report"):
         assert f"Running stage '{stage}'" in first
     summary = json.loads((work / "runs/report/summary.json").read_text())
-    assert summary["iterations"] == 2 and {"eval_base_strict", "eval_final_strict", "eval_reward_gain"} <= set(summary)
+    assert summary["iterations"] == 2 and {"base_strict", "final_strict", "reward_gain"} <= set(summary)
     assert (work / "runs/report/curve.png").is_file() and (work / "runs/eval/final/grid.png").is_file()
     second_metrics = json.loads((work / "runs/metrics/it02.json").read_text())
     assert second_metrics["optimizer_resumed"] is True  # AdamW moments carried across iterations
@@ -222,7 +232,28 @@ def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
     (work / "stages" / "flow.py").write_text((work / "stages" / "flow.py").read_text() + "\n# changed\n")
     assert "Running stage 'rollout@0'" in run("dvc", "repro", "rollout@0")  # code is a dependency
     shown = run("dvc", "metrics", "show")
-    assert "reward_mean" in shown
+    assert "final_reward" in shown and "reward_mean" not in shown  # the summary only; iterations are plots
+    run("dvc", "plots", "show", "-o", "plots")
+    page = (work / "plots" / "index.html").read_text()
+    assert all(title in page for title in ("held-out reward and strict accuracy", "mean reward of the rollout"))
+
+
+def test_a_bad_params_value_fails_the_experiment_in_its_first_stage(tmp_path):
+    """`dvc exp run -S` with a value the command refuses: the check stage fails with the command's own
+    line, before any other stage runs, and no experiment is recorded (the changed params.yaml stays
+    in the workspace, as DVC leaves it)."""
+    work = _project_copy(tmp_path)
+    env = _env()
+    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
+    for cmd in (("git", "init", "-q"), ("git", "add", "-A"), (*git, "commit", "-qm", "project")):
+        subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
+    proc = subprocess.run(("dvc", "exp", "run", "-S", "update.beta=-1"), cwd=work, env=env, capture_output=True, text=True)
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "error: update: beta and weight-decay must be >= 0" in said
+    assert "Running stage 'check'" in said and "Running stage 'pretrain'" not in said
+    listed = subprocess.run(("dvc", "exp", "list", "--name-only"), cwd=work, env=env, capture_output=True, text=True)
+    assert listed.returncode == 0 and listed.stdout.strip() == ""
+    assert "beta: -1" in (work / "params.yaml").read_text()
 
 
 def test_reference_is_recorded_relative_and_checked(policy_dir, tmp_path, monkeypatch):

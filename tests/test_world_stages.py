@@ -163,7 +163,7 @@ def test_report_compares_base_and_final_evals(pretrained, tmp_path):
                     "--eval", f"final={tmp_path / 'final'}", "--out", tmp_path / "rep")
     assert result.exit_code == 0, result.stderr
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
-    assert summary["eval_reward_gain"] == 0.0 and summary["reward_gain"] == pytest.approx(0.1)
+    assert summary["reward_gain"] == 0.0 and summary["base_reward"] == summary["final_reward"]  # one policy twice
     assert Image.open(tmp_path / "rep" / "curve.png").format == "PNG"
     bad = invoke("report", "--metrics-dir", metrics, "--eval", "base", "--out", tmp_path / "rep2")
     assert bad.exit_code == 2 and "NAME=DIR" in bad.stderr
@@ -194,7 +194,7 @@ def test_report_takes_an_eval_dir_in_the_order_of_policy_steps(pretrained, tmp_p
     result = invoke("report", "--metrics-dir", metrics, "--eval-dir", evals, "--out", tmp_path / "rep")
     assert result.exit_code == 0, result.stderr
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
-    assert summary["eval_reward_gain"] == pytest.approx(0.5)  # final (step 2) minus base (step 0)
+    assert summary["reward_gain"] == pytest.approx(0.5)  # final (step 2) minus base (step 0)
     header = next(line for line in result.stdout.splitlines() if all(n in line for n in ("base", "mid", "final")))
     assert header.index("base") < header.index("mid") < header.index("final")
     empty = invoke("report", "--metrics-dir", metrics, "--eval-dir", evals / "notes", "--out", tmp_path / "rep2")

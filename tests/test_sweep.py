@@ -1,0 +1,148 @@
+"""What `dvc exp show` and `dvc plots` read: the report's compact summary and its curves, dvc.yaml's
+one metrics file, and `tempflow check`, the default run's first stage, which fails a bad params value
+with the command's own error before anything runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.report import write_report
+from tests.conftest import invoke
+
+REPO = Path(__file__).resolve().parents[1]
+UPDATE_ROW = {"reward_std": 0.1, "loss": 0.0, "policy_loss": 0.0, "kl": 0.01, "clip_fraction": 0.0, "grad_norm": 1.0,
+              "trained_samples": 10, "skipped_samples": 0, "rollout_nfe": 100}
+SUMMARY_WITH_EVALS = {"iterations", "base_reward", "base_strict", "final_reward", "final_strict", "reward_gain",
+                      "strict_gain", "best_reward", "best_step", "nfe", "seconds"}
+
+
+def write_updates(folder: Path, rewards: list[float], seconds: list[tuple[float, float]] | None = None) -> Path:
+    folder.mkdir()
+    for i, reward in enumerate(rewards):
+        row = {**UPDATE_ROW, "reward_mean": reward}
+        if seconds is not None:
+            row.update(rollout_seconds=seconds[i][0], update_seconds=seconds[i][1])
+        (folder / f"it{i + 1:02d}.json").write_text(json.dumps(row))
+    return folder
+
+
+def write_eval(folder: Path, step: int, reward: float, strict: float) -> Path:
+    """The fields of a `tempflow eval` metrics.json that the report reads."""
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps({
+        "reward": reward, "strict": strict, "per_task": {"single": {"reward": reward, "strict": strict}},
+        "policy": {"step": step, "identity": f"policy-{step}"}}))
+    return folder
+
+
+def test_summary_holds_the_headline_figures_and_the_curves_the_rest(tmp_path):
+    metrics = write_updates(tmp_path / "metrics", [0.5, 0.6, 0.7, 0.8], [(2.0, 3.0), (2.5, 3.5), (1.0, 1.0), (1.0, 2.0)])
+    evals = {"base": write_eval(tmp_path / "e/base", 0, 0.40, 0.10),
+             "it02": write_eval(tmp_path / "e/it02", 2, 0.65, 0.30),
+             "final": write_eval(tmp_path / "e/final", 4, 0.60, 0.35)}
+    summary = write_report(metrics, tmp_path / "rep", evals=evals)
+    assert set(summary) == SUMMARY_WITH_EVALS
+    assert summary == json.loads((tmp_path / "rep/summary.json").read_text())
+    assert summary["base_reward"] == 0.40 and summary["final_strict"] == 0.35
+    assert summary["reward_gain"] == pytest.approx(0.20) and summary["strict_gain"] == pytest.approx(0.25)
+    assert (summary["best_reward"], summary["best_step"]) == (0.65, 2)  # the middle one, not the last
+    assert summary["nfe"] == 400 and summary["seconds"] == pytest.approx(16.0) and summary["iterations"] == 4
+    curve = json.loads((tmp_path / "rep/curve.json").read_text())
+    assert [row["seconds"] for row in curve] == pytest.approx([5.0, 11.0, 13.0, 16.0])
+    assert [row["nfe"] for row in curve] == [100, 200, 300, 400]
+    points = json.loads((tmp_path / "rep/evals.json").read_text())
+    assert [(p["name"], p["step"], p["nfe"]) for p in points] == [("base", 0, 0), ("it02", 2, 200), ("final", 4, 400)]
+
+
+def test_without_evaluations_or_recorded_times_the_summary_says_only_what_it_has(tmp_path):
+    metrics = write_updates(tmp_path / "metrics", [0.5, 0.7])  # updates from before they recorded seconds
+    summary = write_report(metrics, tmp_path / "rep")
+    assert summary == {"iterations": 2, "rollout_reward_first": 0.5, "rollout_reward_last": 0.7, "nfe": 200}
+    assert "seconds" not in json.loads((tmp_path / "rep/curve.json").read_text())[0]
+    assert not (tmp_path / "rep/evals.json").exists()
+
+
+def dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text())
+
+
+def test_the_summary_is_the_only_metrics_file_of_the_default_run():
+    """`dvc exp show` makes a column of every field of every metrics file: one file of a dozen fields."""
+    declared = [(name, m) for name, stage in dvc_stages()["stages"].items()
+                for m in (stage.get("do", stage).get("metrics") or [])]
+    assert declared == [("report", "runs/report/summary.json")]
+    columns = 2 + len(SUMMARY_WITH_EVALS) + 1  # Experiment, Created, the summary, one swept param
+    assert columns <= 15
+
+
+def test_every_plot_reads_fields_the_report_writes(tmp_path):
+    metrics = write_updates(tmp_path / "metrics", [0.5, 0.6], [(1.0, 1.0), (1.0, 1.0)])
+    write_report(metrics, tmp_path / "rep", evals={"base": write_eval(tmp_path / "e/base", 0, 0.4, 0.1),
+                                                   "final": write_eval(tmp_path / "e/final", 2, 0.5, 0.2)})
+    plots = dvc_stages()["plots"]
+    assert len(plots) == 3
+    for plot in plots:
+        (definition,) = plot.values()
+        for path, fields in definition["y"].items():
+            assert path.startswith("runs/report/")
+            rows = json.loads((tmp_path / "rep" / Path(path).name).read_text())
+            for field in [definition["x"], *([fields] if isinstance(fields, str) else fields)]:
+                assert all(field in row for row in rows), (path, field)
+
+
+def dvc_args(group: dict) -> list[str]:
+    """A params.yaml group as DVC renders ``${group}`` into a command line (lists as repeated values)."""
+    args: list[str] = []
+    for key, value in group.items():
+        for item in value if isinstance(value, list) else [value]:
+            args += [f"--{key}", str(item)]
+    return args
+
+
+def check_args(params: dict) -> list[str]:
+    args: list[str] = []
+    for command in ("pretrain", "rollout", "score", "update", "eval"):
+        args += (["+"] if args else []) + [command, *dvc_args(params[command])]
+    return args
+
+
+def test_check_passes_the_default_params_and_writes_the_same_record_for_any_valid_values(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    result = invoke("check", "--out", tmp_path / "checked.txt", *check_args(params))
+    assert result.exit_code == 0, result.stderr
+    record = (tmp_path / "checked.txt").read_text()
+    assert record == "options valid: pretrain rollout score update eval\n"
+    params["update"]["beta"] = 0.04
+    again = invoke("check", "--out", tmp_path / "checked.txt", "--overwrite", *check_args(params))
+    assert again.exit_code == 0 and (tmp_path / "checked.txt").read_text() == record  # nothing downstream reruns
+
+
+@pytest.mark.parametrize("group, key, value, says", [
+    ("update", "beta", -1, "update: beta and weight-decay must be >= 0"),
+    ("rollout", "branches", 1, "rollout: tempflow compares the branches of one step: branches must be >= 2"),
+    ("score", "batch-size", 0, "Invalid value for '--batch-size': 0 is not in the range x>=1"),
+    ("eval", "per-task", 0, "Invalid value for '--per-task': 0 is not in the range x>=1"),
+    ("pretrain", "stepz", 5, "No such option '--stepz'"),
+])
+def test_check_refuses_a_bad_value_with_the_commands_own_error(tmp_path, group, key, value, says):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params[group][key] = value
+    result = invoke("check", "--out", tmp_path / "checked.txt", *check_args(params))
+    assert result.exit_code != 0 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "checked.txt").exists()
+
+
+def test_the_command_itself_refuses_what_check_refuses(tmp_path):
+    """The same words from the stage command, so that check can stand in for it."""
+    result = invoke("update", "--policy", tmp_path / "p", "--rollout", tmp_path / "r", "--rewards", tmp_path / "s.parquet",
+                    "--out", tmp_path / "new", "--beta", "-1")
+    assert result.exit_code == 1 and "beta and weight-decay must be >= 0" in result.stderr
+
+
+def test_check_needs_a_command_before_its_options():
+    result = invoke("check", "--beta", "0.1")
+    assert result.exit_code == 2 and "expected one of pretrain, rollout, score, update, eval" in result.stderr
