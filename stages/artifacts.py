@@ -571,6 +571,25 @@ def read_step_spread(policy_dir: Path | str | None, num_steps: int) -> list[floa
     return spread
 
 
+TIMING_FILE = "timing.json"
+"""A rollout's wall time, ``{"seconds": S}`` (sampling and writing), beside the manifest and not in it, so
+that a rerun of the same config gives the same manifest bytes. Nothing checks or hashes it."""
+
+
+def write_timing(folder: Path, seconds: float) -> None:
+    write_json(Path(folder) / TIMING_FILE, {"seconds": seconds})
+
+
+def read_rollout_seconds(folder: Path) -> float | None:
+    """The seconds a rollout took; None when it has no readable record (older rollouts)."""
+    path = Path(folder) / TIMING_FILE
+    try:
+        seconds = loads_json(path.read_bytes()).get("seconds")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return float(seconds) if _is_number(seconds) else None
+
+
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
     write_json(folder / MANIFEST, {"schema": ROLLOUT_SCHEMA, **manifest})
 

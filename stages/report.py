@@ -6,9 +6,8 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
+from itertools import accumulate
 from typing import Any
-
-import numpy as np
 
 from stages.artifacts import atomic_output, read_json, write_json
 from stages.errors import TempflowError
@@ -26,8 +25,9 @@ def natural_key(path: Path) -> list:
 
 def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
     """One row per update, in natural file-name order (it2 before it10); ``reward_mean`` is the reward of the rollout that
-    update trained on, i.e. of the policy *before* it, and ``nfe`` counts forward passes so far; ``seconds``, the
-    rollouts' and updates' wall time so far, is there when every update recorded both."""
+    update trained on, i.e. of the policy *before* it (sampled after ``nfe_before`` forward passes), and ``nfe`` counts
+    forward passes up to it; ``seconds``, the rollouts' and updates' wall time so far, is there when every update
+    recorded both."""
     if not metrics_files:
         raise TempflowError("no update metrics files found; run `tempflow update --metrics FILE` first")
     rows, walls, nfe = [], [], 0
@@ -39,12 +39,13 @@ def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
         not_numbers = [f for f in CURVE_FIELDS if not _is_number(metrics[f])]
         if not_numbers:
             raise TempflowError(f"{path}: {', '.join(not_numbers)} must be numbers; not update metrics written by `tempflow update`")
+        rows.append({"iteration": i, "name": path.stem, "nfe_before": nfe, "nfe": nfe + metrics["rollout_nfe"],
+                     **{f: metrics[f] for f in CURVE_FIELDS}})
         nfe += metrics["rollout_nfe"]
-        rows.append({"iteration": i, "name": path.stem, "nfe": nfe, **{f: metrics[f] for f in CURVE_FIELDS}})
         walls.append([metrics.get(f) for f in WALL_FIELDS])
     if all(_is_number(v) for wall in walls for v in wall):  # updates from before they were recorded: no seconds
-        for row, seconds in zip(rows, np.cumsum([sum(wall) for wall in walls])):
-            row["seconds"] = float(seconds)
+        for row, seconds in zip(rows, accumulate(sum(wall) for wall in walls)):
+            row["seconds"] = seconds
     return rows
 
 
@@ -96,9 +97,9 @@ def eval_folders(folder: Path) -> dict[str, Path]:
 
 def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
                  evals: dict[str, Path] | None = None) -> dict[str, Any]:
-    """curve.json (one row per update) + curve.png and summary.json; with ``evals`` (e.g. ``{"base":
-    ..., "final": ...}``, before to after) also evals.json (one row per evaluation), and the summary
-    compares the first and the last of them. The summary is what `dvc exp show` lists, so it holds
+    """curve.json (one row per update), evals.json (one row per evaluation of ``evals``, e.g.
+    ``{"base": ..., "final": ...}`` from before to after; empty without), curve.png and summary.json,
+    which compares the first and the last evaluation. The summary is what `dvc exp show` lists, so it holds
     the loop's few headline figures only; everything per iteration is in the two curves (`dvc plots`)."""
     from stages.plots import line_chart
 
@@ -111,8 +112,7 @@ def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
     with atomic_output(out, overwrite=overwrite, inputs=(metrics_dir, *(evals or {}).values())) as tmp:
         tmp.mkdir()
         write_json(tmp / "curve.json", rows)
-        if points:
-            write_json(tmp / "evals.json", points)
+        write_json(tmp / "evals.json", points)
         write_json(tmp / "summary.json", summary)
         _draw_curve(tmp / "curve.png", rows, points, line_chart)
     return summary
@@ -128,9 +128,11 @@ def eval_points(rows: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]]
 
 def summarise(rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> dict[str, Any]:
     """The loop's headline figures. With evaluations: the first (``base_*``) and the last (``final_*``)
-    held-out reward and strict accuracy, their gains, the best evaluation's reward and step; without,
+    held-out reward and strict accuracy (one evaluation: both are it), their gains (two or more), the
+    best evaluation's reward and its policy's step (the first of equals, in the order given); without,
     the training rollouts' first and last mean reward. Always the iterations, the rollout NFE spent
-    and, when every update recorded it, the wall time of rollouts and updates in seconds."""
+    and, when every update recorded both, the seconds of the rollouts and updates (not of scoring or
+    evaluating)."""
     summary: dict[str, Any] = {"iterations": len(rows)}
     if points:
         first, last = points[0], points[-1]
@@ -152,10 +154,8 @@ def _draw_curve(path: Path, rows: list[dict[str, Any]], points: list[dict[str, A
     """Training reward (each rollout's mean; the rollouts draw different prompts, so it wanders) against
     forward passes; the evaluations' reward and strict accuracy as lines, each point placed at the NFE
     spent before the policy it measured (step s has seen s rollouts)."""
-    spent = [0] + [r["nfe"] for r in rows]
-    x = [spent[i] for i in range(len(rows))]
     rollout = "rollout reward (train prompts, SDE)"
-    series = {rollout: (x, [r["reward_mean"] for r in rows])}
+    series = {rollout: ([r["nfe_before"] for r in rows], [r["reward_mean"] for r in rows])}
     if points:
         at = [p["nfe"] for p in points]
         series["eval reward (ODE)"] = (at, [p["reward"] for p in points])

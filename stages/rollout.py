@@ -42,6 +42,7 @@ from stages.artifacts import (
     seed_group,
     write_embeddings,
     write_manifest,
+    write_timing,
 )
 from stages.errors import TempflowError
 from stages.flow import (
@@ -556,7 +557,7 @@ def run_rollout(
             "nfe": sampler.nfe,
             "decodes": sampler.decodes,
             "shards": shards,
-            "seconds": time.perf_counter() - began,  # sampling and writing: the loop's wall time adds these up
         })
+        write_timing(tmp, time.perf_counter() - began)
     return RolloutResult(samples=writer.count, nfe=sampler.nfe, shards=len(shards), trained_steps=plan.steps,
                          prompts=len(prompts), decodes=sampler.decodes)

@@ -35,6 +35,7 @@ from stages.artifacts import (
     load_safetensors,
     read_json,
     read_scores,
+    read_rollout_seconds,
     read_step_spread,
     seed_group,
     write_json,
@@ -621,7 +622,8 @@ def run_update(
     metrics = {"step": record.step + 1, **_plan_metrics(plan, manifest, config), "dtype": run_dtype,
                "optimizer_resumed": resumed,
                "step_reward_spread": carried_spread(plan.step_spread, previous_spread),
-               **trainer.metrics(), "update_seconds": time.perf_counter() - began}
+               **trainer.metrics(), "rollout_seconds": read_rollout_seconds(rollout),
+               "update_seconds": time.perf_counter() - began}
     provenance = {"config": asdict(config), "policy": str(policy_dir), "rollout": str(rollout),
                   "rollout_manifest_sha256": opened.manifest_sha256, "scores": str(scores)}
     new_record = PolicyRecord(
@@ -656,14 +658,8 @@ def _plan_metrics(plan: Plan, manifest: dict[str, Any], config: UpdateConfig) ->
         "reward_mean": float(plan.rewards.mean()),
         "reward_std": float(plan.rewards.std()),
         "rollout_nfe": manifest["nfe"],
-        "rollout_seconds": _rollout_seconds(manifest),
     }
 
-
-def _rollout_seconds(manifest: dict[str, Any]) -> float | None:
-    """The rollout's own wall time (None from a manifest written before rollouts recorded it)."""
-    seconds = manifest.get("seconds")
-    return float(seconds) if isinstance(seconds, (int, float)) and not isinstance(seconds, bool) else None
 
 
 def _check_sampled_by(rollout: Rollout, record: PolicyRecord, policy_dir: Path) -> None:

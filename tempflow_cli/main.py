@@ -425,7 +425,7 @@ class EvalParam(click.ParamType):
 @cli.command()
 @click.option("--metrics-dir", type=click.Path(path_type=Path), required=True, help="Folder of update metrics JSON files.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Folder for curve.json, curve.png, summary.json and (with evaluations) evals.json.")
+              help="Folder for curve.json, evals.json, curve.png and summary.json.")
 @click.option("--eval", "evals", type=EvalParam(), multiple=True,
               help="A `tempflow eval` folder to compare, as NAME=DIR; repeat, first = before, last = after.")
 @click.option("--eval-dir", type=click.Path(path_type=Path), default=None,
@@ -529,7 +529,7 @@ CHECKED_CONFIGS = {"pretrain": ("stages.pretrain", "PretrainConfig"), "rollout":
 """The commands `tempflow check` checks, and the config each builds from its options (score builds none)."""
 
 
-@cli.command(context_settings={"ignore_unknown_options": True})
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False})
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Also write a one-line record of what was checked here (what a DVC stage depends on).")
 @OVERWRITE
@@ -538,9 +538,11 @@ def check(out: Path | None, overwrite: bool, commands: tuple[str, ...]) -> None:
     """Check stage options without running anything: COMMAND OPTIONS... [+ COMMAND OPTIONS...].
 
     Each COMMAND (pretrain, rollout, score, update, eval) parses its OPTIONS and builds its config
-    as it would when run, so a value it would refuse fails here, first, with the command's own
-    error line. Paths it needs but is not given are left unchecked. The default DVC run starts
-    with this, so that a bad `dvc exp run -S` value fails before any stage runs:
+    as it would when run, so that a value it would refuse fails here, with the error it would give,
+    the command named in front. Paths it needs but is not given are left unchecked, as are
+    conflicts between commands (an update option that does not suit the rollout's algorithm). The
+    default DVC run starts with this, so that a bad `dvc exp run -S` value fails before any stage
+    runs. check's own options come before the first COMMAND.
 
         tempflow check rollout --branches 1 + update --beta 0.04
     """
@@ -566,17 +568,20 @@ def _check_command(ctx: click.Context, args: list[str]) -> str:
     name, options = args[0], args[1:]
     command = cli.get_command(ctx, name)
     assert command is not None
-    given = {opt for opt in options if opt.startswith("--")}
-    for param in command.params:  # required paths it is not given: placeholders, never opened
-        if param.required and not given & set(param.opts):
-            options = [*options, param.opts[0], "-"]
+    if any(opt in ("-h", "--help") for opt in options):
+        raise click.UsageError(f"{name} --help: check runs nothing; see `tempflow {name} --help`", ctx)
+    given = {opt.split("=", 1)[0] for opt in options if opt.startswith("--")}
+    paths = [param for param in command.params  # required paths it is not given: placeholders, never opened
+             if isinstance(param, click.Option) and param.required and isinstance(param.type, click.Path)
+             and not given & set(param.opts)]
+    options = [arg for param in paths for arg in (param.opts[0], "-")] + options
     with command.make_context(name, options, parent=ctx) as sub:
         if CHECKED_CONFIGS[name] is not None:
             module, cls = CHECKED_CONFIGS[name]
             try:
                 pop_config(getattr(importlib.import_module(module), cls), dict(sub.params))
-            except TempflowError as err:
-                raise TempflowError(f"{name}: {err}") from err
+            except TempflowError as err:  # named once: some configs name their command already
+                raise TempflowError(str(err) if str(err).startswith(f"{name}: ") else f"{name}: {err}") from err
     return name
 
 

@@ -269,6 +269,8 @@ def test_same_config_gives_identical_bytes_other_seed_differs(policy_dir, tmp_pa
     a = _rollout(policy_dir, tmp_path / "a", seed=5)
     b = _rollout(policy_dir, tmp_path / "b", seed=5)
     files_a, files_b = _snapshot(a), _snapshot(b)
+    for files in (files_a, files_b):  # the one file a rerun changes: the wall-clock seconds, beside the manifest
+        assert json.loads(files.pop("timing.json"))["seconds"] > 0
     assert sorted(files_a) == sorted(files_b)
     assert "manifest.json" in files_a and len(files_a) > 2
     for name in files_a:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import textwrap
 
+import click
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -20,14 +21,18 @@ def _one_error_line(result) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("command", ["init", "rollout", "score", "update", "report", "pretrain", "eval"])
+@pytest.mark.parametrize("command", ["init", "rollout", "score", "update", "report", "pretrain", "eval", "check"])
 def test_every_command_documents_its_options(command):
-    """--help shows every option, and every option has a help text."""
+    """--help shows every option, and every option has a help text (check's COMMANDS argument is
+    explained by its docstring's usage line)."""
     from tempflow_cli.main import cli
 
     result = invoke(command, "--help")
     assert result.exit_code == 0
     for param in cli.commands[command].params:
+        if isinstance(param, click.Argument):
+            assert param.name.upper() in result.stdout
+            continue
         assert param.help, f"{command} --{param.name} has no help"
         assert param.opts[0] in result.stdout
 
@@ -39,7 +44,7 @@ def test_top_level_help_lists_the_stages():
     assert result.exit_code == 0
     listed = result.stdout.split("Commands:", 1)[1].splitlines()
     names = {line.split()[0] for line in listed if line.startswith("  ") and len(line.split()) > 1}
-    assert {"init", "rollout", "score", "update", "report", "pretrain", "eval", "make-tiny"} <= names
+    assert {"init", "rollout", "score", "update", "report", "pretrain", "eval", "make-tiny", "check"} <= names
 
 
 def test_update_help_explains_ablation_choices():

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -219,7 +220,7 @@ def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
 
     run("git", "init", "-q")
     first = run("dvc", "repro")
-    for stage in ("pretrain", "rollout@0", "score@0", "update@0", "update@1", "eval@base", "eval@final",
+    for stage in ("check", "pretrain", "rollout@0", "score@0", "update@0", "update@1", "eval@base", "eval@final",
                   "report"):
         assert f"Running stage '{stage}'" in first
     summary = json.loads((work / "runs/report/summary.json").read_text())
@@ -233,27 +234,47 @@ def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
     assert "Running stage 'rollout@0'" in run("dvc", "repro", "rollout@0")  # code is a dependency
     shown = run("dvc", "metrics", "show")
     assert "final_reward" in shown and "reward_mean" not in shown  # the summary only; iterations are plots
+    assert "runs/report/summary.json" in shown and "runs/metrics" not in shown and "runs/eval" not in shown
     run("dvc", "plots", "show", "-o", "plots")
     page = (work / "plots" / "index.html").read_text()
     assert all(title in page for title in ("held-out reward and strict accuracy", "mean reward of the rollout"))
 
 
 def test_a_bad_params_value_fails_the_experiment_in_its_first_stage(tmp_path):
-    """`dvc exp run -S` with a value the command refuses: the check stage fails with the command's own
-    line, before any other stage runs, and no experiment is recorded (the changed params.yaml stays
-    in the workspace, as DVC leaves it)."""
+    """`dvc exp run -S` with a value the command refuses: the check stage fails with the command's
+    error, before any other stage runs. In the workspace no experiment is recorded (the changed
+    params.yaml stays, as DVC leaves it); from the queue the experiment is listed as failed, and
+    `dvc queue remove --failed` deletes it."""
     work = _project_copy(tmp_path)
-    env = _env()
-    git = ("git", "-c", "user.name=t", "-c", "user.email=t@t")
-    for cmd in (("git", "init", "-q"), ("git", "add", "-A"), (*git, "commit", "-qm", "project")):
-        subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
-    proc = subprocess.run(("dvc", "exp", "run", "-S", "update.beta=-1"), cwd=work, env=env, capture_output=True, text=True)
-    said = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "error: update: beta and weight-decay must be >= 0" in said
+    env = {**_env(), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t"}  # DVC commits and stashes through git: a machine may have no identity
+
+    def run(*cmd: str, ok: bool | None = True) -> str:
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+        assert ok is None or (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+
+    for cmd in (("git", "init", "-q"), ("git", "add", "-A"), ("git", "commit", "-qm", "project")):
+        run(*cmd)
+    said = run("dvc", "exp", "run", "-S", "update.beta=-1", ok=False)
+    assert "error: update: beta and weight-decay must be >= 0" in said
     assert "Running stage 'check'" in said and "Running stage 'pretrain'" not in said
-    listed = subprocess.run(("dvc", "exp", "list", "--name-only"), cwd=work, env=env, capture_output=True, text=True)
-    assert listed.returncode == 0 and listed.stdout.strip() == ""
+    assert run("dvc", "exp", "list", "--name-only").strip() == ""
     assert "beta: -1" in (work / "params.yaml").read_text()
+
+    run("git", "checkout", "params.yaml")
+    run("dvc", "exp", "run", "--queue", "-S", "update.beta=-2")
+    run("dvc", "queue", "start")
+    for _ in range(240):  # the worker starts in the background
+        status = run("dvc", "queue", "status")
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(0.5)
+    assert "Failed" in status
+    failed = next(line.split()[1] for line in status.splitlines() if "Failed" in line)  # Task, Name, Created, Status
+    assert "beta and weight-decay must be >= 0" in run("dvc", "queue", "logs", failed, ok=None)
+    run("dvc", "queue", "remove", "--failed")
+    assert "Failed" not in run("dvc", "queue", "status")
 
 
 def test_reference_is_recorded_relative_and_checked(policy_dir, tmp_path, monkeypatch):

@@ -5,6 +5,8 @@ with the command's own error before anything runs."""
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ SUMMARY_WITH_EVALS = {"iterations", "base_reward", "base_strict", "final_reward"
                       "strict_gain", "best_reward", "best_step", "nfe", "seconds"}
 
 
-def write_updates(folder: Path, rewards: list[float], seconds: list[tuple[float, float]] | None = None) -> Path:
+def write_updates(folder: Path, rewards: list[float], seconds: list[tuple[float, float | None]] | None = None) -> Path:
     folder.mkdir()
     for i, reward in enumerate(rewards):
         row = {**UPDATE_ROW, "reward_mean": reward}
@@ -63,20 +65,33 @@ def test_without_evaluations_or_recorded_times_the_summary_says_only_what_it_has
     summary = write_report(metrics, tmp_path / "rep")
     assert summary == {"iterations": 2, "rollout_reward_first": 0.5, "rollout_reward_last": 0.7, "nfe": 200}
     assert "seconds" not in json.loads((tmp_path / "rep/curve.json").read_text())[0]
-    assert not (tmp_path / "rep/evals.json").exists()
+    assert json.loads((tmp_path / "rep/evals.json").read_text()) == []
+
+
+def test_one_evaluation_is_base_and_final_and_ties_go_to_the_earlier(tmp_path):
+    metrics = write_updates(tmp_path / "metrics", [0.5, 0.6], [(1.0, 1.0), (1.0, None)])  # one update untimed
+    one = write_report(metrics, tmp_path / "rep1", evals={"final": write_eval(tmp_path / "e/final", 2, 0.6, 0.3)})
+    assert one["base_reward"] == one["final_reward"] == 0.6 and "reward_gain" not in one
+    assert "seconds" not in one  # not every update recorded its time: no partial sum
+    tied = write_report(metrics, tmp_path / "rep2", evals={"base": write_eval(tmp_path / "e/base", 0, 0.6, 0.1),
+                                                           "final": tmp_path / "e/final"})
+    assert (tied["best_reward"], tied["best_step"]) == (0.6, 0)
 
 
 def dvc_stages() -> dict:
     return yaml.safe_load((REPO / "dvc.yaml").read_text())
 
 
-def test_the_summary_is_the_only_metrics_file_of_the_default_run():
-    """`dvc exp show` makes a column of every field of every metrics file: one file of a dozen fields."""
+def test_the_summary_is_the_only_metrics_file_of_the_default_run(tmp_path):
+    """`dvc exp show` makes a column of every field of every metrics file: one file, a dozen fields."""
     declared = [(name, m) for name, stage in dvc_stages()["stages"].items()
                 for m in (stage.get("do", stage).get("metrics") or [])]
     assert declared == [("report", "runs/report/summary.json")]
-    columns = 2 + len(SUMMARY_WITH_EVALS) + 1  # Experiment, Created, the summary, one swept param
-    assert columns <= 15
+    metrics = write_updates(tmp_path / "metrics", [0.5] * 16, [(1.0, 1.0)] * 16)
+    evals = {name: write_eval(tmp_path / "e" / name, step, 0.5, 0.2)
+             for name, step in (("base", 0), ("it04", 4), ("it08", 8), ("it12", 12), ("final", 16))}
+    summary = write_report(metrics, tmp_path / "rep", evals=evals)  # the default run's shape
+    assert 2 + len(summary) + 1 <= 15  # Experiment, Created, the summary, one swept param
 
 
 def test_every_plot_reads_fields_the_report_writes(tmp_path):
@@ -84,65 +99,94 @@ def test_every_plot_reads_fields_the_report_writes(tmp_path):
     write_report(metrics, tmp_path / "rep", evals={"base": write_eval(tmp_path / "e/base", 0, 0.4, 0.1),
                                                    "final": write_eval(tmp_path / "e/final", 2, 0.5, 0.2)})
     plots = dvc_stages()["plots"]
-    assert len(plots) == 3
+    assert len(plots) == 4
     for plot in plots:
         (definition,) = plot.values()
         for path, fields in definition["y"].items():
             assert path.startswith("runs/report/")
             rows = json.loads((tmp_path / "rep" / Path(path).name).read_text())
             for field in [definition["x"], *([fields] if isinstance(fields, str) else fields)]:
-                assert all(field in row for row in rows), (path, field)
+                assert rows and all(field in row for row in rows), (path, field)
 
 
-def dvc_args(group: dict) -> list[str]:
-    """A params.yaml group as DVC renders ``${group}`` into a command line (lists as repeated values)."""
-    args: list[str] = []
-    for key, value in group.items():
-        for item in value if isinstance(value, list) else [value]:
-            args += [f"--{key}", str(item)]
-    return args
+def check_command(tmp_path: Path, params: dict) -> list[str]:
+    """The check stage's command line as DVC renders it from dvc.yaml with ``params``."""
+    from dvc.repo import Repo
+
+    project = tmp_path / "project"
+    (project / ".dvc").mkdir(parents=True)
+    (project / ".dvc" / "config").write_text((REPO / ".dvc" / "config").read_text().replace(
+        "[core]", "[core]\n    no_scm = true", 1))
+    (project / "dvc.yaml").write_text((REPO / "dvc.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (stage,) = Repo(str(project)).stage.collect(f"{project / 'dvc.yaml'}:check")  # a target is read from the cwd
+    args = shlex.split(stage.cmd)
+    assert args[:2] == ["tempflow", "check"]
+    return args[2:]
 
 
-def check_args(params: dict) -> list[str]:
-    args: list[str] = []
-    for command in ("pretrain", "rollout", "score", "update", "eval"):
-        args += (["+"] if args else []) + [command, *dvc_args(params[command])]
-    return args
+def test_check_covers_every_params_group_the_stages_take():
+    text = (REPO / "dvc.yaml").read_text()
+    check = dvc_stages()["stages"]["check"]["cmd"]
+    taken = set(re.findall(r"\$\{(\w+)\}", text)) - {"item", "key", "prompts", "loop", "evals"}
+    assert taken == set(re.findall(r"\$\{(\w+)\}", check)) == {"pretrain", "rollout", "score", "update", "eval"}
 
 
-def test_check_passes_the_default_params_and_writes_the_same_record_for_any_valid_values(tmp_path):
+def checked_groups(args: list[str]) -> list[str]:
+    """The rendered check command after its own options (`--out FILE --overwrite`)."""
+    return args[args.index("--overwrite") + 1:]
+
+
+def test_check_passes_the_default_params_and_records_the_same_line_for_any_valid_values(tmp_path):
+    """The record the pipeline's stages depend on reads the same for other valid values, so that a
+    sweep reruns only what its values reach."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    result = invoke("check", "--out", tmp_path / "checked.txt", *check_args(params))
+    out = tmp_path / "checked.txt"
+    result = invoke("check", "--out", out, *checked_groups(check_command(tmp_path / "a", params)))
     assert result.exit_code == 0, result.stderr
-    record = (tmp_path / "checked.txt").read_text()
+    record = out.read_text()
     assert record == "options valid: pretrain rollout score update eval\n"
-    params["update"]["beta"] = 0.04
-    again = invoke("check", "--out", tmp_path / "checked.txt", "--overwrite", *check_args(params))
-    assert again.exit_code == 0 and (tmp_path / "checked.txt").read_text() == record  # nothing downstream reruns
+    params["update"]["beta"], params["rollout"]["branches"] = 0.04, 6
+    again = invoke("check", "--out", out, "--overwrite", *checked_groups(check_command(tmp_path / "b", params)))
+    assert again.exit_code == 0 and out.read_text() == record
 
 
 @pytest.mark.parametrize("group, key, value, says", [
-    ("update", "beta", -1, "update: beta and weight-decay must be >= 0"),
-    ("rollout", "branches", 1, "rollout: tempflow compares the branches of one step: branches must be >= 2"),
-    ("score", "batch-size", 0, "Invalid value for '--batch-size': 0 is not in the range x>=1"),
-    ("eval", "per-task", 0, "Invalid value for '--per-task': 0 is not in the range x>=1"),
-    ("pretrain", "stepz", 5, "No such option '--stepz'"),
+    ("update", "beta", -1, "error: update: beta and weight-decay must be >= 0"),
+    ("rollout", "branches", 1, "error: rollout: tempflow compares the branches of one step: branches must be >= 2"),
+    ("pretrain", "steps", 0, "error: pretrain: --steps must be >= 1, got 0"),
+    ("eval", "num-steps", 0, "error: eval: --num-steps must be >= 1, got 0"),
+    ("score", "batch-size", 0, "error: Invalid value for '--batch-size': 0 is not in the range x>=1."),
+    ("pretrain", "stepz", 5, "error: No such option '--stepz'"),
 ])
-def test_check_refuses_a_bad_value_with_the_commands_own_error(tmp_path, group, key, value, says):
+def test_check_refuses_a_bad_value_with_the_commands_error(tmp_path, group, key, value, says):
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params[group][key] = value
-    result = invoke("check", "--out", tmp_path / "checked.txt", *check_args(params))
-    assert result.exit_code != 0 and says in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "checked.txt").exists()
+    out = tmp_path / "checked.txt"
+    result = invoke("check", "--out", out, *checked_groups(check_command(tmp_path, params)))
+    assert result.exit_code != 0 and result.stderr.startswith(says) and len(result.stderr.splitlines()) == 1
+    assert not out.exists()
 
 
-def test_the_command_itself_refuses_what_check_refuses(tmp_path):
-    """The same words from the stage command, so that check can stand in for it."""
+def test_the_command_itself_gives_the_same_error(tmp_path):
+    """check names the command in front of the command's own message."""
     result = invoke("update", "--policy", tmp_path / "p", "--rollout", tmp_path / "r", "--rewards", tmp_path / "s.parquet",
                     "--out", tmp_path / "new", "--beta", "-1")
-    assert result.exit_code == 1 and "beta and weight-decay must be >= 0" in result.stderr
+    assert result.exit_code == 1 and result.stderr == "error: beta and weight-decay must be >= 0\n"
+    checked = invoke("check", "update", "--beta", "-1")
+    assert checked.stderr == "error: update: beta and weight-decay must be >= 0\n"
+
+
+def test_check_leaves_its_own_options_and_help_out_of_the_commands(tmp_path):
+    """Options after COMMAND are that command's: rollout's --out is not check's, and --help there is refused."""
+    out = tmp_path / "checked.txt"
+    result = invoke("check", "rollout", "--out", out, "--branches", "4")
+    assert result.exit_code == 0 and not out.exists()
+    helped = invoke("check", "rollout", "--help")
+    assert helped.exit_code == 2 and "see `tempflow rollout --help`" in helped.stderr
 
 
 def test_check_needs_a_command_before_its_options():
-    result = invoke("check", "--beta", "0.1")
-    assert result.exit_code == 2 and "expected one of pretrain, rollout, score, update, eval" in result.stderr
+    for args in (("--beta", "0.1"), ("rollout", "+", "--beta", "0.1")):
+        result = invoke("check", *args)
+        assert result.exit_code == 2 and "expected one of pretrain, rollout, score, update, eval" in result.stderr
