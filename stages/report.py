@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import re
-from pathlib import Path
 from itertools import accumulate
+from pathlib import Path
 from typing import Any
 
 from stages.artifacts import atomic_output, read_json, write_json

@@ -661,7 +661,6 @@ def _plan_metrics(plan: Plan, manifest: dict[str, Any], config: UpdateConfig) ->
     }
 
 
-
 def _check_sampled_by(rollout: Rollout, record: PolicyRecord, policy_dir: Path) -> None:
     sampled_by = rollout.manifest["policy"]["identity"]
     if sampled_by != record.identity:
