@@ -5,6 +5,7 @@ Everything is small so the suite runs in minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -56,6 +57,22 @@ def make_rollout(policy_dir: Path, out: Path, prompts=PROMPTS, **overrides) -> P
     run_rollout(policy, list(prompts), small_rollout_config(**overrides), out,
                 {"identity": record.identity, "path": str(policy_dir)})
     return out
+
+
+UPDATE_ROW = {"reward_std": 0.1, "loss": 0.0, "policy_loss": 0.0, "kl": 0.01, "clip_fraction": 0.0, "grad_norm": 1.0,
+              "trained_samples": 10, "skipped_samples": 0, "rollout_nfe": 100}
+
+
+def write_updates(folder: Path, rewards: list[float], seconds: list[tuple[float, float | None]] | None = None) -> Path:
+    """``itNN.json`` update metrics with the fields the report reads, one per reward (each update's
+    rollout reward), with the rollout's and the update's seconds when given."""
+    folder.mkdir()
+    for i, reward in enumerate(rewards):
+        row = {**UPDATE_ROW, "reward_mean": reward}
+        if seconds is not None:
+            row.update(rollout_seconds=seconds[i][0], update_seconds=seconds[i][1])
+        (folder / f"it{i + 1:02d}.json").write_text(json.dumps(row))
+    return folder
 
 
 def invoke(*args: str):

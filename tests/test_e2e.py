@@ -208,15 +208,20 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
+def _runner(work: Path, env: dict[str, str]):
+    """``run(*cmd, ok=True)`` in ``work``: its output, after checking it succeeded (ok=False: failed;
+    None: either)."""
+    def run(*cmd: str, ok: bool | None = True) -> str:
+        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
+        assert ok is None or (proc.returncode == 0) == ok, proc.stdout + proc.stderr
+        return proc.stdout + proc.stderr
+    return run
+
+
 def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
     """dvc repro on a copy of the project's dvc.yaml runs every stage; a second repro runs none."""
     work = _project_copy(tmp_path)
-    env = _env()
-
-    def run(*cmd: str) -> str:
-        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        return proc.stdout + proc.stderr
+    run = _runner(work, _env())
 
     run("git", "init", "-q")
     first = run("dvc", "repro")
@@ -246,13 +251,8 @@ def test_a_bad_params_value_fails_the_experiment_in_its_first_stage(tmp_path):
     params.yaml stays, as DVC leaves it); from the queue the experiment is listed as failed, and
     `dvc queue remove --failed` deletes it."""
     work = _project_copy(tmp_path)
-    env = {**_env(), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}  # DVC commits and stashes through git: a machine may have no identity
-
-    def run(*cmd: str, ok: bool | None = True) -> str:
-        proc = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True)
-        assert ok is None or (proc.returncode == 0) == ok, proc.stdout + proc.stderr
-        return proc.stdout + proc.stderr
+    run = _runner(work, {**_env(), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                         "GIT_COMMITTER_EMAIL": "t@t"})  # DVC commits and stashes through git: a machine may have no identity
 
     for cmd in (("git", "init", "-q"), ("git", "add", "-A"), ("git", "commit", "-qm", "project")):
         run(*cmd)

@@ -13,23 +13,11 @@ import pytest
 import yaml
 
 from stages.report import write_report
-from tests.conftest import invoke
+from tests.conftest import invoke, write_updates
 
 REPO = Path(__file__).resolve().parents[1]
-UPDATE_ROW = {"reward_std": 0.1, "loss": 0.0, "policy_loss": 0.0, "kl": 0.01, "clip_fraction": 0.0, "grad_norm": 1.0,
-              "trained_samples": 10, "skipped_samples": 0, "rollout_nfe": 100}
 SUMMARY_WITH_EVALS = {"iterations", "base_reward", "base_strict", "final_reward", "final_strict", "reward_gain",
                       "strict_gain", "best_reward", "best_step", "nfe", "seconds"}
-
-
-def write_updates(folder: Path, rewards: list[float], seconds: list[tuple[float, float | None]] | None = None) -> Path:
-    folder.mkdir()
-    for i, reward in enumerate(rewards):
-        row = {**UPDATE_ROW, "reward_mean": reward}
-        if seconds is not None:
-            row.update(rollout_seconds=seconds[i][0], update_seconds=seconds[i][1])
-        (folder / f"it{i + 1:02d}.json").write_text(json.dumps(row))
-    return folder
 
 
 def write_eval(folder: Path, step: int, reward: float, strict: float) -> Path:

@@ -21,7 +21,7 @@ from stages.pretrain import (
     run_pretrain,
     world_batch,
 )
-from tests.conftest import invoke
+from tests.conftest import invoke, write_updates
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -153,12 +153,7 @@ def test_report_compares_base_and_final_evals(pretrained, tmp_path):
     config = EvalConfig(num_steps=2, images_per_prompt=1)
     run_eval(pretrained, ["a red circle", "two blue squares"], tmp_path / "base", config)
     run_eval(pretrained, ["a red circle", "two blue squares"], tmp_path / "final", config)
-    metrics = tmp_path / "metrics"
-    metrics.mkdir()
-    row = {"reward_mean": 0.5, "reward_std": 0.1, "loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0,
-           "grad_norm": 1.0, "trained_samples": 10, "skipped_samples": 0, "rollout_nfe": 100}
-    for i in (1, 2):
-        (metrics / f"it0{i}.json").write_text(json.dumps({**row, "reward_mean": 0.5 + 0.1 * i}))
+    metrics = write_updates(tmp_path / "metrics", [0.6, 0.7])
     result = invoke("report", "--metrics-dir", metrics, "--eval", f"base={tmp_path / 'base'}",
                     "--eval", f"final={tmp_path / 'final'}", "--out", tmp_path / "rep")
     assert result.exit_code == 0, result.stderr
@@ -177,12 +172,7 @@ def test_the_shipped_train_prompts_are_the_world_train_split():
 def test_report_takes_an_eval_dir_in_the_order_of_policy_steps(pretrained, tmp_path):
     """--eval-dir reads every eval folder in it and orders them by the step of the policy each
     measured, whatever their names: the first is the before, the last the after."""
-    evals, metrics = tmp_path / "evals", tmp_path / "metrics"
-    metrics.mkdir()
-    row = {"reward_mean": 0.5, "reward_std": 0.1, "loss": 0.0, "policy_loss": 0.0, "kl": 0.0, "clip_fraction": 0.0,
-           "grad_norm": 1.0, "trained_samples": 10, "skipped_samples": 0, "rollout_nfe": 100}
-    for i in (1, 2):
-        (metrics / f"it0{i}.json").write_text(json.dumps(row))
+    evals, metrics = tmp_path / "evals", write_updates(tmp_path / "metrics", [0.5, 0.5])
     config = EvalConfig(num_steps=2, images_per_prompt=1)
     for name, step, reward in (("final", 2, 0.75), ("base", 0, 0.25), ("mid", 1, 0.5)):
         run_eval(pretrained, ["a red circle"], evals / name, config)
