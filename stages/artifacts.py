@@ -996,6 +996,12 @@ def read_scores(path: Path | str) -> tuple[dict[str, np.ndarray], dict[str, Any]
     return columns, meta
 
 
+def reward_column(name: str) -> str:
+    """The scores column suffix of reward ``name`` (``reward_<suffix>``): ``module:function`` becomes
+    ``module.function``."""
+    return name.replace(":", ".")
+
+
 def _check_weighted_sum(columns: dict[str, np.ndarray], meta: dict[str, Any], path: Path) -> None:
     """``reward`` must be the weighted sum of the components the metadata names: an edited column
     would otherwise train on a reward nobody asked for."""
@@ -1006,7 +1012,7 @@ def _check_weighted_sum(columns: dict[str, np.ndarray], meta: dict[str, Any], pa
         raise TempflowError(f"{path}: scores metadata lists no rewards with weights; re-run `tempflow score`")
     total = np.zeros_like(columns["reward"])
     for reward in rewards:
-        column = "reward_" + reward["name"].replace(":", ".")
+        column = "reward_" + reward_column(reward["name"])
         if column not in columns:
             raise TempflowError(f"{path}: the metadata names reward {reward['name']} but there is no {column} column")
         total += reward["weight"] * columns[column]

@@ -1,9 +1,13 @@
-"""Evaluation in the shapes world: deterministic ODE sampling, the ``shapes`` reward, a captioned grid.
+"""Evaluation of any policy on any prompts: deterministic ODE sampling, the rewards asked for, a captioned grid.
 
 Sampling is the probability-flow ODE (no noise after the seeded start), usually with more steps than
 training, so two evaluations of one policy agree exactly and a change between policies is the
-policy's. ``metrics.json`` holds the mean reward (fraction of requirements met), strict accuracy
-(all met, GenEval's measure), both per task type; ``results.jsonl`` holds every image's verdict.
+policy's: the i-th image of a prompt starts from the same noise for every policy. ``metrics.json``
+holds the mean, standard deviation and standard error of every reward component and of their
+weighted total; with the shapes world's reward (the default) also strict accuracy (all requirements
+met, GenEval's measure) and both per task type. ``results.jsonl`` holds every image's scores.
+Rewards the policy was not trained on (a held-out "gold" reward) are scored the same way, so
+``tempflow report`` can draw them beside the trained one.
 """
 
 from __future__ import annotations
@@ -18,11 +22,16 @@ import torch
 
 from stages.artifacts import atomic_output, check_out_free, write_json
 from stages.errors import TempflowError
-from stages.flow import make_sigmas, ode_step
-from stages.policies import Policy, load_policy, read_policy_record
-from stages.limits import check_at_most, check_seed
+from stages.flow import ode_step
+from stages.limits import check_at_most, check_sampling, check_seed
+from stages.policies import Policy, load_policy, read_policy_record, with_negative
 from stages.progress import Progress, no_progress
+from stages.rewards import RewardRuntime, RewardSpec, load_rewards, plan_rewards, score_batch
 from stages.rollout import derive_seed, seeded_normal
+
+SHAPES_REWARDS = ("shapes", "shapes_strict")
+"""Rewards of the shapes world: with one of them, prompts must follow its grammar and the verdicts
+(strict accuracy, per task, per requirement) are written too."""
 
 SPLITS = {
     "heldout": "pairings and compositions never trained on",
@@ -46,6 +55,12 @@ class EvalConfig:
     """Images per forward pass."""
     grid_prompts: int = 24
     """Prompts shown in grid.png (first image of each, spread over the task types)."""
+    resolution: int = 0
+    """Image side in pixels, as for rollout; 0: the model's own."""
+    guidance_scale: float = 0.0
+    """Guidance, as for rollout; 0: the kind's default (sd3: CFG 4.5; FLUX dev-shaped: 3.5; tiny: none)."""
+    negative_prompt: str = ""
+    """The unconditional prompt of sd3's classifier-free guidance, as for rollout."""
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "images_per_prompt", "batch_size"):
@@ -59,17 +74,20 @@ class EvalConfig:
         check_at_most("images-per-prompt", self.images_per_prompt, 1024, "every image is sampled, kept and scored")
         check_at_most("batch-size", self.batch_size, 65536, "one forward pass would hold that many states and activations")
         check_at_most("grid-prompts", self.grid_prompts, 1024, "grid.png draws one tile per prompt")
+        check_sampling(self.resolution, self.guidance_scale, self.negative_prompt)
 
 
 @torch.no_grad()
 def sample_ode(policy: Policy, prompts: list[str], seeds: list[int], config: EvalConfig,
                progress: Progress = no_progress) -> np.ndarray:
-    """One image per ``(prompt, seed)`` pair, uint8 ``(N, H, W, 3)``, by Euler steps of the ODE."""
-    sigmas = make_sigmas(config.num_steps, config.shift)
+    """One image per ``(prompt, seed)`` pair, uint8 ``(N, H, W, 3)``, by Euler steps of the ODE on the
+    policy's own schedule (with its guidance, configured by :meth:`Policy.configure_sampling`)."""
+    sigmas = policy.sigmas(config.num_steps, config.shift)
+    negative = policy.encode([policy.negative_prompt]) if policy.negative_prompt is not None else None
     images = []
     for lo in range(0, len(prompts), config.batch_size):
         batch, batch_seeds = prompts[lo:lo + config.batch_size], seeds[lo:lo + config.batch_size]
-        cond = policy.encode(batch)
+        cond = with_negative(policy.encode(batch), negative)
         x = seeded_normal(policy.sample_shape, batch_seeds).to(policy.device)  # (B, C, H, W)
         for i in range(config.num_steps):
             v = policy.velocity(x, sigmas[i].expand(len(batch)).to(x.device), cond)
@@ -86,17 +104,17 @@ def _per_task(rows: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     tasks: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
         tasks.setdefault(row["task"], []).append(row)
-    return {task: {"reward": float(np.mean([r["reward"] for r in group])),
+    return {task: {"reward": float(np.mean([r["met"] for r in group])),
                    "strict": float(np.mean([r["strict"] for r in group])), "images": len(group)}
             for task, group in sorted(tasks.items())}
 
 
 def _grid_indices(rows: list[dict[str, Any]], count: int) -> list[int]:
-    """The first image of up to ``count`` prompts, taken round-robin across task types."""
+    """The first image of up to ``count`` prompts, taken round-robin across task types (if any)."""
     by_task: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         if row["image"] == 0:
-            by_task.setdefault(row["task"], []).append(i)
+            by_task.setdefault(row.get("task", ""), []).append(i)
     picked, queues = [], [q for _, q in sorted(by_task.items())]
     while len(picked) < count and any(queues):
         for queue in queues:
@@ -111,56 +129,108 @@ class EvalResult:
 
 
 def run_eval(policy_dir: Path, prompts: list[str], out: Path, config: EvalConfig, device: str = "cpu",
-             progress: Progress = no_progress, overwrite: bool = False, source: str = "") -> EvalResult:
-    """Sample ``prompts`` with the policy at ``policy_dir``, score them, write ``out/`` (metrics.json,
-    results.jsonl, grid.png)."""
+             progress: Progress = no_progress, overwrite: bool = False, source: str = "",
+             rewards: list[RewardSpec | str] | None = None, runtime: RewardRuntime | None = None,
+             dtype: str = "fp32", save_images: bool = False) -> EvalResult:
+    """Sample ``prompts`` with the policy at ``policy_dir``, score them with ``rewards`` (default: the
+    shapes world's), write ``out/`` (metrics.json, results.jsonl, grid.png, and images/ with
+    ``save_images``)."""
     from stages import shapes
-    from stages.plots import image_grid
 
     out = Path(out)
     check_out_free(out, overwrite, (policy_dir,))
-    scenes = [shapes.parse_prompt(p) for p in prompts]  # refuses prompts outside the world, before sampling
-    kind = read_policy_record(policy_dir).kind
-    if kind != "tiny":
-        raise TempflowError(f"{policy_dir}: tempflow eval measures policies of the shapes world; a {kind} policy "
-                            "draws other images: score its rollouts with `tempflow score` instead")
-    policy, record = load_policy(policy_dir, device)
+    specs = plan_rewards(rewards or ["shapes"])
+    world = any(s.name in SHAPES_REWARDS for s in specs)
+    scenes = _shapes_scenes(prompts, source) if world else None  # refuses prompts outside the world, before sampling
+    read_policy_record(policy_dir)
+    fns = load_rewards(specs, runtime or RewardRuntime(device=device))  # a bad reward folder fails before sampling
+    policy, record = load_policy(policy_dir, device, dtype)
+    sampling = policy.configure_sampling(config.resolution, config.guidance_scale, config.negative_prompt)
     pairs = [(p, i) for p in range(len(prompts)) for i in range(config.images_per_prompt)]
     seeds = [derive_seed("eval", config.seed, i, prompts[p]) for p, i in pairs]
     began = time.perf_counter()
     images = sample_ode(policy, [prompts[p] for p, _ in pairs], seeds, config, progress)
     seconds = time.perf_counter() - began
+    components = _score(specs, fns, images, [prompts[p] for p, _ in pairs], config.batch_size)
+    total = components @ np.asarray([s.weight for s in specs])
 
     rows = []
-    for (p, i), image in zip(pairs, images):
-        verdict = shapes.check(image, scenes[p])
-        rows.append({"prompt": prompts[p], "task": scenes[p].task, "image": i, "reward": verdict.score, "clean": verdict.clean,
-                     "strict": bool(verdict.strict),
-                     "requirements": dict(zip(shapes.requirements(scenes[p]), map(bool, verdict.met)))})
+    for n, ((p, i), image) in enumerate(zip(pairs, images)):
+        row = {"prompt": prompts[p], "image": i, "reward": float(total[n]),
+               "rewards": {s.column: float(components[n, j]) for j, s in enumerate(specs)}}
+        if scenes is not None:
+            verdict = shapes.check(image, scenes[p])
+            row.update({"task": scenes[p].task, "met": verdict.score, "clean": verdict.clean, "strict": bool(verdict.strict),
+                        "requirements": dict(zip(shapes.requirements(scenes[p]), map(bool, verdict.met)))})
+        if save_images:
+            row["file"] = f"images/{n:05d}.png"
+        rows.append(row)
     metrics = {
-        "policy": {"path": str(policy_dir), "identity": record.identity, "step": record.step},
+        "policy": {"path": str(policy_dir), "identity": record.identity, "step": record.step, "kind": record.kind},
         "prompts_source": source, "prompts": len(prompts), "images": len(rows), "config": asdict(config),
-        "nfe": len(rows) * config.num_steps, "sampling_seconds": seconds,
-        "reward": float(np.mean([r["reward"] for r in rows])),
-        "strict": float(np.mean([r["strict"] for r in rows])),
-        "per_task": _per_task(rows),
+        "sampling": sampling, "dtype": dtype, "nfe": len(rows) * config.num_steps, "sampling_seconds": seconds,
+        **{f"reward{'' if k == 'mean' else '_' + k}": v for k, v in _stats(total).items()}, "rewards": {s.column: {"name": s.name, "weight": s.weight, **({"source": s.source} if s.source else {}),
+                                                **_stats(components[:, j])} for j, s in enumerate(specs)},
     }
-    shown = _grid_indices(rows, config.grid_prompts)
+    if scenes is not None:
+        metrics.update({"strict": float(np.mean([r["strict"] for r in rows])), "per_task": _per_task(rows)})
+    _write_eval(out, overwrite, policy_dir, metrics, rows, images, config.grid_prompts, save_images)
+    return EvalResult(metrics=metrics)
+
+
+def _shapes_scenes(prompts: list[str], source: str) -> list[Any]:
+    from stages import shapes
+
+    scenes = []
+    for line, prompt in enumerate(prompts, 1):
+        try:
+            scenes.append(shapes.parse_prompt(prompt))
+        except TempflowError as err:
+            raise TempflowError(f"{source + ': ' if source else ''}prompt {line}: {err}; the shapes reward scores the shapes world's prompts only, "
+                                "so name another reward for these (e.g. --reward pickscore)") from None
+    return scenes
+
+
+def _score(specs: list[RewardSpec], fns: list[Any], images: np.ndarray, prompts: list[str], batch: int) -> np.ndarray:
+    """``(N, R)``: every component of every image, in batches."""
+    keys = [f"image {n}" for n in range(len(images))]
+    return np.concatenate([score_batch(specs, fns, images[lo:lo + batch], prompts[lo:lo + batch], keys[lo:lo + batch])
+                           for lo in range(0, len(images), batch)])
+
+
+def _stats(values: np.ndarray) -> dict[str, float]:
+    """Mean, standard deviation (n - 1) and the standard error of the mean."""
+    n = len(values)
+    std = float(np.std(values, ddof=1)) if n > 1 else 0.0
+    return {"mean": float(np.mean(values)), "std": std, "se": std / np.sqrt(n)}
+
+
+def _write_eval(out: Path, overwrite: bool, policy_dir: Path, metrics: dict[str, Any], rows: list[dict[str, Any]],
+                images: np.ndarray, grid_prompts: int, save_images: bool) -> None:
+    from PIL import Image
+
+    from stages.plots import image_grid
+
+    shown = _grid_indices(rows, grid_prompts)
     with atomic_output(out, overwrite=overwrite, inputs=(policy_dir,)) as tmp:
         tmp.mkdir()
         write_json(tmp / "metrics.json", metrics)
         with open(tmp / "results.jsonl", "w") as f:
             f.writelines(_json_line(row) for row in rows)
         if shown:
-            captions = [_caption(rows[i]) for i in shown]
-            image_grid(images[shown], captions).save(tmp / "grid.png")
-    return EvalResult(metrics=metrics)
+            image_grid(images[shown], [_caption(rows[i]) for i in shown]).save(tmp / "grid.png")
+        if save_images:
+            (tmp / "images").mkdir()
+            for row, image in zip(rows, images):
+                Image.fromarray(image).save(tmp / row["file"])
 
 
 def _caption(row: dict[str, Any]) -> str:
-    """The prompt and its verdict: ``ok`` when every requirement is met, else the fraction met."""
-    verdict = "ok" if row["strict"] else f"{row['reward']:.2f}"
-    return f"{row['prompt']} [{verdict}]"
+    """The prompt and its verdict: in the shapes world ``ok`` when every requirement is met, else the
+    fraction met; elsewhere the total reward."""
+    if "strict" in row:
+        return f"{row['prompt']} [{'ok' if row['strict'] else format(row['met'], '.2f')}]"
+    return f"{row['prompt']} [{row['reward']:.3g}]"
 
 
 def _json_line(row: dict[str, Any]) -> str:
@@ -174,14 +244,8 @@ def read_eval_prompts(prompts_file: Path | None, split: str, per_task: int, seed
     from stages import shapes
     from stages.prompts import read_prompts
 
-    if prompts_file is not None:
-        prompts = read_prompts(prompts_file)
-        for line, prompt in enumerate(prompts, 1):
-            try:
-                shapes.parse_prompt(prompt)
-            except TempflowError as err:
-                raise TempflowError(f"{prompts_file}: prompt {line}: {err}") from None
-        return prompts, str(prompts_file)
+    if prompts_file is not None:  # any text; the shapes reward checks its grammar (run_eval)
+        return read_prompts(prompts_file), str(prompts_file)
     if split not in SPLITS:
         raise TempflowError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
     return shapes.eval_prompts(split, per_task=per_task, seed=seed), f"shapes:{split}:{per_task}-per-task"

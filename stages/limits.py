@@ -39,3 +39,13 @@ def check_seed(option: str, seed: int) -> None:
     """Seeds feed ``torch.manual_seed`` and numpy's generators: 0 .. 2**63 - 1."""
     if not 0 <= seed < 2**63:
         raise TempflowError(f"--{option} {seed} is not a seed: use a whole number from 0 to 2**63 - 1")
+
+
+def check_sampling(resolution: int, guidance_scale: float, negative_prompt: str) -> None:
+    """The sampling options rollout and eval share: image side, guidance, the negative prompt."""
+    check_at_most("resolution", resolution, 8192, "one latent state alone would fill a GPU")
+    if resolution < 0:
+        raise TempflowError(f"--resolution must be >= 0, 0 meaning the model's own (got {resolution})")
+    if not (math.isfinite(guidance_scale) and 0 <= guidance_scale <= 100):
+        raise TempflowError(f"--guidance-scale {guidance_scale:g} must lie in [0, 100] (0: the kind's default)")
+    check_at_most("negative-prompt", len(negative_prompt), 10000, "characters make a prompt no tokenizer keeps")

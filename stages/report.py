@@ -50,15 +50,18 @@ def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
 
 
 def read_evals(evals: dict[str, Path]) -> dict[str, dict[str, Any]]:
-    """``name -> metrics.json`` of ``tempflow eval`` folders, reduced to what a report compares."""
+    """``name -> metrics.json`` of ``tempflow eval`` folders, reduced to what a report compares: the
+    total reward, each component's mean and image std, and in the shapes world strict accuracy."""
     out = {}
     for name, folder in evals.items():
         metrics = read_json(Path(folder) / "metrics.json", "the metrics.json of `tempflow eval`")
         if not _is_eval_metrics(metrics):
             raise TempflowError(f"{folder}/metrics.json: not eval metrics (written by `tempflow eval`)")
-        out[name] = {"reward": metrics["reward"], "strict": metrics["strict"], "step": metrics["policy"]["step"],
+        components = metrics.get("rewards") or {}
+        out[name] = {"reward": metrics["reward"], "strict": metrics.get("strict"), "step": metrics["policy"]["step"],
                      "identity": metrics["policy"].get("identity"),
-                     "per_task": {t: v["strict"] for t, v in metrics["per_task"].items()}}
+                     "per_task": {t: v["strict"] for t, v in metrics.get("per_task", {}).items()},
+                     "components": {c: (v["mean"], v["std"]) for c, v in components.items()}}
     return out
 
 
@@ -67,13 +70,17 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_eval_metrics(metrics: Any) -> bool:
-    """The fields a report reads, of the types `tempflow eval` writes."""
-    if not isinstance(metrics, dict) or not {"reward", "strict", "per_task", "policy"} <= set(metrics):
+    """The fields a report reads, of the types `tempflow eval` writes (strict and per task in the
+    shapes world only; each component's mean and std from the evals that score several rewards)."""
+    if not isinstance(metrics, dict) or not {"reward", "policy"} <= set(metrics):
         return False
-    policy, per_task = metrics["policy"], metrics["per_task"]
-    return (_is_number(metrics["reward"]) and _is_number(metrics["strict"]) and isinstance(policy, dict)
-            and isinstance(policy.get("step"), int) and isinstance(per_task, dict)
-            and all(isinstance(v, dict) and _is_number(v.get("strict")) for v in per_task.values()))
+    policy, per_task, components = metrics["policy"], metrics.get("per_task", {}), metrics.get("rewards", {})
+    return (_is_number(metrics["reward"]) and ("strict" not in metrics or _is_number(metrics["strict"]))
+            and isinstance(policy, dict) and isinstance(policy.get("step"), int) and isinstance(per_task, dict)
+            and all(isinstance(v, dict) and _is_number(v.get("strict")) for v in per_task.values())
+            and isinstance(components, dict)
+            and all(isinstance(v, dict) and _is_number(v.get("mean")) and _is_number(v.get("std"))
+                    for v in components.values()))
 
 
 def eval_folders(folder: Path) -> dict[str, Path]:
@@ -98,14 +105,16 @@ def eval_folders(folder: Path) -> dict[str, Path]:
 def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
                  evals: dict[str, Path] | None = None) -> dict[str, Any]:
     """curve.json (one row per update), evals.json (one row per evaluation of ``evals``, e.g.
-    ``{"base": ..., "final": ...}`` from before to after; empty without), curve.png and summary.json,
+    ``{"base": ..., "final": ...}`` from before to after; empty without), curve.png, rewards.png (each
+    reward component the evaluations scored, trained and held out, on one plot) and summary.json,
     which compares the first and the last evaluation. The summary is what `dvc exp show` lists, so it holds
     the loop's few headline figures only; everything per iteration is in the two curves (`dvc plots`)."""
     from stages.plots import line_chart
 
     if not Path(metrics_dir).is_dir():
         raise TempflowError(f"--metrics-dir {metrics_dir}: no such folder; give the folder `tempflow update --metrics` wrote into")
-    rows = build_curve(list(Path(metrics_dir).glob("*.json")))
+    files = list(Path(metrics_dir).glob("*.json"))
+    rows = build_curve(files)
     evaluated = read_evals(evals or {})
     points = eval_points(rows, evaluated)
     summary = summarise(rows, points)
@@ -115,15 +124,32 @@ def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
         write_json(tmp / "evals.json", points)
         write_json(tmp / "summary.json", summary)
         _draw_curve(tmp / "curve.png", rows, points, line_chart)
+        _draw_rewards(tmp / "rewards.png", points, evaluated, trained_rewards(files), line_chart)
     return summary
+
+
+def trained_rewards(metrics_files: list[Path]) -> set[str]:
+    """The reward components any update trained toward (``trained_rewards`` of its metrics)."""
+    found: set[str] = set()
+    for path in metrics_files:
+        names = read_json(path, "a metrics.json written by `tempflow update`").get("trained_rewards", [])
+        if isinstance(names, list):
+            found.update(n for n in names if isinstance(n, str))
+    return found
 
 
 def eval_points(rows: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per evaluation, in the given order: its policy's step and the rollout NFE spent before
     that policy (step s has trained on s rollouts)."""
     spent = [0] + [r["nfe"] for r in rows]
-    return [{"name": name, "step": m["step"], "nfe": spent[min(m["step"], len(rows))],
-             "reward": m["reward"], "strict": m["strict"]} for name, m in evaluated.items()]
+    points = []
+    for name, m in evaluated.items():
+        point = {"name": name, "step": m["step"], "nfe": spent[min(m["step"], len(rows))], "reward": m["reward"]}
+        if m["strict"] is not None:
+            point["strict"] = m["strict"]
+        point.update({f"reward_{c}": mean for c, (mean, _) in m["components"].items()})
+        points.append(point)
+    return points
 
 
 def summarise(rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> dict[str, Any]:
@@ -137,10 +163,13 @@ def summarise(rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> dict[
     if points:
         first, last = points[0], points[-1]
         best = max(points, key=lambda p: p["reward"])  # the earliest of equals
-        summary.update({"base_reward": first["reward"], "base_strict": first["strict"],
-                        "final_reward": last["reward"], "final_strict": last["strict"]})
+        strict = all("strict" in p for p in points)  # the shapes world's evaluations
+        summary.update({"base_reward": first["reward"], **({"base_strict": first["strict"]} if strict else {}),
+                        "final_reward": last["reward"], **({"final_strict": last["strict"]} if strict else {})})
         if len(points) >= 2:
-            summary.update({"reward_gain": last["reward"] - first["reward"], "strict_gain": last["strict"] - first["strict"]})
+            summary["reward_gain"] = last["reward"] - first["reward"]
+            if strict:
+                summary["strict_gain"] = last["strict"] - first["strict"]
         summary.update({"best_reward": best["reward"], "best_step": best["step"]})
     else:
         summary.update({"rollout_reward_first": rows[0]["reward_mean"], "rollout_reward_last": rows[-1]["reward_mean"]})
@@ -159,6 +188,26 @@ def _draw_curve(path: Path, rows: list[dict[str, Any]], points: list[dict[str, A
     if points:
         at = [p["nfe"] for p in points]
         series["eval reward (ODE)"] = (at, [p["reward"] for p in points])
-        series["eval strict accuracy (ODE)"] = (at, [p["strict"] for p in points])
+        if all("strict" in p for p in points):
+            series["eval strict accuracy (ODE)"] = (at, [p["strict"] for p in points])
     line_chart(path, series, xlabel="forward passes (NFE) spent on rollouts", ylabel="mean reward / accuracy",
                title="reward across the loop")
+
+
+def _draw_rewards(path: Path, points: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]], trained: set[str],
+                  line_chart: Any) -> None:
+    """Each component the evaluations scored, as its change from the first evaluation in units of
+    that evaluation's image standard deviation (so rewards of any scale share one axis), labelled
+    trained or held out: a trained reward that rises while a held-out one falls is reward hacking."""
+    first = next(iter(evaluated.values()))["components"] if evaluated else {}
+    series: dict[str, Any] = {}
+    for column, (mean0, std0) in first.items():
+        if not all(column in m["components"] for m in evaluated.values()):
+            continue
+        scale = std0 if std0 > 0 else 1.0
+        label = f"{column} ({'trained' if column in trained else 'held out'})"
+        series[label] = ([p["nfe"] for p in points], [(m["components"][column][0] - mean0) / scale for m in evaluated.values()])
+    if not series:  # drawn anyway, so that the file a pipeline declares is always there
+        series["(no evaluation scored reward components)"] = ([], [])
+    line_chart(path, series, xlabel="forward passes (NFE) spent on rollouts",
+               ylabel="change from the first evaluation (its image std)", title="trained and held-out rewards")

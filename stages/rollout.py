@@ -55,7 +55,7 @@ from stages.flow import (
     systematic_sample,
 )
 from stages.policies import Cond, Policy, dtype_name, index_cond, with_negative
-from stages.limits import check_at_most, check_memory, check_seed
+from stages.limits import check_at_most, check_memory, check_sampling, check_seed
 from stages.progress import Progress, no_progress
 
 ALGORITHMS = {
@@ -169,12 +169,7 @@ class RolloutConfig:
         check_at_most("finish-steps", self.finish_steps, 1000, "a finish never has more steps than the schedule")
         check_at_most("samples-per-shard", self.samples_per_shard, 10**6, "a shard is written and hashed whole")
         check_at_most("prompts-per-rollout", self.prompts_per_rollout, 10**7, "every prompt's embedding is held in memory")
-        check_at_most("resolution", self.resolution, 8192, "one latent state alone would fill a GPU")
-        if self.resolution < 0:
-            raise TempflowError(f"--resolution must be >= 0, 0 meaning the model's own (got {self.resolution})")
-        if not (math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= 100):
-            raise TempflowError(f"--guidance-scale {self.guidance_scale:g} must lie in [0, 100] (0: the kind's default)")
-        check_at_most("negative-prompt", len(self.negative_prompt), 10000, "characters make a prompt no tokenizer keeps")
+        check_sampling(self.resolution, self.guidance_scale, self.negative_prompt)
 
     def step_plan(self, sigmas: Tensor | None = None, spread: list[float | None] | None = None) -> StepPlan:
         """The steps this rollout trains: tempflow's branch set B, flow-grpo's SDE steps. Drawn ones

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +10,7 @@ import numpy as np
 from stages.artifacts import Rollout, atomic_output, check_meta, check_out_free, check_rewards, write_scores
 from stages.errors import TempflowError
 from stages.progress import Progress, no_progress
-from stages.rewards import RewardSpec, call_reward, resolve_reward
+from stages.rewards import RewardRuntime, RewardSpec, load_rewards, plan_rewards, score_batch
 
 
 @dataclass
@@ -28,21 +28,20 @@ def run_score(
     batch_size: int = 64,
     progress: Progress = no_progress,
     overwrite: bool = False,
+    runtime: RewardRuntime = RewardRuntime(),
 ) -> ScoreResult:
     """Score every image of ``rollout`` with each reward of ``specs``; write ``out`` (parquet) atomically.
 
     Samples that share a trajectory's image (``image_key`` in their meta) get that image's rewards.
+    ``runtime`` says where model rewards run and how long a remote one may take.
     """
     check_out_free(out, overwrite, inputs=(rollout,), kind="file")
-    if not specs:
-        raise TempflowError("no reward given; pass --reward NAME[:WEIGHT] at least once")
-    if len({s.column for s in specs}) != len(specs):
-        raise TempflowError("the same reward is given twice; give each --reward once, with a weight")
+    specs = plan_rewards(specs)
     if batch_size < 1:
         raise TempflowError(f"batch-size must be >= 1 (got {batch_size})")
     rollout = Path(rollout)
     with Rollout(rollout) as opened:
-        fns = [resolve_reward(s) for s in specs]
+        fns = load_rewards(specs, runtime)
         keys, image_of, scored = _score_images(opened, specs, fns, batch_size, progress)
         manifest_sha256 = opened.manifest_sha256
 
@@ -52,7 +51,7 @@ def run_score(
     check_rewards(total, keys, f"the weighted total of {', '.join(s.name for s in specs)}")
     columns = {s.column: components[:, i] for i, s in enumerate(specs)}
     meta = {
-        "rewards": [asdict(s) for s in specs],
+        "rewards": [s.record() for s in specs],
         "rollout": str(rollout),
         "rollout_manifest_sha256": manifest_sha256,
     }
@@ -80,8 +79,7 @@ def _score_images(rollout: Rollout, specs: list[RewardSpec], fns: list, batch_si
         images = np.stack([img for _, img, _ in batch])
         prompts = [p for _, _, p in batch]
         batch_keys = [k for k, _, _ in batch]
-        values = np.stack([call_reward(s, fn, images, prompts, batch_keys) for s, fn in zip(specs, fns)], axis=1)
-        scored.update(zip(batch_keys, values))
+        scored.update(zip(batch_keys, score_batch(specs, fns, images, prompts, batch_keys)))
         progress("score", len(batch), manifest["samples"])
         batch.clear()
 

@@ -34,9 +34,10 @@ from stages.artifacts import (
     check_out_free,
     load_safetensors,
     read_json,
-    read_scores,
     read_rollout_seconds,
+    read_scores,
     read_step_spread,
+    reward_column,
     seed_group,
     write_json,
 )
@@ -150,6 +151,9 @@ class Plan:
     groups: int
     step_spread: list[float | None] | None = None
     """Per step of ``0..T-2``, :func:`step_reward_spread` of this rollout (tempflow only)."""
+    trained_rewards: tuple[str, ...] = ()
+    """The reward components (columns) the scores' total is made of, weight 0 left out (a component
+    scored only to be watched): what this update trains toward."""
 
     @property
     def active(self) -> int:
@@ -232,6 +236,7 @@ def plan_update(rollout: Rollout, scores_path: Path, config: UpdateConfig) -> Pl
         advantage=dict(zip(keys, adv.tolist())), weight=dict(zip(keys, weights)),
         kl_factor={k: factors[metas[k]["step"]] for k in keys}, rewards=rewards,
         skipped_groups=len(groups - trained_groups), groups=len(groups), step_spread=spread,
+        trained_rewards=tuple(reward_column(r["name"]) for r in score_meta["rewards"] if r["weight"] != 0),
     )
 
 
@@ -657,6 +662,7 @@ def _plan_metrics(plan: Plan, manifest: dict[str, Any], config: UpdateConfig) ->
         "skipped_groups": plan.skipped_groups,
         "reward_mean": float(plan.rewards.mean()),
         "reward_std": float(plan.rewards.std()),
+        "trained_rewards": list(plan.trained_rewards),
         "rollout_nfe": manifest["nfe"],
     }
 

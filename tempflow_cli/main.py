@@ -164,6 +164,11 @@ LORA_TARGETS_HELP = {  # mirrors stages.policies.lora.DEFAULT_TARGETS (importing
 DTYPE_CHOICES = ["fp32", "bf16", "fp16"]
 
 
+def dtype_option(help_text: str, name: str = "--dtype"):
+    """A ``--dtype``-like choice of fp32 (the default), bf16 or fp16; each command says what it sets."""
+    return click.option(name, type=click.Choice(DTYPE_CHOICES), default="fp32", show_default=True, help=help_text)
+
+
 @cli.command()
 @click.option("--preset", type=click.Choice(list(PRESET_HELP)), default="tiny", show_default=True,
               help="Model to build (without --from). " + "; ".join(f"{k}: {v}" for k, v in PRESET_HELP.items()))
@@ -190,8 +195,7 @@ DTYPE_CHOICES = ["fp32", "bf16", "fp16"]
                    "each update then writes the full transformer into its policy folder).")
 @click.option("--max-sequence-length", type=int, default=0, show_default=True,
               help="With --from: T5 tokens per prompt; 0: the pipeline's own (sd3 256, flux 512).")
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="fp32", show_default=True,
-              help="With --from: dtype the transformer is loaded in to attach the adapter (the adapter itself is "
+@dtype_option("With --from: dtype the transformer is loaded in to attach the adapter (the adapter itself is "
                    "drawn in float32 either way, so this saves memory without changing it).")
 @OVERWRITE
 def init(preset: str, base_dir: Path | None, out: Path, seed: int, image_size: int, vocab_from: Path | None,
@@ -263,23 +267,36 @@ def _size(folder: Path) -> str:
     return f"{total / 2**20:.2f} MiB"
 
 
+TINY_KINDS = {"sd3": "pipeline", "flux-dev": "pipeline", "flux-schnell": "pipeline", "clip": "reward model",
+              "aesthetic": "reward model"}
+"""What ``make-tiny`` writes, by kind (stages.policies.tiny_pipelines and stages.rewards.tiny describe each)."""
+
+
 @cli.command(name="make-tiny")
-@click.argument("kind", type=click.Choice(["sd3", "flux-dev", "flux-schnell"]))
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Pipeline folder to create.")
+@click.argument("kind", type=click.Choice(list(TINY_KINDS)))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder to create.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @OVERWRITE
 def make_tiny(kind: str, out: Path, seed: int, overwrite: bool) -> None:
-    """Write a toy diffusers pipeline folder with random weights: the real classes of SD3.5
-    (sd3) or FLUX.1 (flux-dev, flux-schnell) at a size a CPU runs in seconds, tokenizer files
-    generated on the spot. Try `init --from` and the whole loop on it before your own model."""
+    """Write a toy model folder with random weights, in the layout of a real release: a diffusers
+    pipeline with the real classes of SD3.5 (sd3) or FLUX.1 (flux-dev, flux-schnell), or a reward
+    model (clip: for --reward-model pickscore/clipscore/hpsv2=DIR; aesthetic: CLIP plus the
+    predictor's head), at a size a CPU runs in seconds, tokenizer files generated on the spot. Try
+    `init --from`, `score --reward-model` and the whole loop on them before your own models."""
     from stages.artifacts import atomic_output
     from stages.limits import check_seed
-    from stages.policies.tiny_pipelines import make_tiny_pipeline
 
     check_seed("seed", seed)
     with atomic_output(out, overwrite=overwrite) as tmp:
-        make_tiny_pipeline(kind, tmp, seed)
-    summary(f"pipeline {out}", {"kind": kind, "folder size": _size(out)})
+        if TINY_KINDS[kind] == "pipeline":
+            from stages.policies.tiny_pipelines import make_tiny_pipeline
+
+            make_tiny_pipeline(kind, tmp, seed)
+        else:
+            from stages.rewards.tiny import make_tiny_reward
+
+            make_tiny_reward(kind, tmp, seed)
+    summary(f"{TINY_KINDS[kind]} {out}", {"kind": kind, "folder size": _size(out)})
 
 
 def _rollout_options(fn):
@@ -294,8 +311,7 @@ def _rollout_options(fn):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Rollout folder to create.")
 @_rollout_options
 @DEVICE
-@click.option("--dtype", type=click.Choice(DTYPE_CHOICES), default="fp32", show_default=True,
-              help="dtype the models (transformer, text encoders, VAE) compute in; the SDE math, log-probs and "
+@dtype_option("dtype the models (transformer, text encoders, VAE) compute in; the SDE math, log-probs and "
                    "stored states stay float32. bf16 on a GPU for SD3.5/FLUX; tiny policies run in fp32 only.")
 @OVERWRITE
 def rollout(policy_dir: Path, prompts: Path, out: Path, device: str, dtype: str, overwrite: bool, **kwargs: Any) -> None:
@@ -325,40 +341,92 @@ def rollout(policy_dir: Path, prompts: Path, out: Path, device: str, dtype: str,
     })
 
 
-class RewardParam(click.ParamType):
-    """``NAME[:WEIGHT]`` with NAME a built-in reward, or ``module:function[:WEIGHT]``."""
-
-    name = "NAME[:WEIGHT]"
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        from stages.rewards import parse_reward_spec
-
-        if not isinstance(value, str):
-            return value
-        try:
-            return parse_reward_spec(value)
-        except TempflowError as err:
-            self.fail(str(err), param, ctx)
-
-
 def _reward_help() -> str:
-    return ("Reward component, repeatable; the total is the weighted sum. Built-in: "
-            "jpeg_compressibility, jpeg_incompressibility; or module:function taking "
+    return ("Reward component, repeatable; the total is the weighted sum. Built-in: jpeg_compressibility, "
+            "jpeg_incompressibility, shapes, shapes_strict; model rewards (need --reward-model): pickscore, "
+            "clipscore, hpsv2, aesthetic; a server's name from --reward-url; or module:function taking "
             "(images uint8 (N,H,W,3), prompts) and returning N floats.")
+
+
+def _sources(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict[str, str]:
+    """``NAME=DIR`` / ``NAME=URL`` options as a dict (parsed before --reward, which needs them)."""
+    from stages.rewards import parse_source
+
+    found: dict[str, str] = {}
+    for value in values:
+        try:
+            name, source = parse_source(value, param.opts[0])
+        except TempflowError as err:
+            raise click.BadParameter(str(err), ctx, param) from None
+        if name in found:
+            raise click.BadParameter(f"{name} is given twice", ctx, param)
+        found[name] = source
+    return found
+
+
+def _plan_rewards(ctx: click.Context, param: click.Parameter, texts: tuple[str, ...]) -> list[Any]:
+    """--reward's components with their folders and URLs, checked before anything runs."""
+    from stages.rewards import plan_rewards
+
+    try:
+        return plan_rewards(texts, ctx.params.get("reward_models"), ctx.params.get("reward_urls"))
+    except TempflowError as err:
+        raise click.BadParameter(str(err), ctx, param) from None
+
+
+def _reward_options(default: tuple[str, ...] = ()):
+    """--reward and where its model and remote components come from; shared by score and eval
+    (score has no default reward; eval's is the shapes world's)."""
+    shown = f" Default: {', '.join(default)}." if default else ""
+    return lambda fn: _add_reward_options(fn, click.option(
+        "--reward", "rewards", metavar="NAME[:WEIGHT]", multiple=True, required=not default, default=default,
+        callback=_plan_rewards, help=_reward_help() + shown))
+
+
+def _add_reward_options(fn, reward_option):
+    options = [
+        reward_option,
+        click.option("--reward-model", "reward_models", metavar="NAME=DIR", multiple=True, is_eager=True,
+                     callback=_sources, help="Local folder of a model reward, e.g. pickscore=~/models/PickScore_v1 "
+                     "(a transformers CLIP folder; see README, Rewards); repeatable."),
+        click.option("--reward-url", "reward_urls", metavar="NAME=URL", multiple=True, is_eager=True,
+                     callback=_sources, help="A reward server: NAME becomes a --reward that POSTs each batch to URL "
+                     "(protocol in README, Rewards); repeatable."),
+        click.option("--reward-timeout", type=click.FloatRange(min=0, min_open=True), default=120.0, show_default=True,
+                     help="Seconds a reward server may stay silent on a batch before the try counts as failed."),
+        click.option("--reward-retries", type=click.IntRange(min=0, max=20), default=3, show_default=True,
+                     help="Tries after the first when a reward server is down, times out or answers 5xx/429 "
+                     "(waiting 1, 2, 4 ... s)."),
+        dtype_option("dtype model rewards compute in (bf16 or fp16 on a GPU).", "--reward-dtype"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
 
 
 @cli.command()
 @click.option("--rollout", "rollout_dir", type=click.Path(path_type=Path), required=True, help="Rollout folder to score.")
-@click.option("--reward", "rewards", type=RewardParam(), multiple=True, required=True, help=_reward_help())
+@_reward_options()
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Parquet file to write.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per reward call.")
+@DEVICE
 @OVERWRITE
-def score(rollout_dir: Path, rewards: tuple, out: Path, batch_size: int, overwrite: bool) -> None:
-    """Compute rewards for a rollout's images; one parquet row per sample."""
+def score(rollout_dir: Path, rewards: list, out: Path, batch_size: int, device: str, overwrite: bool,
+          reward_models: dict, reward_urls: dict, reward_timeout: float, reward_retries: int, reward_dtype: str) -> None:
+    """Compute rewards for a rollout's images; one parquet row per sample.
+
+    Model rewards load once from the folders --reward-model names and run on --device, in batches of
+    --batch-size:
+
+        tempflow score --rollout r --reward pickscore --reward-model pickscore=PickScore_v1 --out s.parquet
+    """
+    from stages.rewards import RewardRuntime
     from stages.score import run_score
 
+    runtime = RewardRuntime(device, reward_dtype, reward_timeout, reward_retries)
     with progress_bars("samples") as progress:
-        result = run_score(rollout_dir, list(rewards), out, batch_size=batch_size, progress=progress, overwrite=overwrite)
+        result = run_score(rollout_dir, rewards, out, batch_size=batch_size, progress=progress, overwrite=overwrite,
+                           runtime=runtime)
     rows: dict[str, Any] = {"samples": result.samples, "images scored": result.images}
     rows.update({f"{c} mean": m for c, m in result.mean.items()})
     rows.update({f"{c} std": s for c, s in result.std.items()})
@@ -425,7 +493,7 @@ class EvalParam(click.ParamType):
 @cli.command()
 @click.option("--metrics-dir", type=click.Path(path_type=Path), required=True, help="Folder of update metrics JSON files.")
 @click.option("--out", type=click.Path(path_type=Path), required=True,
-              help="Folder for curve.json, evals.json, curve.png and summary.json.")
+              help="Folder for curve.json, evals.json, curve.png, rewards.png and summary.json.")
 @click.option("--eval", "evals", type=EvalParam(), multiple=True,
               help="A `tempflow eval` folder to compare, as NAME=DIR; repeat, first = before, last = after.")
 @click.option("--eval-dir", type=click.Path(path_type=Path), default=None,
@@ -445,7 +513,9 @@ def report(metrics_dir: Path, out: Path, evals: tuple, eval_dir: Path | None, ov
                             "namespace); rename one")
     summary(f"report {out}", write_report(metrics_dir, out, overwrite=overwrite, evals=evals))
     if evals:
-        columns = {name: {"step": m["step"], "reward": m["reward"], "strict accuracy": m["strict"],
+        columns = {name: {"step": m["step"], "reward": m["reward"],
+                          **({"strict accuracy": m["strict"]} if m["strict"] is not None else {}),
+                          **{f"reward_{c}": mean for c, (mean, _) in m["components"].items() if len(m["components"]) > 1},
                           **{f"strict: {task}": v for task, v in m["per_task"].items()}}
                    for name, m in read_evals(evals).items()}
         comparison("eval (deterministic ODE samples)", columns)
@@ -493,34 +563,49 @@ def _eval_options(fn):
 @cli.command(name="eval")
 @click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True, help="Policy folder to evaluate.")
 @click.option("--prompts", type=click.Path(path_type=Path), default=None,
-              help="Prompts file in the shapes grammar (default: a balanced subset of --split).")
+              help="Prompts file, one per line (default: a balanced subset of the shapes world's --split); with "
+              "the shapes reward they must follow its grammar.")
 @click.option("--split", type=click.Choice(["heldout", "validation", "test", "train"]), default="heldout", show_default=True,
               help="World split to draw prompts from when --prompts is not given; validation and test are disjoint halves "
               "of heldout (choose settings on one, report the other).")
 @click.option("--per-task", type=click.IntRange(min=1), default=16, show_default=True,
               help="Prompts per task type drawn from --split.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Folder for metrics.json, results.jsonl, grid.png.")
+@_reward_options(default=("shapes",))
+@click.option("--save-images", is_flag=True, help="Also write every image, as out/images/NNNNN.png (named in results.jsonl).")
 @_eval_options
 @DEVICE
+@dtype_option("dtype the policy's models compute in, as for rollout.")
 @OVERWRITE
 def eval_(policy_dir: Path, prompts: Path | None, split: str, per_task: int, out: Path, device: str, overwrite: bool,
-          **kwargs: Any) -> None:
-    """Score a policy in the shapes world: deterministic ODE samples, reward and strict accuracy per task.
+          rewards: list, reward_models: dict, reward_urls: dict, reward_timeout: float, reward_retries: int,
+          reward_dtype: str, save_images: bool, dtype: str, **kwargs: Any) -> None:
+    """Evaluate a policy: deterministic ODE samples of fixed seeds, scored by every --reward.
 
-    Prompts must follow the world's grammar: `a red circle`, `two blue squares`, `a red circle and a
-    blue square`, `a red circle left of a blue square` (also right of, above, below).
+    In the shapes world (the default reward), also strict accuracy per task; prompts must then follow
+    the world's grammar: `a red circle`, `two blue squares`, `a red circle and a blue square`, `a red
+    circle left of a blue square` (also right of, above, below). Any policy kind takes any prompts
+    with other rewards, including ones it was not trained on (a held-out "gold" reward):
+
+        tempflow eval --policy p --prompts my.txt --reward pickscore --reward-model pickscore=DIR --out e
     """
     from stages.evaluate import EvalConfig, read_eval_prompts, run_eval
+    from stages.rewards import RewardRuntime
 
     config = pop_config(EvalConfig, kwargs)
     prompt_list, source = read_eval_prompts(prompts, split, per_task, config.seed)
+    runtime = RewardRuntime(device, reward_dtype, reward_timeout, reward_retries)
     with progress_bars("NFE") as progress:
-        result = run_eval(policy_dir, prompt_list, out, config, device=device, progress=progress,
-                          overwrite=overwrite, source=source)
+        result = run_eval(policy_dir, prompt_list, out, config, device=device, progress=progress, overwrite=overwrite,
+                          source=source, rewards=rewards, runtime=runtime, dtype=dtype, save_images=save_images)
     m = result.metrics
     rows: dict[str, Any] = {"prompts": f"{m['prompts']} ({source})", "images": m["images"],
-                            "reward": m["reward"], "strict accuracy": m["strict"]}
-    rows.update({f"{task}: reward / strict": f"{v['reward']:.3f} / {v['strict']:.3f}" for task, v in m["per_task"].items()})
+                            "reward": f"{m['reward']:.4g} (SE {m['reward_se']:.2g})"}
+    if len(m["rewards"]) > 1:
+        rows.update({f"reward_{c}": f"{v['mean']:.4g} (SE {v['se']:.2g})" for c, v in m["rewards"].items()})
+    if "strict" in m:
+        rows["strict accuracy"] = m["strict"]
+        rows.update({f"{task}: reward / strict": f"{v['reward']:.3f} / {v['strict']:.3f}" for task, v in m["per_task"].items()})
     summary(f"eval {out} (policy step {m['policy']['step']})", rows)
 
 

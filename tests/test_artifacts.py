@@ -546,7 +546,7 @@ def test_interrupted_rollout_leaves_nothing_and_rerun_succeeds(policy_dir, promp
     assert _manifest(out)["samples"] == len(_read_rollout(out)) and _partials(out) == []
 
 
-@pytest.mark.parametrize("target", ["call_reward", "write_scores"])
+@pytest.mark.parametrize("target", ["score_batch", "write_scores"])
 def test_interrupted_score_leaves_nothing_and_rerun_succeeds(policy_dir, tmp_path, monkeypatch, target):
     """Ctrl-C in a reward call or while the parquet is being written: no output, no partial; a rerun succeeds."""
     import stages.score

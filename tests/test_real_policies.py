@@ -488,6 +488,11 @@ def test_the_bring_your_own_model_dvc_loop_runs_on_a_pipeline_folder(pipelines, 
     assert json.loads((runs / "report/summary.json").read_text())["iterations"] == 2
 
 
-def test_eval_refuses_a_real_policy(pipelines, tmp_path):
+def test_eval_takes_a_real_policy_on_the_worlds_prompts(pipelines, tmp_path):
+    """Any policy kind is evaluated: an sd3 policy on the shapes world's held-out prompts, with its
+    reward and strict accuracy (tests/test_evaluate.py covers other prompts and rewards)."""
     _ok("init", "--from", pipelines["sd3"], "--out", tmp_path / "p0", "--lora-rank", "2")
-    assert "measures policies of the shapes world" in _error("eval", "--policy", tmp_path / "p0", "--out", tmp_path / "e")
+    _ok("eval", "--policy", tmp_path / "p0", "--out", tmp_path / "e", "--per-task", "1", "--num-steps", "2",
+        "--images-per-prompt", "1")
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["policy"]["kind"] == "sd3" and 0 <= metrics["strict"] <= 1 and metrics["per_task"]
