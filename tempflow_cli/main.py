@@ -670,6 +670,11 @@ def _check_command(ctx: click.Context, args: list[str]) -> str:
     return name
 
 
+from tempflow_cli.rec import rec  # noqa: E402  (the recommender's group; it imports this module's helpers)
+
+cli.add_command(rec)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     cli(prog_name="tempflow")
 

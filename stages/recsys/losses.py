@@ -1,0 +1,125 @@
+"""The training objectives of the recommender, DESIGN.md §8, on flat batches of transitions.
+
+Shapes: ``logits``, ``q``: ``(N, V)`` at the states s_t; ``action``: ``(N,)`` the logged next item;
+``reward``, ``done``: ``(N,)``; ``next_*``: ``(N, V)`` at s_{t+1} (ignored where ``done``). Every
+function is the formula it is named for; :func:`objective` puts them together per algorithm.
+
+- CRR (Wang et al. 2020, the variant of arXiv:2307.14450): an expected-value TD target under the
+  target network's policy, ``A = Q(s, a) - E_{a'~pi} Q(s, a')`` (the mean baseline; the max
+  baseline is optional), ``f = 1[A > 0]`` or ``min(exp(A / beta), 20)`` from the detached critic,
+  actor loss ``-f log pi(a|s)``.
+- BC: ``f = 1``, the cross-entropy of the logged item (also the pretraining objective).
+- SQN (Xin et al. 2020): cross-entropy plus a one-step double-Q loss on the Q head,
+  ``(r + gamma Q'(s', argmax_a Q(s', a)) - Q(s, a))^2`` (the online head picks, the target head values).
+- SA2C (after Xin et al. 2022): SQN's Q loss plus the cross-entropy weighted by the detached
+  advantage ``Q(s, a) - E_{a'~pi} Q(s, a')``. The paper estimates the expectation from sampled
+  negatives; here it is exact over all items. Dividing the weights by their mean absolute value over
+  the batch is tempflow's own choice (it keeps the step size of the cross-entropy's), not the
+  paper's; a negative weight pushes probability away from a worse-than-average item, and like any
+  advantage-weighted policy gradient the loss is not bounded below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ALGOS = {
+    "crr": "Critic Regularized Regression: -f log pi with f from the critic's advantage",
+    "bc": "behaviour cloning: f = 1, the logged item's cross-entropy",
+    "sqn": "Xin et al.'s SQN: cross-entropy + a double-Q loss on the Q head",
+    "sa2c": "Xin et al.'s SA2C: SQN's Q loss + the cross-entropy weighted by the advantage",
+}
+WEIGHTS = ("binary", "exp")
+BASELINES = ("mean", "max")
+
+
+def expected_value(probs: Tensor, q: Tensor) -> Tensor:
+    """``sum_a pi(a|s) Q(s, a)`` per row."""
+    return (probs * q).sum(dim=-1)
+
+
+def crr_target(reward: Tensor, done: Tensor, next_probs: Tensor, next_q_target: Tensor, gamma: float) -> Tensor:
+    """``r + gamma * sum_a' pi(a'|s') Q_target(s', a')``, the bootstrap 0 after the last step."""
+    return reward + gamma * (1.0 - done.float()) * expected_value(next_probs, next_q_target)
+
+
+def sqn_target(reward: Tensor, done: Tensor, next_q: Tensor, next_q_target: Tensor, gamma: float) -> Tensor:
+    """Double Q-learning's ``r + gamma * Q_target(s', argmax_a Q(s', a))``, 0 after the last step."""
+    pick = next_q.argmax(dim=-1, keepdim=True)
+    return reward + gamma * (1.0 - done.float()) * next_q_target.gather(-1, pick).squeeze(-1)
+
+
+def critic_loss(q_sa: Tensor, target: Tensor) -> Tensor:
+    """``mean (Q(s, a) - target)^2``, the target held fixed."""
+    return (q_sa - target.detach()).pow(2).mean()
+
+
+def advantage(q: Tensor, q_sa: Tensor, probs: Tensor, baseline: str = "mean") -> Tensor:
+    """``Q(s, a) - E_{a'~pi} Q(s, a')`` (mean) or ``Q(s, a) - max_a' Q(s, a')`` (max)."""
+    return q_sa - (expected_value(probs, q) if baseline == "mean" else q.max(dim=-1).values)
+
+
+def crr_weight(adv: Tensor, mode: str, beta: float, ceiling: float = 20.0) -> Tensor:
+    """``1[A > 0]`` (binary) or ``min(exp(A / beta), ceiling)`` (exp), never carrying a gradient."""
+    adv = adv.detach()
+    return (adv > 0).float() if mode == "binary" else torch.exp(adv / beta).clamp(max=ceiling)
+
+
+def weighted_nll(log_probs: Tensor, action: Tensor, weight: Tensor | float) -> Tensor:
+    """``mean -f * log pi(a|s)``."""
+    return -(weight * log_probs.gather(-1, action.unsqueeze(-1)).squeeze(-1)).mean()
+
+
+@dataclass
+class Batch:
+    """One batch of transitions, flattened over the valid positions of its windows."""
+
+    logits: Tensor
+    q: Tensor
+    action: Tensor
+    reward: Tensor
+    done: Tensor
+    next_logits: Tensor  # the target network's, at s'
+    next_q: Tensor  # the online network's, at s' (double Q picks with it)
+    next_q_target: Tensor
+
+
+@dataclass(frozen=True)
+class Objective:
+    algo: str = "crr"
+    gamma: float = 0.9
+    weight: str = "exp"
+    beta: float = 1.0
+    baseline: str = "mean"
+    ceiling: float = 20.0
+
+
+def objective(batch: Batch, settings: Objective) -> tuple[Tensor, dict[str, float]]:
+    """The loss to minimise and its parts (for the metrics), per :data:`ALGOS`."""
+    log_probs = F.log_softmax(batch.logits, dim=-1)
+    if settings.algo == "bc":
+        actor = weighted_nll(log_probs, batch.action, 1.0)
+        return actor, {"actor_loss": float(actor.detach())}
+    q_sa = batch.q.gather(-1, batch.action.unsqueeze(-1)).squeeze(-1)
+    if settings.algo == "crr":
+        next_probs = F.softmax(batch.next_logits, dim=-1)
+        target = crr_target(batch.reward, batch.done, next_probs, batch.next_q_target, settings.gamma)
+    else:
+        target = sqn_target(batch.reward, batch.done, batch.next_q, batch.next_q_target, settings.gamma)
+    critic = critic_loss(q_sa, target)
+    probs = log_probs.exp().detach()
+    if settings.algo == "sqn":
+        actor = weighted_nll(log_probs, batch.action, 1.0)
+        return actor + critic, {"actor_loss": float(actor.detach()), "critic_loss": float(critic.detach())}
+    adv = advantage(batch.q.detach(), q_sa.detach(), probs, settings.baseline)
+    if settings.algo == "crr":
+        f = crr_weight(adv, settings.weight, settings.beta, settings.ceiling)
+    else:  # sa2c
+        f = adv / adv.abs().mean().clamp_min(1e-8)
+    actor = weighted_nll(log_probs, batch.action, f)
+    return actor + critic, {"actor_loss": float(actor.detach()), "critic_loss": float(critic.detach()),
+                            "advantage_mean": float(adv.mean()), "weight_mean": float(f.mean())}

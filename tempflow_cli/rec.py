@@ -1,0 +1,145 @@
+"""``tempflow rec ...``: the recommender's stages (prepare, pretrain, train, eval), each leaving an
+artifact on disk, like the image stages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from tempflow_cli.main import DEVICE, OVERWRITE, StageCommand, TempflowError
+from tempflow_cli.options import config_options, pop_config
+from tempflow_cli.ui import progress_bars, summary
+
+SOURCES_HELP = {  # mirrors stages.recsys.data.SOURCES (importing it would load numpy and torch for --help)
+    "movielens": "MovieLens-100k as the recbole wheel ships it",
+    "retailrocket": "RetailRocket events.csv (--events FILE)",
+    "yoochoose": "YooChoose clicks and buys files (--clicks FILE --buys FILE)",
+    "simulator": "sessions of the simulator's behaviour policy, users with delayed effects",
+}
+SPLITS_HELP = {"user": "leave-last-out per session", "time": "whole sessions by start time, 80/10/10"}
+ALGOS_HELP = {"crr": "Critic Regularized Regression", "bc": "behaviour cloning (f = 1)",
+              "sqn": "Xin et al.'s SQN", "sa2c": "Xin et al.'s SA2C"}
+
+
+class RecGroup(click.Group):
+    command_class = StageCommand
+
+
+@click.group(cls=RecGroup)
+def rec() -> None:
+    """Offline RL for sequential recommendation (CRR-Transformer, arXiv:2307.14450).
+
+    prepare turns logged events into sessions (parquet), pretrain fits the causal transformer by
+    next-item cross-entropy (the supervised baseline), train fine-tunes it offline with CRR (or BC,
+    SQN, SA2C), eval ranks all items for held-out events.
+    """
+
+
+def _prepare_options(fn):
+    from stages.recsys.data import PrepareConfig
+
+    return config_options(PrepareConfig, choices={"source": SOURCES_HELP, "split": SPLITS_HELP})(fn)
+
+
+@rec.command()
+@_prepare_options
+@click.option("--events", type=click.Path(path_type=Path), default=None, help="retailrocket: its events.csv.")
+@click.option("--clicks", type=click.Path(path_type=Path), default=None, help="yoochoose: its clicks file.")
+@click.option("--buys", type=click.Path(path_type=Path), default=None, help="yoochoose: its buys file.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Sessions parquet to write.")
+@OVERWRITE
+def prepare(events: Path | None, clicks: Path | None, buys: Path | None, out: Path, overwrite: bool, **kwargs: Any) -> None:
+    """Read logged events, check every row, and write sessions with their splits."""
+    from stages.recsys.stages import run_prepare
+
+    config = pop_config(__import__("stages.recsys.data", fromlist=["PrepareConfig"]).PrepareConfig, kwargs)
+    info = run_prepare(config, out, events=events, clicks=clicks, buys=buys, overwrite=overwrite)
+    summary(f"sessions {out}", info)
+
+
+def _model_options(fn):
+    from stages.recsys.model import RecModelConfig
+
+    return config_options(RecModelConfig)(fn)
+
+
+def _train_options(fn):
+    from stages.recsys.train import TrainConfig
+
+    return config_options(TrainConfig, choices={"weight": {"binary": "1[A > 0]", "exp": "min(exp(A / beta), 20)"},
+                                                "baseline": {"mean": "E_pi Q", "max": "max_a Q"}})(fn)
+
+
+@rec.command()
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Sessions parquet of `rec prepare`.")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model folder to create.")
+@_model_options
+@_train_options
+@DEVICE
+@OVERWRITE
+def pretrain(data: Path, out: Path, device: str, overwrite: bool, **kwargs: Any) -> None:
+    """Fit a fresh transformer by next-item cross-entropy on the train events (the supervised baseline)."""
+    from stages.recsys.model import RecModelConfig
+    from stages.recsys.stages import run_pretrain
+    from stages.recsys.train import TrainConfig
+
+    model_config, config = pop_config(RecModelConfig, kwargs), pop_config(TrainConfig, kwargs)
+    with progress_bars("steps") as progress:
+        metrics = run_pretrain(data, out, model_config, config, device=device, progress=progress, overwrite=overwrite)
+    summary(f"model {out}", _headline(metrics))
+
+
+@rec.command()
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Sessions parquet of `rec prepare`.")
+@click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True,
+              help="Model folder to start from (usually `rec pretrain`'s).")
+@click.option("--algo", type=click.Choice(list(ALGOS_HELP)), default="crr", show_default=True,
+              help="; ".join(f"{k}: {v}" for k, v in ALGOS_HELP.items()))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Model folder to create.")
+@_train_options
+@DEVICE
+@OVERWRITE
+def train(data: Path, policy_dir: Path, algo: str, out: Path, device: str, overwrite: bool, **kwargs: Any) -> None:
+    """Fine-tune a model offline on the logged sessions with CRR, BC, SQN or SA2C."""
+    from stages.recsys.stages import run_train
+    from stages.recsys.train import TrainConfig
+
+    config = pop_config(TrainConfig, kwargs)
+    with progress_bars("steps") as progress:
+        metrics = run_train(data, policy_dir, out, algo, config, device=device, progress=progress, overwrite=overwrite)
+    summary(f"model {out} ({algo})", _headline(metrics))
+
+
+@rec.command(name="eval")
+@click.option("--data", type=click.Path(path_type=Path), required=True, help="Sessions parquet of `rec prepare`.")
+@click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True, help="Model folder to evaluate.")
+@click.option("--split", type=click.Choice(["validation", "test"]), default="test", show_default=True,
+              help="Which held-out events to rank (choose settings on validation, report test).")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="metrics.json to write.")
+@click.option("--online-users", type=click.IntRange(min=2, max=10**6), default=500, show_default=True,
+              help="Sessions of the simulator (its data only) to measure the policy's return online in.")
+@DEVICE
+@OVERWRITE
+def eval_(data: Path, policy_dir: Path, split: str, out: Path, online_users: int, device: str, overwrite: bool) -> None:
+    """Rank every item for each held-out event: HR@k and NDCG@k (k = 5, 10, 20) for clicks and
+    purchases apart, and the reward of hits, each with its standard error; on the simulator's
+    sessions also the policy's return, session length and purchases online."""
+    from stages.recsys.stages import run_eval
+
+    metrics = run_eval(data, policy_dir, out, split, device=device, overwrite=overwrite, online_users=online_users)
+    rows = {k: v for k, v in metrics.items() if k.endswith("@10") or k.endswith("targets")}
+    rows.update({f"online {k}": v for k, v in metrics.get("online", {}).items()})
+    summary(f"eval {out} ({split})", rows)
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    last = metrics["epochs"][-1] if metrics.get("epochs") else {}
+    return {"train windows": metrics["windows"], "epochs": len(metrics.get("epochs", [])),
+            **{f"final {k}": v for k, v in last.items() if k != "epoch"},
+            "validation purchase hr@10": metrics["validation"].get("purchase_hr@10"),
+            "validation click hr@10": metrics["validation"].get("click_hr@10"), "seconds": round(metrics["seconds"], 1)}
+
+
+__all__ = ["rec", "TempflowError"]
