@@ -169,8 +169,7 @@ def run_eval(policy_dir: Path, prompts: list[str], out: Path, config: EvalConfig
         "policy": {"path": str(policy_dir), "identity": record.identity, "step": record.step, "kind": record.kind},
         "prompts_source": source, "prompts": len(prompts), "images": len(rows), "config": asdict(config),
         "sampling": sampling, "dtype": dtype, "nfe": len(rows) * config.num_steps, "sampling_seconds": seconds,
-        **{f"reward{'' if k == 'mean' else '_' + k}": v for k, v in _stats(total).items()}, "rewards": {s.column: {"name": s.name, "weight": s.weight, **({"source": s.source} if s.source else {}),
-                                                **_stats(components[:, j])} for j, s in enumerate(specs)},
+        **_reward_stats(specs, components, total),
     }
     if scenes is not None:
         metrics.update({"strict": float(np.mean([r["strict"] for r in rows])), "per_task": _per_task(rows)})
@@ -196,6 +195,14 @@ def _score(specs: list[RewardSpec], fns: list[Any], images: np.ndarray, prompts:
     keys = [f"image {n}" for n in range(len(images))]
     return np.concatenate([score_batch(specs, fns, images[lo:lo + batch], prompts[lo:lo + batch], keys[lo:lo + batch])
                            for lo in range(0, len(images), batch)])
+
+
+def _reward_stats(specs: list[RewardSpec], components: np.ndarray, total: np.ndarray) -> dict[str, Any]:
+    """``reward``, ``reward_std``, ``reward_se`` of the total, and under ``rewards`` each component's
+    spec with its ``mean``, ``std`` and ``se``."""
+    stats = _stats(total)
+    per_component = {s.column: {**s.record(), **_stats(components[:, j])} for j, s in enumerate(specs)}
+    return {"reward": stats["mean"], "reward_std": stats["std"], "reward_se": stats["se"], "rewards": per_component}
 
 
 def _stats(values: np.ndarray) -> dict[str, float]:
