@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from tempflow_cli.main import DEVICE, OVERWRITE, StageCommand, TempflowError
+from tempflow_cli.main import DEVICE, OVERWRITE, StageCommand
 from tempflow_cli.options import config_options, pop_config
 from tempflow_cli.ui import progress_bars, summary
 
@@ -52,9 +52,10 @@ def _prepare_options(fn):
 @OVERWRITE
 def prepare(events: Path | None, clicks: Path | None, buys: Path | None, out: Path, overwrite: bool, **kwargs: Any) -> None:
     """Read logged events, check every row, and write sessions with their splits."""
+    from stages.recsys.data import PrepareConfig
     from stages.recsys.stages import run_prepare
 
-    config = pop_config(__import__("stages.recsys.data", fromlist=["PrepareConfig"]).PrepareConfig, kwargs)
+    config = pop_config(PrepareConfig, kwargs)
     info = run_prepare(config, out, events=events, clicks=clicks, buys=buys, overwrite=overwrite)
     summary(f"sessions {out}", info)
 
@@ -135,11 +136,9 @@ def eval_(data: Path, policy_dir: Path, split: str, out: Path, online_users: int
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A training's summary rows: its windows, the last epoch's losses, validation HR@10, seconds."""
     last = metrics["epochs"][-1] if metrics.get("epochs") else {}
     return {"train windows": metrics["windows"], "epochs": len(metrics.get("epochs", [])),
             **{f"final {k}": v for k, v in last.items() if k != "epoch"},
             "validation purchase hr@10": metrics["validation"].get("purchase_hr@10"),
             "validation click hr@10": metrics["validation"].get("click_hr@10"), "seconds": round(metrics["seconds"], 1)}
-
-
-__all__ = ["rec", "TempflowError"]
