@@ -204,8 +204,8 @@ Tianshou's DiscreteCRRPolicy.learn (tianshou/policy/imitation/discrete_crr.py), 
 
 @pytest.mark.parametrize("mode", ["binary", "exp"])
 def test_crr_matches_tianshous_discrete_crr(mode):
-    """The same batch through tempflow's objective and through tianshou's formulas (its code is not
-    installable beside this torch: gymnasium and more; what it computes is quoted above)."""
+    """The same batch through tempflow's objective and through tianshou's formulas, as quoted above
+    from its source (tianshou itself, with gymnasium and its other dependencies, is not installed)."""
     batch = _batch(seed=3, n=8, v=7)
     beta, gamma = 0.7, 0.95
     _, parts = losses.objective(batch, losses.Objective(algo="crr", weight=mode, beta=beta, gamma=gamma))
