@@ -12,16 +12,6 @@ from tempflow_cli.main import DEVICE, OVERWRITE, StageCommand
 from tempflow_cli.options import config_options, pop_config
 from tempflow_cli.ui import progress_bars, summary
 
-SOURCES_HELP = {  # mirrors stages.recsys.data.SOURCES (importing it would load numpy and torch for --help)
-    "movielens": "MovieLens-100k as the recbole wheel ships it",
-    "retailrocket": "RetailRocket events.csv (--events FILE)",
-    "yoochoose": "YooChoose clicks and buys files (--clicks FILE --buys FILE)",
-    "simulator": "sessions of the simulator's behaviour policy, users with delayed effects",
-}
-SPLITS_HELP = {"user": "leave-last-out per session", "time": "whole sessions by start time, 80/10/10"}
-ALGOS_HELP = {"crr": "Critic Regularized Regression", "bc": "behaviour cloning (f = 1)",
-              "sqn": "Xin et al.'s SQN", "sa2c": "Xin et al.'s SA2C"}
-
 
 class RecGroup(click.Group):
     command_class = StageCommand
@@ -38,9 +28,9 @@ def rec() -> None:
 
 
 def _prepare_options(fn):
-    from stages.recsys.data import PrepareConfig
+    from stages.recsys.data import SOURCES, SPLITS, PrepareConfig
 
-    return config_options(PrepareConfig, choices={"source": SOURCES_HELP, "split": SPLITS_HELP})(fn)
+    return config_options(PrepareConfig, choices={"source": SOURCES, "split": SPLITS})(fn)
 
 
 @rec.command()
@@ -58,6 +48,13 @@ def prepare(events: Path | None, clicks: Path | None, buys: Path | None, out: Pa
     config = pop_config(PrepareConfig, kwargs)
     info = run_prepare(config, out, events=events, clicks=clicks, buys=buys, overwrite=overwrite)
     summary(f"sessions {out}", info)
+
+
+def _algo_option(fn):
+    from stages.recsys.losses import ALGOS
+
+    return click.option("--algo", type=click.Choice(list(ALGOS)), default="crr", show_default=True,
+                        help="; ".join(f"{k}: {v}" for k, v in ALGOS.items()))(fn)
 
 
 def _model_options(fn):
@@ -96,8 +93,7 @@ def pretrain(data: Path, out: Path, device: str, overwrite: bool, **kwargs: Any)
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Sessions parquet of `rec prepare`.")
 @click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True,
               help="Model folder to start from (usually `rec pretrain`'s).")
-@click.option("--algo", type=click.Choice(list(ALGOS_HELP)), default="crr", show_default=True,
-              help="; ".join(f"{k}: {v}" for k, v in ALGOS_HELP.items()))
+@_algo_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model folder to create.")
 @_train_options
 @DEVICE
