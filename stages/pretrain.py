@@ -17,7 +17,6 @@ resumed from its checkpoint ends with the same weights as one that never stopped
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Callable
@@ -29,15 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.artifacts import (
-    within,
-    atomic_output,
-    check_out_free,
-    load_safetensors,
-    loads_json,
-    read_json,
-    write_json,
-)
+from stages.artifacts import atomic_output, check_out_free, write_json
+from stages.checkpoints import CheckpointFolder, default_checkpoint
 from stages.errors import TempflowError
 from stages.policies import (
     PRESETS,
@@ -234,82 +226,29 @@ class Phase:
     step: int = 0
 
 
-class Checkpoint:
+class Checkpoint(CheckpointFolder):
     """``DIR/state.safetensors`` (weights, EMA, AdamW moments, earlier phases' weights) + ``DIR/state.json``
     (phase, step, config, losses)."""
 
-    FILES = frozenset({"state.json", "state.safetensors"})
-
     def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def check_path(self, out: Path) -> None:
-        """Refuse a path that is not free for a checkpoint: one that would replace or sit inside the
-        output, the working folder or an input, or an existing folder that is not a checkpoint of
-        tempflow's (its saves replace the folder, and a finished run deletes it)."""
-        if within(self.path.resolve(), out.resolve()):
-            raise TempflowError(f"--checkpoint {self.path} is --out {out} or lies inside it; keep it beside, e.g. {default_checkpoint(out)}")
-        check_out_free(self.path, overwrite=True, outputs=(out,))
-        if (self.path.exists() or self.path.is_symlink()) and not self.is_ours():
-            held = sorted(p.name for p in self.path.iterdir())[:3] if self.path.is_dir() else []
-            raise TempflowError(
-                f"--checkpoint {self.path} exists and is not a tempflow pretraining checkpoint"
-                f"{' (it holds ' + ', '.join(held) + ')' if held else ''}; tempflow writes and deletes only its own "
-                f"checkpoints: give a new path such as {default_checkpoint(out)}"
-            )
-
-    def is_ours(self) -> bool:
-        """A real folder holding only a checkpoint's files, its state.json naming a checkpoint format."""
-        if self.path.is_symlink() or not self.path.is_dir():
-            return False
-        if not {p.name for p in self.path.iterdir()} <= self.FILES or not (self.path / "state.json").is_file():
-            return False
-        try:
-            info = loads_json((self.path / "state.json").read_bytes())
-        except (ValueError, OSError):
-            return False
-        return isinstance(info, dict) and str(info.get("format", "")).startswith("tempflow.pretrain-checkpoint/")
-
-    def remove(self) -> None:
-        """Delete the checkpoint once its run is complete; anything that is not one stays."""
-        if self.is_ours():
-            for name in self.FILES:
-                (self.path / name).unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # something was put there meanwhile: it stays
-                self.path.rmdir()
+        super().__init__(path, "tempflow.pretrain-checkpoint/", "pretraining")
 
     def save(self, phase: Phase, config: PretrainConfig) -> None:
-        from safetensors.torch import save_file
-
-        if self.path.exists() and not self.is_ours():
-            raise TempflowError(f"--checkpoint {self.path} was replaced by something else while pretraining ran; "
-                                "stopped rather than delete it")
-
         names = list(phase.params)
-        tensors = {f"param/{n}": t.detach().cpu().contiguous() for n, t in phase.params.items()}
-        tensors.update({f"ema/{n}": t.cpu().contiguous() for n, t in phase.ema.items()})
-        tensors.update({f"frozen/{n}": t.detach().cpu().contiguous() for n, t in phase.frozen.items()})
+        tensors = {f"param/{n}": t for n, t in phase.params.items()}
+        tensors.update({f"ema/{n}": t for n, t in phase.ema.items()})
+        tensors.update({f"frozen/{n}": t for n, t in phase.frozen.items()})
         state = phase.optimizer.state_dict()["state"]
-        tensors.update({f"adam/{names[i]}/{k}": v.cpu().contiguous().reshape(v.shape)
-                        for i, s in state.items() for k, v in s.items()})
-        with atomic_output(self.path, overwrite=True) as tmp:
-            tmp.mkdir()
-            save_file(tensors, tmp / "state.safetensors")
-            write_json(tmp / "state.json", {"format": CHECKPOINT_FORMAT, "phase": phase.name, "step": phase.step,
-                                            "config": asdict(config), "losses": phase.losses, "extra": phase.extra})
+        tensors.update({f"adam/{names[i]}/{k}": v.reshape(v.shape) for i, s in state.items() for k, v in s.items()})
+        self.write(tensors, {"format": CHECKPOINT_FORMAT, "phase": phase.name, "step": phase.step,
+                             "config": asdict(config), "losses": phase.losses, "extra": phase.extra})
 
     def load(self, config: PretrainConfig) -> dict[str, Any] | None:
         """The saved state if it belongs to this config, else None (a stale checkpoint is ignored)."""
-        info_path = self.path / "state.json"
-        if not info_path.is_file():
+        saved = self.read()
+        if saved is None:
             return None
-        try:
-            info = read_json(info_path, "a pretraining checkpoint's state")
-            tensors = load_safetensors(self.path / "state.safetensors")
-        except TempflowError as err:
-            raise TempflowError(f"{self.path}: pretraining checkpoint is damaged ({err}); delete it to start over") from None
-        if not isinstance(info, dict):
-            raise TempflowError(f"{self.path}: pretraining checkpoint is damaged (state.json is not an object); delete it to start over")
+        info, tensors = saved
         if (info.get("format") != CHECKPOINT_FORMAT or info.get("config") != asdict(config)
                 or info.get("phase") not in PHASES):
             return None
@@ -323,8 +262,7 @@ class Checkpoint:
                   **{f"frozen/{n}": p for n, p in phase.frozen.items()}}
         for key, target in wanted.items():
             if key not in tensors or tensors[key].shape != target.shape or not torch.isfinite(tensors[key]).all():
-                raise TempflowError(f"{self.path}: pretraining checkpoint is damaged ({key} is missing, misshapen or "
-                                    "not finite); delete it to start over")
+                raise self.damaged(f"{key} is missing, misshapen or not finite")
         with torch.no_grad():
             for key, target in wanted.items():
                 target.copy_(tensors[key])
@@ -339,11 +277,6 @@ class Checkpoint:
 
 # --------------------------------------------------------------------------------------------
 # The run
-
-
-def default_checkpoint(out: Path) -> Path:
-    """``runs/base`` -> ``runs/base.ckpt``: beside the output, outside it (DVC deletes outputs before a run)."""
-    return out.parent / f"{out.name}.ckpt"
 
 
 def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = None, device: str = "cpu",

@@ -96,9 +96,7 @@ class TempflowGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
-        from stages.artifacts import committed_outputs
-
-        committed = len(committed_outputs())
+        committed = len(_committed_outputs())
         try:
             return super().invoke(ctx)
         except (TempflowError, OSError, MemoryError) as err:
@@ -113,10 +111,17 @@ class TempflowGroup(click.Group):
                        "--dtype bf16", err=True)
             ctx.exit(1)
         except KeyboardInterrupt as err:
-            kept = committed_outputs()[committed:]
+            kept = _committed_outputs()[committed:]
             done = f"{', '.join(map(str, kept))} was written, the rest was not" if kept else "the stage's output was not written"
             click.echo(f"interrupted: {done}; run it again", err=True)
             ctx.exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT))
+
+
+def _committed_outputs() -> list[Path]:
+    """The outputs stages.artifacts has committed so far; none before it is imported (importing it
+    here would load numpy for every --help)."""
+    artifacts = sys.modules.get("stages.artifacts")
+    return artifacts.committed_outputs() if artifacts is not None else []
 
 
 def _error_line(err: BaseException) -> str:
@@ -300,9 +305,7 @@ def make_tiny(kind: str, out: Path, seed: int, overwrite: bool) -> None:
 
 
 def _rollout_options(fn):
-    from stages.rollout import ALGORITHMS, RolloutConfig
-
-    return config_options(RolloutConfig, choices={"algo": ALGORITHMS})(fn)
+    return config_options("stages.rollout:RolloutConfig", choices={"algo": "stages.rollout:ALGORITHMS"})(fn)
 
 
 @cli.command()
@@ -434,10 +437,9 @@ def score(rollout_dir: Path, rewards: list, out: Path, batch_size: int, device: 
 
 
 def _update_options(fn):
-    from stages.update import ADV_GROUPS, KL_FORMS, WEIGHTINGS, UpdateConfig
-
-    return config_options(UpdateConfig, choices={"weighting": WEIGHTINGS, "adv_group": ADV_GROUPS, "kl_form": KL_FORMS,
-                                                 "adv_std": {"group": "the group's std", "global": "the rollout's std"}})(fn)
+    return config_options("stages.update:UpdateConfig", choices={
+        "weighting": "stages.update:WEIGHTINGS", "adv_group": "stages.update:ADV_GROUPS", "kl_form": "stages.flow:KL_FORMS",
+        "adv_std": {"group": "the group's std", "global": "the rollout's std"}})(fn)
 
 
 @cli.command()
@@ -522,9 +524,8 @@ def report(metrics_dir: Path, out: Path, evals: tuple, eval_dir: Path | None, ov
 
 
 def _pretrain_options(fn):
-    from stages.pretrain import WORLDS, PretrainConfig
-
-    return config_options(PretrainConfig, choices={"world": WORLDS, "preset": PRESET_HELP})(fn)
+    return config_options("stages.pretrain:PretrainConfig", choices={"world": "stages.pretrain:WORLDS",
+                                                                     "preset": PRESET_HELP})(fn)
 
 
 @cli.command()
@@ -555,9 +556,7 @@ def pretrain(out: Path, checkpoint: Path | None, device: str, overwrite: bool, *
 
 
 def _eval_options(fn):
-    from stages.evaluate import EvalConfig
-
-    return config_options(EvalConfig)(fn)
+    return config_options("stages.evaluate:EvalConfig")(fn)
 
 
 @cli.command(name="eval")

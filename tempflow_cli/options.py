@@ -3,49 +3,96 @@
 The docstring written under a dataclass field becomes the option's help; its default and type
 become the option's; a registry dict given in ``choices`` becomes a ``click.Choice`` (a typo then
 fails at parse time).
+
+The dataclass is read from its module's source, not imported: ``tempflow --help``, every
+``tempflow CMD --help`` and option errors never import torch (the stage modules do), so they
+answer at once. Field defaults and the registries named as ``"module:NAME"`` must therefore be
+literals; :func:`config_fields` refuses anything else, and a test compares what it reads with the
+imported dataclasses.
 """
 
 from __future__ import annotations
 
 import ast
 import dataclasses
-import inspect
-import textwrap
+import functools
+import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The string literal that follows each annotated field in the class body."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
-                and isinstance(after.value.value, str)):
-            docs[node.target.id] = " ".join(after.value.value.split())
-    return docs
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    default: Any
+    doc: str
 
 
-def config_options(cls: type, choices: dict[str, dict[str, str]] | None = None,
+@functools.cache
+def _module_tree(module: str) -> ast.Module:
+    spec = importlib.util.find_spec(module)  # imports the parent packages only (their __init__ stay light)
+    if spec is None or spec.origin is None:
+        raise ImportError(f"no module {module}")
+    return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+
+
+def _split(ref: str) -> tuple[str, str]:
+    module, _, name = ref.partition(":")
+    if not name:
+        raise ValueError(f"{ref!r}: give a config as 'module:ClassName'")
+    return module, name
+
+
+def config_fields(ref: str) -> list[Field]:
+    """The fields of the dataclass ``ref`` (``"stages.rollout:RolloutConfig"``), in order, read from
+    its source: name, literal default, and the string literal that follows each field."""
+    module, name = _split(ref)
+    classes = [n for n in _module_tree(module).body if isinstance(n, ast.ClassDef) and n.name == name]
+    if not classes:
+        raise ImportError(f"{module} defines no class {name}")
+    body, fields = classes[0].body, []
+    for node, after in zip(body, body[1:] + [None]):
+        if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+            continue
+        try:
+            default = ast.literal_eval(node.value) if node.value is not None else dataclasses.MISSING
+        except ValueError:
+            raise TypeError(f"{ref}.{node.target.id}: its default must be a literal for the CLI to read it") from None
+        doc = ""
+        if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            doc = " ".join(after.value.value.split())
+        fields.append(Field(node.target.id, default, doc))
+    return fields
+
+
+def literal(ref: str) -> Any:
+    """The literal value a module assigns to a name at its top level (``"stages.rollout:ALGORITHMS"``)."""
+    module, name = _split(ref)
+    for node in _module_tree(module).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
+            return ast.literal_eval(node.value)
+    raise ImportError(f"{module} assigns no literal {name}")
+
+
+def config_options(ref: str, choices: dict[str, dict[str, str] | str] | None = None,
                    skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
-    """Decorator adding one ``--field-name`` option per field of dataclass ``cls``."""
-    docs = field_docs(cls)
-    choices = choices or {}
+    """Decorator adding one ``--field-name`` option per field of the dataclass ``ref``; a choice
+    given as ``"module:NAME"`` is that module's literal registry."""
+    resolved = {k: literal(v) if isinstance(v, str) else v for k, v in (choices or {}).items()}
 
     def decorate(fn: Callable) -> Callable:
-        for f in reversed(dataclasses.fields(cls)):
+        for f in reversed(config_fields(ref)):
             if f.name in skip:
                 continue
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            kind: Any = click.Choice(list(choices[f.name])) if f.name in choices else type(default)
-            help_text = docs.get(f.name, "")
-            if f.name in choices:
-                help_text += " " + "; ".join(f"{k}: {v}" for k, v in choices[f.name].items())
-            fn = click.option(f"--{f.name.replace('_', '-')}", f.name, type=kind, default=default,
+            kind: Any = click.Choice(list(resolved[f.name])) if f.name in resolved else type(f.default)
+            help_text = f.doc
+            if f.name in resolved:
+                help_text += " " + "; ".join(f"{k}: {v}" for k, v in resolved[f.name].items())
+            fn = click.option(f"--{f.name.replace('_', '-')}", f.name, type=kind, default=f.default,
                               show_default=True, help=help_text)(fn)
         return fn
 

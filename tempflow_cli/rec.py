@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from tempflow_cli.main import DEVICE, OVERWRITE, StageCommand
-from tempflow_cli.options import config_options, pop_config
+from tempflow_cli.options import config_options, literal, pop_config
 from tempflow_cli.ui import progress_bars, summary
 
 
@@ -28,9 +28,8 @@ def rec() -> None:
 
 
 def _prepare_options(fn):
-    from stages.recsys.data import SOURCES, SPLITS, PrepareConfig
-
-    return config_options(PrepareConfig, choices={"source": SOURCES, "split": SPLITS})(fn)
+    return config_options("stages.recsys.data:PrepareConfig", choices={"source": "stages.recsys.data:SOURCES",
+                                                                       "split": "stages.recsys.data:SPLITS"})(fn)
 
 
 @rec.command()
@@ -51,41 +50,49 @@ def prepare(events: Path | None, clicks: Path | None, buys: Path | None, out: Pa
 
 
 def _algo_option(fn):
-    from stages.recsys.losses import ALGOS
-
-    return click.option("--algo", type=click.Choice(list(ALGOS)), default="crr", show_default=True,
-                        help="; ".join(f"{k}: {v}" for k, v in ALGOS.items()))(fn)
+    algos = literal("stages.recsys.losses:ALGOS")
+    return click.option("--algo", type=click.Choice(list(algos)), default="crr", show_default=True,
+                        help="; ".join(f"{k}: {v}" for k, v in algos.items()))(fn)
 
 
 def _model_options(fn):
-    from stages.recsys.model import RecModelConfig
-
-    return config_options(RecModelConfig)(fn)
+    return config_options("stages.recsys.model:RecModelConfig")(fn)
 
 
 def _train_options(fn):
-    from stages.recsys.train import TrainConfig
-
-    return config_options(TrainConfig, choices={"weight": {"binary": "1[A > 0]", "exp": "min(exp(A / beta), 20)"},
+    return config_options("stages.recsys.train:TrainConfig", choices={"weight": {"binary": "1[A > 0]", "exp": "min(exp(A / beta), 20)"},
                                                 "baseline": {"mean": "E_pi Q", "max": "max_a Q"}})(fn)
+
+
+CHECKPOINT = click.option(
+    "--checkpoint", type=click.Path(path_type=Path), default=None,
+    help="Resumable checkpoint folder, written every --checkpoint-every steps. Default: OUT.ckpt beside OUT. "
+         "A rerun with the same options and inputs continues from it; it is deleted once OUT is written.")
 
 
 @rec.command()
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Sessions parquet of `rec prepare`.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model folder to create.")
+@click.option("--init-from", type=click.Path(path_type=Path), default=None,
+              help="A local GPT-2 folder (e.g. DistilGPT2's) whose blocks and position embeddings start the "
+                   "transformer; --layers, --heads and --width must be its shape. Default: random weights.")
 @_model_options
 @_train_options
+@CHECKPOINT
 @DEVICE
 @OVERWRITE
-def pretrain(data: Path, out: Path, device: str, overwrite: bool, **kwargs: Any) -> None:
-    """Fit a fresh transformer by next-item cross-entropy on the train events (the supervised baseline)."""
+def pretrain(data: Path, out: Path, init_from: Path | None, checkpoint: Path | None, device: str, overwrite: bool,
+             **kwargs: Any) -> None:
+    """Fit the transformer by next-item cross-entropy on the train events (the supervised baseline).
+    An interrupted run resumes from its checkpoint and ends with the same weights."""
     from stages.recsys.model import RecModelConfig
-    from stages.recsys.stages import run_pretrain
+    from stages.recsys.stages import Run, run_pretrain
     from stages.recsys.train import TrainConfig
 
     model_config, config = pop_config(RecModelConfig, kwargs), pop_config(TrainConfig, kwargs)
     with progress_bars("steps") as progress:
-        metrics = run_pretrain(data, out, model_config, config, device=device, progress=progress, overwrite=overwrite)
+        metrics = run_pretrain(data, Run(out, checkpoint, overwrite), model_config, config, device=device,
+                               progress=progress, init_from=init_from)
     summary(f"model {out}", _headline(metrics))
 
 
@@ -96,16 +103,20 @@ def pretrain(data: Path, out: Path, device: str, overwrite: bool, **kwargs: Any)
 @_algo_option
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model folder to create.")
 @_train_options
+@CHECKPOINT
 @DEVICE
 @OVERWRITE
-def train(data: Path, policy_dir: Path, algo: str, out: Path, device: str, overwrite: bool, **kwargs: Any) -> None:
-    """Fine-tune a model offline on the logged sessions with CRR, BC, SQN or SA2C."""
-    from stages.recsys.stages import run_train
+def train(data: Path, policy_dir: Path, algo: str, out: Path, checkpoint: Path | None, device: str, overwrite: bool,
+          **kwargs: Any) -> None:
+    """Fine-tune a model offline on the logged sessions with CRR, BC, SQN or SA2C. An interrupted run
+    resumes from its checkpoint and ends with the same weights."""
+    from stages.recsys.stages import Run, run_train
     from stages.recsys.train import TrainConfig
 
     config = pop_config(TrainConfig, kwargs)
     with progress_bars("steps") as progress:
-        metrics = run_train(data, policy_dir, out, algo, config, device=device, progress=progress, overwrite=overwrite)
+        metrics = run_train(data, policy_dir, Run(out, checkpoint, overwrite), algo, config, device=device,
+                            progress=progress)
     summary(f"model {out} ({algo})", _headline(metrics))
 
 

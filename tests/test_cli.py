@@ -47,6 +47,75 @@ def test_top_level_help_lists_the_stages():
     assert {"init", "rollout", "score", "update", "report", "pretrain", "eval", "make-tiny", "check"} <= names
 
 
+HELP_WITHOUT_TORCH = """
+import json, sys
+from tempflow_cli.main import cli
+answers = {}
+for args in json.loads(sys.argv[1]):
+    try:
+        cli.main(args, prog_name="tempflow")
+    except SystemExit as stop:
+        answers[" ".join(args)] = stop.code
+heavy = sorted(m for m in ("torch", "transformers", "diffusers", "numpy", "pyarrow", "PIL") if m in sys.modules)
+print(json.dumps({"answers": answers, "heavy": heavy}))
+"""
+
+
+def test_help_and_option_errors_never_import_torch():
+    """`tempflow --help`, every command's --help and a mistyped option answer without importing
+    torch, or any of the stages' heavy libraries (a fresh interpreter, so nothing is imported yet)."""
+    import subprocess
+    import sys
+
+    from tempflow_cli.main import cli
+
+    commands = [[name] for name in cli.commands if name != "rec"] + [["rec", name] for name in cli.commands["rec"].commands]
+    calls = [["--help"], ["rec", "--help"], *[[*c, "--help"] for c in commands], ["rollout", "--num-steps", "x"],
+             ["update", "--kl-form", "nope"], ["rec", "train", "--algo", "nope"], ["no-such-command"]]
+    done = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, json.dumps(calls)], capture_output=True, text=True,
+                          check=True)
+    report = json.loads(done.stdout.splitlines()[-1])
+    assert report["heavy"] == []
+    assert len(commands) >= 13
+    assert all(report["answers"][" ".join(c)] == 0 for c in calls if c[-1] == "--help")
+    assert all(report["answers"][" ".join(c)] == 2 for c in calls if c[-1] != "--help")
+
+
+@pytest.mark.parametrize("ref", ["stages.rollout:RolloutConfig", "stages.update:UpdateConfig",
+                                 "stages.pretrain:PretrainConfig", "stages.evaluate:EvalConfig",
+                                 "stages.recsys.data:PrepareConfig", "stages.recsys.model:RecModelConfig",
+                                 "stages.recsys.train:TrainConfig"])
+def test_options_read_from_source_are_the_dataclass_fields(ref):
+    """The CLI reads each config from its module's source (so --help needs no torch): the names,
+    defaults and order it reads are the imported dataclass's."""
+    import dataclasses
+    import importlib
+
+    from tempflow_cli.options import config_fields
+
+    module, name = ref.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    real = [(f.name, f.default) for f in dataclasses.fields(cls)]
+    assert [(f.name, f.default) for f in config_fields(ref)] == real
+    assert all(f.doc for f in config_fields(ref)), "every field has its docstring"
+
+
+def test_choices_read_from_source_are_the_registries():
+    from stages.flow import KL_FORMS
+    from stages.pretrain import WORLDS
+    from stages.recsys.data import SOURCES, SPLITS
+    from stages.recsys.losses import ALGOS
+    from stages.rollout import ALGORITHMS
+    from stages.update import ADV_GROUPS, WEIGHTINGS
+    from tempflow_cli.options import literal
+
+    for name, value in {"stages.flow:KL_FORMS": KL_FORMS, "stages.pretrain:WORLDS": WORLDS,
+                        "stages.recsys.data:SOURCES": SOURCES, "stages.recsys.data:SPLITS": SPLITS,
+                        "stages.recsys.losses:ALGOS": ALGOS, "stages.rollout:ALGORITHMS": ALGORITHMS,
+                        "stages.update:ADV_GROUPS": ADV_GROUPS, "stages.update:WEIGHTINGS": WEIGHTINGS}.items():
+        assert literal(name) == value, name
+
+
 def test_update_help_explains_ablation_choices():
     out = invoke("update", "--help").stdout
     assert "noise-aware" in out and "uniform" in out and "(prompt, step)" in out

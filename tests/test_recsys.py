@@ -4,8 +4,10 @@ metrics by hand, and the stages end to end on a tiny model."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,8 @@ from stages.recsys.metrics import ranks, summarise
 from stages.recsys.model import RecModelConfig, RecTransformer, polyak
 from stages.recsys.train import TrainConfig, eval_pairs, fit, train_windows
 from tests.conftest import invoke
+
+REPO = Path(__file__).resolve().parents[1]
 
 TINY = ["--layers", "1", "--heads", "2", "--width", "16", "--context", "8", "--epochs", "2", "--batch-size", "16"]
 
@@ -192,20 +196,22 @@ def test_crr_weight_carries_no_gradient_into_the_critic():
 
 
 TIANSHOU_CRR = """
-Tianshou's DiscreteCRRPolicy.learn (tianshou/policy/imitation/discrete_crr.py), with its CQL term off
-(min_q_weight = 0) and its target networks given, reduces on one batch to:
+Tianshou's DiscreteCRR._update_with_batch (tianshou 2.0.1, tianshou/algorithm/imitation/discrete_crr.py),
+with its CQL term off (min_q_weight = 0) and its lagged networks given, reduces on one batch to:
     target   = rew + gamma * (softmax(actor_old(obs_next)) * critic_old(obs_next)).sum(-1), 0 where done
     critic   = 0.5 * mse(q[act], target)
     adv      = q[act] - (softmax(actor(obs)) * q).sum(-1)
     coef     = (adv > 0) or exp(adv / beta).clamp(0, ratio_upper_bound)
     actor    = mean(-log_softmax(actor(obs))[act] * coef)
+(in its code coef has shape (N, 1) against the log-probabilities' (N,), so on a batch of more than one
+transition the product broadcasts to (N, N); examples/recsys/check_tianshou.py shows it, and compares on
+single transitions, where the two agree)
 """
 
 
 @pytest.mark.parametrize("mode", ["binary", "exp"])
 def test_crr_matches_tianshous_discrete_crr(mode):
-    """The same batch through tempflow's objective and through tianshou's formulas, as quoted above
-    from its source (tianshou itself, with gymnasium and its other dependencies, is not installed)."""
+    """The same batch through tempflow's objective and through tianshou's formulas as quoted above."""
     batch = _batch(seed=3, n=8, v=7)
     beta, gamma = 0.7, 0.95
     _, parts = losses.objective(batch, losses.Objective(algo="crr", weight=mode, beta=beta, gamma=gamma))
@@ -224,14 +230,38 @@ def test_crr_matches_tianshous_discrete_crr(mode):
     assert parts["actor_loss"] == pytest.approx(tianshou_actor.item(), rel=1e-6)
 
 
-def test_sa2c_weights_the_cross_entropy_by_the_normalised_advantage():
-    batch = _batch(seed=5)
+def test_crr_matches_tianshou_itself():
+    """tianshou's own DiscreteCRR on a hand-made batch (examples/recsys/check_tianshou.py). tianshou
+    pulls numba, pandas and tensorboard, so the README's test set-up does not install it and this
+    test is skipped there; its last output is docs/recsys/tianshou-crr-check.json."""
+    pytest.importorskip("tianshou")
+    spec = importlib.util.spec_from_file_location("check_tianshou", REPO / "examples/recsys/check_tianshou.py")
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    for mode in ("binary", "exp"):
+        r = check.compare(mode)
+        assert check.agrees(r["tempflow_actor"], r["tianshou_actor_per_transition"]), r
+        assert check.agrees(r["tempflow_critic"], r["tianshou_critic_x2_batch"]), r
+
+
+def test_sa2c_weights_the_cross_entropy_by_the_clipped_sampled_advantage():
+    """Xin et al.'s code: A = Q(s, a) - mean over the logged item and N sampled items of Q, clipped
+    to [0, 10]; the actor term is A * cross-entropy. Hand-made Q values and negatives."""
+    q = torch.tensor([[0.0, 1.0, 2.0, 3.0, 30.0], [0.0, 4.0, 0.0, 0.0, 1.0]])
+    batch = losses.Batch(logits=torch.zeros(2, 5), q=q, action=torch.tensor([4, 2]), reward=torch.zeros(2),
+                         done=torch.tensor([True, True]), next_logits=torch.zeros(2, 5), next_q=torch.zeros(2, 5),
+                         next_q_target=torch.zeros(2, 5), negatives=torch.tensor([[1, 2], [1, 4]]))
+    # row 0: 30 - (30 + 1 + 2) / 3 = 19 -> clipped to 10; row 1: 0 - (0 + 4 + 1) / 3 < 0 -> 0
+    adv = losses.sampled_advantage(q, q.gather(1, batch.action[:, None])[:, 0], batch.negatives)
+    torch.testing.assert_close(adv, torch.tensor([19.0, -5 / 3]))
     _, parts = losses.objective(batch, losses.Objective(algo="sa2c"))
-    log_pi = F.log_softmax(batch.logits, -1).detach()
-    q_sa = batch.q.gather(1, batch.action[:, None])[:, 0]
-    adv = q_sa - (log_pi.exp() * batch.q).sum(-1)
-    f = adv / adv.abs().mean()
-    assert parts["actor_loss"] == pytest.approx(-(f * log_pi.gather(1, batch.action[:, None])[:, 0]).mean().item(), rel=1e-6)
+    assert parts["weight_mean"] == pytest.approx(5.0)
+    assert parts["actor_loss"] == pytest.approx(10 * math.log(5) / 2, rel=1e-6)  # uniform logits: -log pi = log 5
+    _, warm = losses.objective(batch, losses.Objective(algo="sa2c", weighted=False))  # the warm-up is SQN's loss
+    _, sqn = losses.objective(batch, losses.Objective(algo="sqn"))
+    assert warm == sqn
+    with pytest.raises(ValueError, match="negatives"):
+        losses.objective(replace(batch, negatives=None), losses.Objective(algo="sa2c"))
 
 
 def test_polyak():
@@ -401,6 +431,126 @@ def test_damaged_sessions_are_refused(damage, needle, tmp_path):
     pq.write_table(table.replace_schema_metadata({"tempflow": json.dumps(meta)}), data)
     with pytest.raises(TempflowError, match=needle):
         read_sessions(data)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(steps: int):
+    done = []
+
+    def progress(task: str, advance: int, total: int) -> None:
+        done.append(advance)
+        if sum(done) >= steps:
+            raise _Stop
+
+    return progress
+
+
+@pytest.mark.parametrize("algo, every, stop", [("crr", 3, 5), ("sa2c", 4, 9), ("bc", 4, 4)])
+def test_an_interrupted_fit_resumes_to_the_same_weights(algo, every, stop, tmp_path):
+    """Stopped mid-epoch (crr), past an epoch's end with SA2C's switch in between (sa2c), or right
+    at a checkpoint that closes an epoch (bc: 4 batches an epoch): the rerun ends with the weights
+    and losses of a fit that never stopped, dropout and SA2C's negatives included."""
+    import copy
+
+    from stages.artifacts import read_sessions
+    from stages.recsys.train import TrainCheckpoint
+
+    sessions = read_sessions(_sessions_file(tmp_path))
+    windows = train_windows(sessions, 1)
+    assert len(windows["items"]) == 12  # 6 sessions of 2 train events in windows of 1: 4 batches of 3
+    config = TrainConfig(epochs=3, batch_size=3, checkpoint_every=every, sa2c_warmup=1, tau=0.1)
+    torch.manual_seed(0)
+    start = RecTransformer(sessions.n_items, RecModelConfig(layers=1, heads=2, width=8, context=1, dropout=0.2))
+    whole = copy.deepcopy(start)
+    expected = fit(whole, windows, algo, config)
+    ckpt = TrainCheckpoint(tmp_path / "ck")
+    with pytest.raises(_Stop):
+        fit(copy.deepcopy(start), windows, algo, config, _stop_after(stop), ckpt, {"start": "x"})
+    saved = json.loads((tmp_path / "ck" / "state.json").read_text())
+    assert saved["step"] == stop // every * every
+    resumed = copy.deepcopy(start)
+    assert fit(resumed, windows, algo, config, checkpoint=ckpt, key={"start": "x"}) == expected
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    other = copy.deepcopy(start)  # a checkpoint of another fit (another key) is not taken up
+    fit(other, windows, algo, config, checkpoint=ckpt, key={"start": "y"})
+    assert all(torch.equal(a, b) for a, b in zip(whole.state_dict().values(), other.state_dict().values()))
+
+
+def test_rec_train_resumes_through_the_cli_and_removes_its_checkpoint(tmp_path, monkeypatch):
+    data = _sessions_file(tmp_path)
+    assert invoke("rec", "pretrain", "--data", data, "--out", tmp_path / "pre", *TINY).exit_code == 0
+    args = ["rec", "train", "--data", data, "--policy", tmp_path / "pre", "--algo", "crr", "--epochs", "3",
+            "--batch-size", "2", "--checkpoint-every", "2"]
+    assert invoke(*args, "--out", tmp_path / "whole").exit_code == 0
+    import stages.recsys.train as train
+
+    real = train._train_step
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(train, "_train_step", failing)
+    assert invoke(*args, "--out", tmp_path / "again").exit_code != 0
+    assert (tmp_path / "again.ckpt" / "state.json").is_file() and not (tmp_path / "again").exists()
+    monkeypatch.setattr(train, "_train_step", real)
+    assert invoke(*args, "--out", tmp_path / "again").exit_code == 0
+    assert not (tmp_path / "again.ckpt").exists()
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (tmp_path / "whole" / "model.safetensors").read_bytes()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    r = invoke(*args, "--out", tmp_path / "third", "--checkpoint", tmp_path / "mine")
+    assert r.exit_code != 0 and "not a tempflow recommender training checkpoint" in r.output
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def _gpt2_folder(tmp_path: Path, **shape) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    config = GPT2Config(vocab_size=50, n_positions=64, **{"n_layer": 1, "n_head": 2, "n_embd": 16, **shape})
+    folder = tmp_path / "distilgpt2"
+    GPT2LMHeadModel(config).save_pretrained(folder)  # the layout of DistilGPT2's hub folder
+    return folder
+
+
+def test_init_from_a_local_gpt2_folder(tmp_path):
+    from transformers import GPT2Model
+
+    from stages.recsys.model import init_from_gpt2
+
+    folder = _gpt2_folder(tmp_path)
+    model = RecTransformer(7, RecModelConfig(layers=1, heads=2, width=16, context=8))
+    record = init_from_gpt2(model, folder)
+    source = GPT2Model.from_pretrained(folder).state_dict()
+    mine = model.transformer.state_dict()
+    assert record["loaded"] == len(source) - 1  # all but the word embeddings
+    torch.testing.assert_close(mine["wpe.weight"], source["wpe.weight"][:9])
+    for name in ("h.0.attn.c_attn.weight", "h.0.mlp.c_proj.bias", "ln_f.weight"):
+        assert torch.equal(mine[name], source[name]), name
+    with pytest.raises(TempflowError, match="pass --width 16"):
+        init_from_gpt2(RecTransformer(7, RecModelConfig(layers=1, heads=2, width=32, context=8)), folder)
+    with pytest.raises(TempflowError, match="64 positions"):
+        init_from_gpt2(RecTransformer(7, RecModelConfig(layers=1, heads=2, width=16, context=100)), folder)
+    with pytest.raises(TempflowError, match="no config.json"):
+        init_from_gpt2(model, tmp_path)
+
+
+def test_rec_pretrain_init_from_records_its_start(tmp_path):
+    data, folder = _sessions_file(tmp_path), _gpt2_folder(tmp_path)
+    r = invoke("rec", "pretrain", "--data", data, "--out", tmp_path / "m", "--init-from", folder, *TINY)
+    assert r.exit_code == 0, r.output
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["init_from"]["path"] == str(folder) and config["init_from"]["width"] == 16
+    r = invoke("rec", "pretrain", "--data", data, "--out", tmp_path / "n", "--init-from", folder, *TINY, "--width", "32")
+    assert r.exit_code != 0 and "pass --width 16" in r.output
 
 
 def test_a_damaged_model_config_is_one_line(tmp_path):

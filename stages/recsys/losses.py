@@ -11,12 +11,13 @@ function is the formula it is named for; :func:`objective` puts them together pe
 - BC: ``f = 1``, the cross-entropy of the logged item (also the pretraining objective).
 - SQN (Xin et al. 2020): cross-entropy plus a one-step double-Q loss on the Q head,
   ``(r + gamma Q'(s', argmax_a Q(s', a)) - Q(s, a))^2`` (the online head picks, the target head values).
-- SA2C (after Xin et al. 2022): SQN's Q loss plus the cross-entropy weighted by the detached
-  advantage ``Q(s, a) - E_{a'~pi} Q(s, a')``. The paper estimates the expectation from sampled
-  negatives; here it is exact over all items. Dividing the weights by their mean absolute value over
-  the batch is tempflow's own choice (it keeps the step size of the cross-entropy's), not the
-  paper's; a negative weight pushes probability away from a worse-than-average item, and like any
-  advantage-weighted policy gradient the loss is not bounded below.
+- SA2C (Xin et al. 2022, as their published code computes it): SQN's Q loss plus the
+  cross-entropy weighted by the detached advantage ``A = Q(s, a) - mean(Q(s, a), Q(s, n_1), ...,
+  Q(s, n_N))`` over the logged item and N items drawn uniformly (the code's N = 10), clipped to
+  [0, 10] as the code's default clip does, so that no weight is negative and the loss is bounded.
+  The code trains SQN's loss first and switches to the weighted one later; the switch is
+  :class:`~stages.recsys.train.TrainConfig`'s ``sa2c_warmup`` (epochs). Left out: the code's
+  negative items in the Q loss and its propensity factor (whose default exponent 0 makes it 1).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ ALGOS = {
     "crr": "Critic Regularized Regression: -f log pi with f from the critic's advantage",
     "bc": "behaviour cloning: f = 1, the logged item's cross-entropy",
     "sqn": "Xin et al.'s SQN: cross-entropy + a double-Q loss on the Q head",
-    "sa2c": "Xin et al.'s SA2C: SQN's Q loss + the cross-entropy weighted by the advantage",
+    "sa2c": "Xin et al.'s SA2C: SQN's loss, then the cross-entropy weighted by a clipped sampled advantage",
 }
 WEIGHTS = ("binary", "exp")
+SA2C_NEGATIVES, SA2C_CLIP = 10, (0.0, 10.0)
 BASELINES = ("mean", "max")
 
 
@@ -63,6 +65,12 @@ def advantage(q: Tensor, q_sa: Tensor, probs: Tensor, baseline: str = "mean") ->
     return q_sa - (expected_value(probs, q) if baseline == "mean" else q.max(dim=-1).values)
 
 
+def sampled_advantage(q: Tensor, q_sa: Tensor, negatives: Tensor) -> Tensor:
+    """SA2C's ``Q(s, a) - (Q(s, a) + sum_j Q(s, n_j)) / (1 + N)`` for ``negatives`` ``(rows, N)``."""
+    q_neg = q.gather(-1, negatives).sum(dim=-1)
+    return q_sa - (q_sa + q_neg) / (1 + negatives.shape[-1])
+
+
 def crr_weight(adv: Tensor, mode: str, beta: float, ceiling: float = 20.0) -> Tensor:
     """``1[A > 0]`` (binary) or ``min(exp(A / beta), ceiling)`` (exp), never carrying a gradient."""
     adv = adv.detach()
@@ -86,6 +94,7 @@ class Batch:
     next_logits: Tensor  # the target network's, at s'
     next_q: Tensor  # the online network's, at s' (double Q picks with it)
     next_q_target: Tensor
+    negatives: Tensor | None = None  # (N, SA2C_NEGATIVES) uniform item draws, SA2C's advantage only
 
 
 @dataclass(frozen=True)
@@ -96,6 +105,8 @@ class Objective:
     beta: float = 1.0
     baseline: str = "mean"
     ceiling: float = 20.0
+    weighted: bool = True
+    """SA2C: False during its warm-up, when the actor term is the plain cross-entropy (SQN's loss)."""
 
 
 def objective(batch: Batch, settings: Objective) -> tuple[Tensor, dict[str, float]]:
@@ -112,14 +123,17 @@ def objective(batch: Batch, settings: Objective) -> tuple[Tensor, dict[str, floa
         target = sqn_target(batch.reward, batch.done, batch.next_q, batch.next_q_target, settings.gamma)
     critic = critic_loss(q_sa, target)
     probs = log_probs.exp().detach()
-    if settings.algo == "sqn":
+    if settings.algo == "sqn" or (settings.algo == "sa2c" and not settings.weighted):
         actor = weighted_nll(log_probs, batch.action, 1.0)
         return actor + critic, {"actor_loss": float(actor.detach()), "critic_loss": float(critic.detach())}
-    adv = advantage(batch.q.detach(), q_sa.detach(), probs, settings.baseline)
     if settings.algo == "crr":
+        adv = advantage(batch.q.detach(), q_sa.detach(), probs, settings.baseline)
         f = crr_weight(adv, settings.weight, settings.beta, settings.ceiling)
     else:  # sa2c
-        f = adv / adv.abs().mean().clamp_min(1e-8)
+        if batch.negatives is None:
+            raise ValueError("SA2C's advantage needs the batch's sampled negatives")
+        adv = sampled_advantage(batch.q.detach(), q_sa.detach(), batch.negatives)
+        f = adv.clamp(*SA2C_CLIP)
     actor = weighted_nll(log_probs, batch.action, f)
     return actor + critic, {"actor_loss": float(actor.detach()), "critic_loss": float(critic.detach()),
                             "advantage_mean": float(adv.mean()), "weight_mean": float(f.mean())}

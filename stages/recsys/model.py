@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -80,3 +82,41 @@ def polyak(target: nn.Module, online: nn.Module, tau: float) -> None:
     with torch.no_grad():
         for t, o in zip(target.parameters(), online.parameters()):
             t.mul_(1 - tau).add_(o, alpha=tau)
+
+
+def init_from_gpt2(model: RecTransformer, folder: Path) -> dict[str, Any]:
+    """Copy a local GPT-2 checkpoint's transformer (e.g. DistilGPT2's folder, as ``save_pretrained``
+    or a hub download leaves it) into ``model``: every block, the final layer norm, and the first
+    ``context + 1`` position embeddings. Its word embeddings are not taken (items are not words).
+    The folder's shape must be ``model``'s; returns what was loaded, for the model's record."""
+    from transformers import GPT2Config, GPT2Model
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise TempflowError(f"--init-from {folder}: not a model folder (it has no config.json)")
+    try:
+        source_config = GPT2Config.from_pretrained(folder)
+    except Exception as err:  # transformers' own errors for unreadable or foreign configs
+        raise TempflowError(f"--init-from {folder}: its config.json is not a GPT-2 config ({err})") from None
+    mine = model.transformer.config
+    wanted = {"layers": (source_config.n_layer, mine.n_layer), "heads": (source_config.n_head, mine.n_head),
+              "width": (source_config.n_embd, mine.n_embd)}
+    differ = [f"--{name} {theirs}" for name, (theirs, ours) in wanted.items() if theirs != ours]
+    if getattr(source_config, "model_type", None) != "gpt2" or differ:
+        raise TempflowError(f"--init-from {folder}: a {getattr(source_config, 'model_type', '?')} model of another shape; "
+                            f"pass {' '.join(differ) or 'a GPT-2 folder'} to match it")
+    if source_config.n_positions < mine.n_positions or source_config.activation_function != mine.activation_function:
+        raise TempflowError(f"--init-from {folder}: {source_config.n_positions} positions and "
+                            f"{source_config.activation_function} activations, where this model needs "
+                            f"{mine.n_positions} and {mine.activation_function}")
+    try:
+        source = GPT2Model.from_pretrained(folder)
+    except Exception as err:  # missing or damaged weights
+        raise TempflowError(f"--init-from {folder}: its weights do not load ({type(err).__name__}: {err})") from None
+    weights = {k: v for k, v in source.state_dict().items() if not k.startswith("wte.")}
+    weights["wpe.weight"] = weights["wpe.weight"][:mine.n_positions]
+    missing, unexpected = model.transformer.load_state_dict(weights, strict=False)
+    if unexpected or set(missing) - {"wte.weight"}:
+        raise TempflowError(f"--init-from {folder}: its weights do not fit ({len(missing)} missing, "
+                            f"{len(unexpected)} unexpected)")
+    return {"path": str(folder), "layers": mine.n_layer, "width": mine.n_embd, "loaded": len(weights)}

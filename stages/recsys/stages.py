@@ -3,18 +3,30 @@ model folder (``model.safetensors``, ``config.json``, ``metrics.json``), evaluat
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from stages.artifacts import atomic_output, check_out_free, read_sessions, sha256_file, write_json, write_sessions
+from stages.checkpoints import default_checkpoint
 from stages.errors import TempflowError
 from stages.progress import Progress, no_progress
 from stages.recsys.data import PrepareConfig, build_sessions, read_events
-from stages.recsys.model import RecModelConfig, RecTransformer
-from stages.recsys.train import METRICS_FILE, TrainConfig, evaluate, fit, load_model, save_model, timed, train_windows
+from stages.recsys.model import RecModelConfig, RecTransformer, init_from_gpt2
+from stages.recsys.train import (
+    METRICS_FILE,
+    MODEL_FILE,
+    TrainCheckpoint,
+    TrainConfig,
+    evaluate,
+    fit,
+    load_model,
+    save_model,
+    timed,
+    train_windows,
+)
 
 
 def run_prepare(config: PrepareConfig, out: Path, events: Path | None = None, clicks: Path | None = None,
@@ -44,40 +56,73 @@ def _check_items(sessions: Any, record: dict[str, Any], data: Path, model: Path)
                             "train and evaluate on the sessions the model was pretrained on")
 
 
-def _train_and_save(model: RecTransformer, sessions: Any, out: Path, algo: str, config: TrainConfig, record: dict,
-                    device: str, progress: Progress, overwrite: bool, inputs: tuple[Path, ...]) -> dict[str, Any]:
+@dataclass
+class Run:
+    """Where a training stage writes: its model folder, and the checkpoint beside it (default
+    ``OUT.ckpt``), which a rerun of the same training continues from and a finished one deletes."""
+
+    out: Path
+    checkpoint: Path | None = None
+    overwrite: bool = False
+
+    def checkpoint_folder(self) -> TrainCheckpoint:
+        return TrainCheckpoint(self.checkpoint or default_checkpoint(self.out))
+
+
+def _train_and_save(model: RecTransformer, sessions: Any, run: Run, algo: str, config: TrainConfig, record: dict,
+                    device: str, progress: Progress, inputs: tuple[Path, ...], start: Any) -> dict[str, Any]:
+    ckpt = run.checkpoint_folder()
     model.to(device)
     windows = {k: v.to(device) for k, v in train_windows(sessions, model.config.context).items()}
-    history, seconds = timed(fit, model, windows, algo, config, progress)
+    key = {"data": record["data"]["sha256"], "start": start}
+    history, seconds = timed(fit, model, windows, algo, config, progress, ckpt, key)
     metrics = {**record, "windows": len(windows["items"]), "epochs": history, "seconds": seconds,
                "validation": evaluate(model, sessions, "validation", device)}
-    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
+    with atomic_output(run.out, overwrite=run.overwrite, inputs=inputs) as tmp:
         save_model(model.cpu(), tmp, record)
         write_json(tmp / METRICS_FILE, metrics)
+    ckpt.remove()
     return metrics
 
 
-def run_pretrain(data: Path, out: Path, model_config: RecModelConfig, config: TrainConfig, device: str = "cpu",
-                 progress: Progress = no_progress, overwrite: bool = False) -> dict[str, Any]:
-    """A fresh transformer (seeded by ``config.seed``) fitted by next-item cross-entropy."""
-    check_out_free(out, overwrite, (data,))
+def _check_run(run: Run, inputs: tuple[Path, ...]) -> None:
+    check_out_free(run.out, run.overwrite, inputs)
+    run.checkpoint_folder().check_path(run.out)
+
+
+def run_pretrain(data: Path, run: Run, model_config: RecModelConfig, config: TrainConfig, device: str = "cpu",
+                 progress: Progress = no_progress, init_from: Path | None = None) -> dict[str, Any]:
+    """A transformer fitted by next-item cross-entropy: fresh (seeded by ``config.seed``), or its
+    blocks taken from the local GPT-2 folder ``init_from`` (DistilGPT2's, for the paper's start)."""
+    _check_run(run, (data,) + ((init_from,) if init_from else ()))
     sessions = read_sessions(data)
     torch.manual_seed(config.seed)
     model = RecTransformer(sessions.n_items, model_config)
+    loaded = init_from_gpt2(model, init_from) if init_from is not None else None
     record = _record(data, "pretrain", config, None, sessions.items_digest())
-    return _train_and_save(model, sessions, out, "bc", config, record, device, progress, overwrite, (data,))
+    record["init_from"] = loaded
+    start = {"model": asdict(model_config), "init_from": _folder_digest(init_from) if init_from else None}
+    return _train_and_save(model, sessions, run, "bc", config, record, device, progress, (data,), start=start)
 
 
-def run_train(data: Path, policy_dir: Path, out: Path, algo: str, config: TrainConfig, device: str = "cpu",
-              progress: Progress = no_progress, overwrite: bool = False) -> dict[str, Any]:
+def _folder_digest(folder: Path) -> str:
+    """The sha256 of a folder's files' hashes, so that a checkpoint of another init is never resumed."""
+    import hashlib
+
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
+    return hashlib.sha256("".join(f"{p.relative_to(folder)}:{sha256_file(p)}\n" for p in files).encode()).hexdigest()
+
+
+def run_train(data: Path, policy_dir: Path, run: Run, algo: str, config: TrainConfig, device: str = "cpu",
+              progress: Progress = no_progress) -> dict[str, Any]:
     """``policy_dir``'s model fine-tuned offline by ``algo``."""
-    check_out_free(out, overwrite, (data, policy_dir))
+    _check_run(run, (data, policy_dir))
     model, record = load_model(policy_dir)
     sessions = read_sessions(data)
     _check_items(sessions, record, data, policy_dir)
     start = {"path": str(policy_dir), "algo": record.get("algo")}
-    return _train_and_save(model, sessions, out, algo, config, _record(data, algo, config, start, record["items_sha256"]),
-                           device, progress, overwrite, (data, policy_dir))
+    return _train_and_save(model, sessions, run, algo, config, _record(data, algo, config, start, record["items_sha256"]),
+                           device, progress, (data, policy_dir), start=sha256_file(Path(policy_dir) / MODEL_FILE))
 
 
 def run_eval(data: Path, policy_dir: Path, out: Path, split: str, device: str = "cpu",

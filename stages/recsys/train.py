@@ -13,17 +13,18 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from stages.checkpoints import CheckpointFolder
 from stages.errors import TempflowError
 from stages.progress import Progress, no_progress
 from stages.recsys.data import SPLIT_CODES, Sessions
-from stages.recsys.losses import ALGOS, BASELINES, WEIGHTS, Batch, Objective, objective
+from stages.recsys.losses import ALGOS, BASELINES, SA2C_NEGATIVES, WEIGHTS, Batch, Objective, objective
 from stages.recsys.metrics import rank_targets, summarise
 from stages.recsys.model import RecModelConfig, RecTransformer, polyak
 
@@ -52,11 +53,15 @@ class TrainConfig:
     """CRR's temperature of the exp weight."""
     baseline: str = "mean"
     """CRR's advantage baseline: mean (E_pi Q) or max (max_a Q)."""
+    sa2c_warmup: int = 1
+    """SA2C: epochs of SQN's loss before the cross-entropy is weighted by the advantage."""
+    checkpoint_every: int = 200
+    """Write the resumable checkpoint every this many steps (0: never)."""
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise TempflowError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("sa2c_warmup", 0), ("checkpoint_every", 0)):
+            if getattr(self, name) < low:
+                raise TempflowError(f"--{name.replace('_', '-')} must be >= {low} (got {getattr(self, name)})")
         checks = {"learning_rate": (0, 1), "gamma": (0, 1), "tau": (0, 1), "beta": (0, 1e6)}
         for name, (low, high) in checks.items():
             value = getattr(self, name)
@@ -93,7 +98,8 @@ def train_windows(sessions: Sessions, context: int) -> dict[str, torch.Tensor]:
     return out
 
 
-def _batch(model: RecTransformer, target_model: RecTransformer | None, w: dict[str, torch.Tensor]) -> Batch:
+def _batch(model: RecTransformer, target_model: RecTransformer | None, w: dict[str, torch.Tensor],
+           negatives: bool = False) -> Batch:
     logits, q = model(w["items"])
     valid = w["valid"]
     at_s = (logits[:, :-1][valid], q[:, :-1][valid])
@@ -104,44 +110,134 @@ def _batch(model: RecTransformer, target_model: RecTransformer | None, w: dict[s
         with torch.no_grad():
             t_logits, t_q = target_model(w["items"])
         next_logits, next_q_target = t_logits[:, 1:][valid], t_q[:, 1:][valid]
+    drawn = None
+    if negatives:  # SA2C's uniform draws over the items (never the start token 0)
+        drawn = torch.randint(1, model.n_items + 1, (len(at_s[0]), SA2C_NEGATIVES), device=valid.device)
     return Batch(logits=at_s[0], q=at_s[1], action=w["target"][valid], reward=w["reward"][valid],
-                 done=w["done"][valid], next_logits=next_logits, next_q=next_q, next_q_target=next_q_target)
+                 done=w["done"][valid], next_logits=next_logits, next_q=next_q, next_q_target=next_q_target,
+                 negatives=drawn)
+
+
+class TrainCheckpoint(CheckpointFolder):
+    """A fit's whole state (weights, target network, Adam's moments, both random generators, where
+    in which epoch it stands, the losses so far), so that a resumed fit ends with the same weights
+    as one that never stopped."""
+
+    FORMAT = "tempflow.recsys-checkpoint/1"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "tempflow.recsys-checkpoint/", "recommender training")
+
+
+class _Fit:
+    """The mutable state of one :func:`fit`, every part of it saved in its checkpoint."""
+
+    def __init__(self, model: RecTransformer, algo: str, config: TrainConfig) -> None:
+        torch.manual_seed(config.seed)  # dropout and SA2C's negatives draw from the global generator
+        self.model, self.config = model, config
+        self.order_rng = torch.Generator().manual_seed(config.seed)
+        self.epoch_rng = self.order_rng.get_state()  # the order generator where the current epoch began
+        self.target = None if algo == "bc" else copy.deepcopy(model).eval()
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.sums: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"model/{k}": v for k, v in self.model.state_dict().items()}
+        if self.target is not None:
+            out.update({f"target/{k}": v for k, v in self.target.state_dict().items()})
+        names = [n for n, _ in self.model.named_parameters()]
+        for i, slots in self.optimizer.state_dict()["state"].items():
+            out.update({f"adam/{names[i]}/{k}": v for k, v in slots.items()})
+        out["rng/global"], out["rng/epoch"] = torch.get_rng_state(), self.epoch_rng
+        return out
+
+    def info(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "sums": self.sums, "history": self.history}
+
+    def restore(self, info: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path) -> None:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        try:
+            self.model.load_state_dict(part("model/"))
+            if self.target is not None:
+                self.target.load_state_dict(part("target/"))
+            names = [n for n, _ in self.model.named_parameters()]
+            adam: dict[int, dict[str, torch.Tensor]] = {}
+            for key, value in part("adam/").items():
+                name, _, slot = key.rpartition("/")
+                adam.setdefault(names.index(name), {})[slot] = value
+            self.optimizer.load_state_dict({"state": adam, "param_groups": self.optimizer.state_dict()["param_groups"]})
+            torch.set_rng_state(tensors["rng/global"])
+            self.epoch_rng = tensors["rng/epoch"]
+            self.epoch, self.batch, self.step = int(info["epoch"]), int(info["batch"]), int(info["step"])
+            self.sums, self.history = dict(info["sums"]), list(info["history"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise TempflowError(f"{where}: recommender training checkpoint is damaged ({type(err).__name__}: "
+                                f"{str(err).splitlines()[0]}); delete it to start over") from None
 
 
 def fit(model: RecTransformer, windows: dict[str, torch.Tensor], algo: str, config: TrainConfig,
-        progress: Progress = no_progress) -> list[dict[str, float]]:
+        progress: Progress = no_progress, checkpoint: TrainCheckpoint | None = None,
+        key: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place by ``algo`` (:data:`~stages.recsys.losses.ALGOS`); one row of mean
-    losses per epoch."""
+    losses per epoch. With a ``checkpoint``, the state is saved every ``config.checkpoint_every``
+    steps and taken up again when the saved ``key`` (what the fit is of) is this one's."""
     if algo not in ALGOS:
         raise TempflowError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    target_model = None if algo == "bc" else copy.deepcopy(model).eval()
+    run = _Fit(model, algo, config)
+    key = {**(key or {}), "algo": algo, "train": {**asdict(config), "checkpoint_every": None},
+           "windows": len(windows["items"])}
+    saved = checkpoint.read() if checkpoint is not None else None
+    if saved is not None and saved[0].get("format") == TrainCheckpoint.FORMAT and saved[0].get("key") == key:
+        run.restore(saved[0], saved[1], checkpoint.path)
     settings = Objective(algo=algo, gamma=config.gamma, weight=config.weight, beta=config.beta, baseline=config.baseline)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.learning_rate)
-    n, history = len(windows["items"]), []
-    steps = config.epochs * math.ceil(n / config.batch_size)
-    for epoch in range(config.epochs):
+    n = len(windows["items"])
+    batches = math.ceil(n / config.batch_size)
+    steps = config.epochs * batches
+    if run.step:
+        progress("train", run.step, steps)
+    while run.epoch < config.epochs:
         model.train()
-        sums: dict[str, float] = {}
-        order = torch.randperm(n, generator=generator)
-        for lo in range(0, n, config.batch_size):
+        run.order_rng.set_state(run.epoch_rng)
+        order = torch.randperm(n, generator=run.order_rng)
+        weighted = replace(settings, weighted=run.epoch >= config.sa2c_warmup)
+        finished = False
+        while not finished:
+            lo = run.batch * config.batch_size
             picked = {k: v[order[lo:lo + config.batch_size]] for k, v in windows.items()}
-            loss, parts = objective(_batch(model, target_model, picked), settings)
-            if not torch.isfinite(loss):
-                raise TempflowError(f"{algo}: the loss is NaN or infinite at epoch {epoch}; lower --learning-rate")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            if target_model is not None:
-                polyak(target_model, model, config.tau)
-            for key, value in {"loss": float(loss.detach()), **parts}.items():
-                sums[key] = sums.get(key, 0.0) + value
+            _train_step(run, picked, algo, weighted)
+            run.batch, run.step = run.batch + 1, run.step + 1
+            finished = run.batch == batches
+            if finished:  # before a checkpoint, so that one at an epoch's end resumes at the next epoch
+                _end_epoch(run, batches)
+            if checkpoint is not None and config.checkpoint_every and run.step % config.checkpoint_every == 0:
+                checkpoint.write(run.tensors(), {"format": TrainCheckpoint.FORMAT, "key": key, **run.info()})
             progress("train", 1, steps)
-        batches = math.ceil(n / config.batch_size)
-        history.append({"epoch": epoch + 1, **{k: v / batches for k, v in sums.items()}})
     model.eval()
-    return history
+    return run.history
+
+
+def _train_step(run: _Fit, picked: dict[str, torch.Tensor], algo: str, settings: Objective) -> None:
+    loss, parts = objective(_batch(run.model, run.target, picked, negatives=algo == "sa2c"), settings)
+    if not torch.isfinite(loss):
+        raise TempflowError(f"{algo}: the loss is NaN or infinite at epoch {run.epoch}; lower --learning-rate")
+    run.optimizer.zero_grad()
+    loss.backward()
+    run.optimizer.step()
+    if run.target is not None:
+        polyak(run.target, run.model, run.config.tau)
+    for name, value in {"loss": float(loss.detach()), **parts}.items():
+        run.sums[name] = run.sums.get(name, 0.0) + value
+
+
+def _end_epoch(run: _Fit, batches: int) -> None:
+    """Close the epoch's row of mean losses and move to the next epoch's start."""
+    run.history.append({"epoch": run.epoch + 1, **{k: v / batches for k, v in run.sums.items()}})
+    run.epoch, run.batch, run.sums = run.epoch + 1, 0, {}
+    run.epoch_rng = run.order_rng.get_state()
 
 
 def eval_pairs(sessions: Sessions, split: str, context: int) -> tuple[list[tuple[list[int], int]], np.ndarray]:
