@@ -130,3 +130,32 @@ def test_t_quantiles_and_curve_choices():
     assert stats.nfe_to_reach(curve, 0.65) == 10.0 and stats.nfe_to_reach(curve, 0.8) is None
     reach = stats.reach_summary([curve, curve[:1]], 0.65)
     assert reach["per_seed"] == [10.0, None] and reach["not_reached"] == 1 and reach["mean"] == 10.0
+
+
+def test_reach_reads_kept_runs_and_finds_each_target_by_hand(tmp_path):
+    """Two seeds of flow-grpo and of tempflow, hand-made curves: the targets are flow-grpo's mean
+    final and mean last-three validation rewards, and each seed reaches them where the curve first
+    gets there."""
+    spec = importlib.util.spec_from_file_location("reach", REPO / "examples/benchmark/reach.py")
+    reach = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reach)
+
+    def curve(vals, step):
+        return [{"nfe": i * step, "val_reward": v, "test_images": [v, v + 0.1]} for i, v in enumerate(vals)]
+
+    curves = {"flow-grpo-s0": curve([0.5, 0.7, 0.6, 0.6], 100), "flow-grpo-s1": curve([0.5, 0.6, 0.7, 0.6], 100),
+              "tempflow-s0": curve([0.5, 0.62, 0.66, 0.7], 50), "tempflow-s1": curve([0.5, 0.55, 0.58, 0.59], 50)}
+    for name, c in curves.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps({"key": {}, "curve": c}))
+    result = reach.analyse(reach.load_runs(tmp_path))
+    assert result["targets"]["final"] == pytest.approx(0.6)
+    assert result["targets"]["plateau"] == pytest.approx((0.7 + 0.6 + 0.6 + 0.6 + 0.7 + 0.6) / 6)
+    tf = result["methods"]["tempflow"]
+    assert tf["reach_final"]["per_seed"] == [50.0, None] and tf["reach_final"]["not_reached"] == 1
+    assert tf["reach_final"]["fraction_of_budget"] == pytest.approx(50 / 300)
+    assert tf["reach_plateau"]["per_seed"] == [100.0, None]
+    fg = result["methods"]["flow-grpo"]["reach_final"]
+    assert fg["per_seed"] == [100.0, 100.0]  # flow-grpo passes its own final value early
+    assert tf["diff_final"]["mean"] == pytest.approx(((0.7 - 0.6) + (0.59 - 0.6)) / 2)
+    assert tf["half_budget_nfe"] == 150  # the evaluation nearest 150 NFE: each seed's at 150
+    assert "| tempflow | 2 |" in reach.markdown(result)
