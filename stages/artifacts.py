@@ -502,15 +502,16 @@ def _is_number(value: Any) -> bool:
 
 
 class ShardWriter:
-    """Writes samples into ``shard-%06d.tar`` files of at most ``per_shard`` samples each, with
+    """Writes samples into ``PREFIX-%06d.tar`` files of at most ``per_shard`` samples each, with
     fixed tar metadata (mtime 0, fixed owner) so equal samples give byte-identical shards."""
 
-    def __init__(self, folder: Path, per_shard: int) -> None:
+    def __init__(self, folder: Path, per_shard: int, prefix: str = "shard") -> None:
         import webdataset as wds
 
         self._wds = wds
         self.folder = folder
         self.per_shard = per_shard
+        self.prefix = prefix
         self.shards: list[dict[str, Any]] = []
         self.count = 0
         self._writer = None
@@ -529,7 +530,7 @@ class ShardWriter:
         self._keys.add(key)
         if self._writer is None or self._in_shard >= self.per_shard:
             self._close_shard()
-            name = f"shard-{len(self.shards):06d}.tar"
+            name = f"{self.prefix}-{len(self.shards):06d}.tar"
             self._file = open(self.folder / name, "wb")
             self._writer = self._wds.TarWriter(self._file, encoder=False, mtime=0, user="tempflow", group="tempflow")
             self.shards.append({"name": name, "samples": 0})
@@ -550,6 +551,17 @@ class ShardWriter:
     def close(self) -> list[dict[str, Any]]:
         self._close_shard()
         return self.shards
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        """On an error, closes the open shard's file (a partial, deleted with its output slot)."""
+        if kind is not None and self._writer is not None:
+            with contextlib.suppress(Exception):
+                self._writer.close()
+            self._file.close()
+            self._writer = self._file = None
 
 
 def read_step_spread(policy_dir: Path | str | None, num_steps: int) -> list[float | None] | None:

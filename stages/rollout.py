@@ -24,6 +24,7 @@ import json
 import math
 import random
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,6 @@ from torch import Tensor
 
 from stages.artifacts import (
     ShardWriter,
-    atomic_output,
     check_out_free,
     npy_bytes,
     png_bytes,
@@ -57,6 +57,8 @@ from stages.flow import (
 from stages.policies import Cond, Policy, dtype_name, index_cond, with_negative
 from stages.limits import check_at_most, check_memory, check_sampling, check_seed
 from stages.progress import Progress, no_progress
+from stages.distributed import Ranks, gather, join, shared_output
+from stages.threads import Worker
 
 ALGORITHMS = {
     "tempflow": "branch K SDE samples off an ODE main path at chosen steps; per-step process rewards",
@@ -314,10 +316,15 @@ class _Sampler:
     """Shared plumbing of the algorithms: model calls with NFE counting, and sample writing."""
 
     def __init__(self, policy: Policy, prompts: list[str], config: RolloutConfig, writer: ShardWriter,
-                 sigmas: Tensor, plan: StepPlan, progress: Progress) -> None:
-        self.policy, self.prompts, self.config, self.writer = policy, prompts, config, writer
+                 sigmas: Tensor, plan: StepPlan, progress: Progress, jobs: Worker | None = None,
+                 share: float = 1.0) -> None:
+        self.policy, self.prompts, self.config, self.writer, self.jobs = policy, prompts, config, writer, jobs
         self.sigmas, self.steps = sigmas, plan.steps
-        self.progress, self.total_nfe = progress, planned_nfe(config, len(prompts), plan.steps)
+        self.sigma_values = [float(v) for v in sigmas]
+        # every trajectory costs the same: this process's part of the plan is its part of the trajectories
+        self.total_nfe = round(share * planned_nfe(config, len(prompts), plan.steps))
+        self.total_decodes = round(share * planned_decodes(config, len(prompts), plan.steps))
+        self.progress = progress
         self.nfe = self.decodes = 0
         self.cond, self.negative = encode_prompts(policy, prompts)
         self.cond_all = with_negative(self.cond, self.negative)
@@ -361,11 +368,18 @@ class _Sampler:
         meta = {
             "prompt": self.prompts[traj.prompt_index], "prompt_index": traj.prompt_index,
             "seed": traj.seed, "seed_index": traj.seed_index, "group": group, "step": step, "branch": branch,
-            "sigma": float(self.sigmas[step]), "sigma_next": float(self.sigmas[step + 1]),
+            "sigma": self.sigma_values[step], "sigma_next": self.sigma_values[step + 1],
             "log_prob": float(log_prob), "algo": self.config.algo,
         }
         if image_key is not None:
             meta["image_key"] = image_key
+        if self.jobs is None:
+            self._store(key, meta, state, nxt, image)
+        else:  # encoded and written on the writer thread, in this order, while the model goes on
+            self.jobs.submit(self._store, key, meta, state, nxt, image)
+        return key
+
+    def _store(self, key: str, meta: dict[str, Any], state: Tensor, nxt: Tensor, image: np.ndarray | None) -> None:
         fields = {
             "meta.json": json.dumps(meta, sort_keys=True).encode(),
             "state.npy": npy_bytes(state.numpy()),
@@ -374,7 +388,6 @@ class _Sampler:
         if image is not None:
             fields["image.png"] = png_bytes(image)
         self.writer.write(key, fields)
-        return key
 
 
 def encode_prompts(policy: Policy, prompts: list[str]) -> tuple[Cond, Cond | None]:
@@ -421,11 +434,10 @@ def planned_decodes(config: RolloutConfig, num_prompts: int, steps: list[int]) -
     return n * config.branches * len(steps) if config.algo == "tempflow" else n
 
 
-def _tempflow(s: _Sampler, trajs: list[Trajectory]) -> None:
+def _tempflow(s: _Sampler, chunks: list[list[Trajectory]]) -> None:
     cfg = s.config
     steps = s.steps
-    for start in range(0, len(trajs), cfg.batch_size):
-        chunk = trajs[start:start + cfg.batch_size]
+    for chunk in chunks:
         pool: list[Branch] = []
         x = s.initial_noise(chunk)  # (B, C, H, W)
         pis = [t.prompt_index for t in chunk]
@@ -469,11 +481,10 @@ def _advance_branches(s: _Sampler, pool: list[Branch], drain: bool) -> None:
         pool[:0] = [br for br in batch if len(br.path) > 1]  # unfinished rows keep their place in the batch
 
 
-def _flow_grpo(s: _Sampler, trajs: list[Trajectory]) -> None:
+def _flow_grpo(s: _Sampler, chunks: list[list[Trajectory]]) -> None:
     cfg = s.config
     window = set(s.steps)
-    for start in range(0, len(trajs), cfg.batch_size):
-        chunk = trajs[start:start + cfg.batch_size]
+    for chunk in chunks:
         pis = [t.prompt_index for t in chunk]
         x = s.initial_noise(chunk)
         transitions: list[tuple[int, Tensor, Tensor, Tensor]] = []  # (step, x_k, x_{k+1}, log p)
@@ -506,8 +517,12 @@ def run_rollout(
     policy_info: dict[str, Any],
     progress: Progress = no_progress,
     overwrite: bool = False,
+    background_writes: bool = True,
 ) -> RolloutResult:
     """Sample with ``policy`` on ``prompts`` and write the rollout folder ``out`` atomically.
+
+    Samples are encoded and written on a writer thread unless ``background_writes`` is False; the
+    shards' bytes are the same either way.
 
     ``policy_info`` (at least ``identity``) goes into the manifest, so that the update can check that
     it trains the policy that sampled.
@@ -519,6 +534,7 @@ def run_rollout(
     sampling = policy.configure_sampling(config.resolution, config.guidance_scale, config.negative_prompt)
     state_bytes = 4 * math.prod(policy.sample_shape)
     pending = config.batch_size * (config.branches + 2) if config.algo == "tempflow" else config.batch_size * config.num_steps
+    pending += 2 * config.batch_size  # samples waiting for the writer thread
     check_memory(f"--batch-size {config.batch_size} with --branches {config.branches}", 3 * pending * state_bytes,
                  "lower --batch-size or --branches")
     prompts = select_prompts(prompts, config)
@@ -526,33 +542,49 @@ def run_rollout(
     spread = read_step_spread(policy_info.get("path"), config.num_steps) if config.draws_by_spread else None
     plan = config.step_plan(sigmas, spread)  # drawn once: every count and record below uses this one
     began = time.perf_counter()
-    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
-        tmp.mkdir()
-        writer = ShardWriter(tmp, config.samples_per_shard)
-        sampler = _Sampler(policy, prompts, config, writer, sigmas, plan, progress)
-        (_tempflow if config.algo == "tempflow" else _flow_grpo)(sampler, _trajectories(config, len(prompts)))
+    here = join(str(policy.device))
+    trajs = _trajectories(config, len(prompts))
+    # whole batches per rank, so that every batch is the one a single process computes
+    chunks = here.share([trajs[i:i + config.batch_size] for i in range(0, len(trajs), config.batch_size)])
+    share = sum(map(len, chunks)) / len(trajs)
+    with shared_output(out, here, overwrite, inputs) as tmp:
+        # two batches of samples may wait for the writer thread: it encodes one while the model makes the next
+        with ShardWriter(tmp, config.samples_per_shard, _shard_prefix(here)) as writer, \
+                Worker(2 * config.batch_size, "tempflow-shard-writer") if background_writes else nullcontext() as jobs:
+            sampler = _Sampler(policy, prompts, config, writer, sigmas, plan, progress, jobs, share)
+            (_tempflow if config.algo == "tempflow" else _flow_grpo)(sampler, chunks)
         shards = writer.close()
         # the documented costs: the forward passes and decodes the rollout was planned to make
         assert sampler.nfe == sampler.total_nfe, (sampler.nfe, sampler.total_nfe)
-        assert sampler.decodes == planned_decodes(config, len(prompts), plan.steps), sampler.decodes
-        embeddings = write_embeddings(tmp, sampler.cond, sampler.negative)
-        write_manifest(tmp, {
-            "config": asdict(config),
-            "trained_steps": plan.steps,
-            "step_inclusion": plan.inclusion,
-            "step_spread": plan.spread,
-            "sigmas": [float(v) for v in sigmas],
-            "prompts": prompts,
-            "policy": policy_info,
-            "sample_shape": list(policy.sample_shape),
-            "sampling": sampling,
-            "dtype": dtype_name(policy.dtype),
-            "embeddings": embeddings,
-            "samples": writer.count,
-            "nfe": sampler.nfe,
-            "decodes": sampler.decodes,
-            "shards": shards,
-        })
-        write_timing(tmp, time.perf_counter() - began)
-    return RolloutResult(samples=writer.count, nfe=sampler.nfe, shards=len(shards), trained_steps=plan.steps,
-                         prompts=len(prompts), decodes=sampler.decodes)
+        assert sampler.decodes == sampler.total_decodes, (sampler.decodes, sampler.total_decodes)
+        parts = gather((shards, writer.count, sampler.nfe, sampler.decodes), here)  # every rank has written
+        shards = [shard for part in parts for shard in part[0]]
+        samples, nfe, decodes = (sum(part[i] for part in parts) for i in (1, 2, 3))
+        assert nfe == planned_nfe(config, len(prompts), plan.steps), nfe
+        if here.main:
+            embeddings = write_embeddings(tmp, sampler.cond, sampler.negative)
+            write_manifest(tmp, {
+                "config": asdict(config),
+                "trained_steps": plan.steps,
+                "step_inclusion": plan.inclusion,
+                "step_spread": plan.spread,
+                "sigmas": [float(v) for v in sigmas],
+                "prompts": prompts,
+                "policy": policy_info,
+                "sample_shape": list(policy.sample_shape),
+                "sampling": sampling,
+                "dtype": dtype_name(policy.dtype),
+                "embeddings": embeddings,
+                "samples": samples,
+                "nfe": nfe,
+                "decodes": decodes,
+                "shards": shards,
+            })
+            write_timing(tmp, time.perf_counter() - began)
+    return RolloutResult(samples=samples, nfe=nfe, shards=len(shards), trained_steps=plan.steps,
+                         prompts=len(prompts), decodes=decodes)
+
+
+def _shard_prefix(here: Ranks) -> str:
+    """``shard`` for one process (``shard-000000.tar``, ...); ``shard-rNNN`` per rank under torchrun."""
+    return "shard" if here.world == 1 else f"shard-r{here.rank:03d}"

@@ -56,6 +56,7 @@ from stages.policies import (
 )
 from stages.limits import check_at_most, check_memory, check_seed
 from stages.progress import Progress, no_progress
+from stages.threads import prefetched
 
 WEIGHTINGS = {
     "auto": "noise-aware on tempflow rollouts, uniform on flow-grpo ones (each paper's choice)",
@@ -550,13 +551,9 @@ def _load_reference(ref_path: Path, ref_identity: str, policy_dir: Path, device:
     return reference
 
 
-def _train(trainer: Trainer, rollout: Rollout, plan: Plan, progress: Progress) -> None:
-    """``inner_epochs`` streamed passes over the samples with a non-zero advantage."""
-    config = trainer.config
-    trainer.policy.trainable().train()
-    torch.manual_seed(config.seed)
-    rng = random.Random(config.seed)
-    total = plan.active * config.inner_epochs
+def _batches(rollout: Rollout, plan: Plan, config: UpdateConfig, rng: random.Random) -> Iterator[Batch]:
+    """``inner_epochs`` streamed, shuffled passes over the samples with a non-zero advantage, in
+    batches of ``batch_size`` (each pass's last one may be smaller)."""
     for _ in range(config.inner_epochs):
         active = (s for s in rollout.samples(fields=("meta.json", "state.npy", "next.npy"))
                   if plan.advantage[s.key] != 0.0)
@@ -564,12 +561,23 @@ def _train(trainer: Trainer, rollout: Rollout, plan: Plan, progress: Progress) -
         for sample in shuffled(active, config.shuffle_buffer, rng):
             batch.append(sample)
             if len(batch) == config.batch_size:
-                trainer.step(make_batch(batch, plan, rollout.manifest))
-                progress("update", len(batch), total)
+                yield make_batch(batch, plan, rollout.manifest)
                 batch = []
         if batch:
-            trainer.step(make_batch(batch, plan, rollout.manifest))
-            progress("update", len(batch), total)
+            yield make_batch(batch, plan, rollout.manifest)
+
+
+def _train(trainer: Trainer, rollout: Rollout, plan: Plan, progress: Progress, prefetch: bool = True) -> None:
+    """Train on :func:`_batches`; with ``prefetch``, the next two are read and decoded on a thread
+    while the current one trains (the same batches in the same order)."""
+    config = trainer.config
+    trainer.policy.trainable().train()
+    torch.manual_seed(config.seed)
+    batches = _batches(rollout, plan, config, random.Random(config.seed))
+    total = plan.active * config.inner_epochs
+    for batch in prefetched(batches, depth=2) if prefetch else batches:
+        trainer.step(batch)
+        progress("update", len(batch.prompt_index), total)
     trainer.policy.trainable().eval()
     trainer.check_result()
 
@@ -585,10 +593,12 @@ def run_update(
     device: str = "cpu",
     progress: Progress = no_progress,
     overwrite: bool = False,
+    prefetch: bool = True,
 ) -> UpdateResult:
     """Train ``policy_dir`` on ``rollout`` scored by ``scores``; write the new policy folder ``out``.
     The models run in the dtype the rollout sampled with: in any other, the first-step ratio would
-    differ from 1 by less than its tolerance while biasing every step."""
+    differ from 1 by less than its tolerance while biasing every step. With ``prefetch`` the next
+    batches are read on a thread while one trains; the trained weights are the same either way."""
     began = time.perf_counter()
     policy_dir, rollout, scores, out = Path(policy_dir), Path(rollout), Path(scores), Path(out)
     own_record = read_policy_record(policy_dir)
@@ -603,8 +613,9 @@ def run_update(
         run_dtype = manifest["dtype"]
         policy, record = load_policy(policy_dir, device, run_dtype)
         _check_sampled_by(opened, record, policy_dir)
+        buffered = config.shuffle_buffer + 2 * config.batch_size  # and two prefetched batches
         check_memory(f"--shuffle-buffer {config.shuffle_buffer}",
-                     3 * config.shuffle_buffer * 4 * math.prod(opened.shape), "lower --shuffle-buffer")
+                     3 * buffered * 4 * math.prod(opened.shape), "lower --shuffle-buffer")
         plan = plan_update(opened, scores, config)
         # read before training, so that a damaged metrics.json stops the update before its work
         previous_spread = read_step_spread(policy_dir, len(manifest["sigmas"]) - 1) if plan.step_spread else None
@@ -622,7 +633,7 @@ def run_update(
         resumed = load_optimizer(trainer.optimizer, names, policy_dir)
         for group in trainer.optimizer.param_groups:  # this update's hyper-parameters win over stored ones
             group.update(lr=config.learning_rate, weight_decay=config.weight_decay)
-        _train(trainer, opened, plan, progress)
+        _train(trainer, opened, plan, progress, prefetch)
 
     metrics = {"step": record.step + 1, **_plan_metrics(plan, manifest, config), "dtype": run_dtype,
                "optimizer_resumed": resumed,

@@ -34,6 +34,11 @@ PRESET_HELP = {  # mirrors stages.policies.PRESETS, which would import torch jus
 }
 OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (it is replaced only once complete).")
 DEVICE = click.option("--device", default="cpu", show_default=True, help="torch device to run the model on, e.g. cuda:0.")
+THREADS = click.option(
+    "--threads", type=click.IntRange(min=1, max=4096), default=None,
+    help="CPU threads torch may use (torch.set_num_threads). Default: torch's, one per core. Give each of "
+         "several stages run side by side its share of the cores: on 2 cores, two processes of 2 threads "
+         "each ran a UNet batch about 60x slower than two of 1 thread each.")
 
 
 OUTPUT_KINDS = {"score": {"out": "file"}, "update": {"out": "dir", "metrics_path": "file"}, "check": {"out": "file"}}
@@ -63,6 +68,11 @@ class StageCommand(click.Command):
         for path, kind in outputs.items():
             folders = tuple(other for other, k in outputs.items() if other != path and k == "dir")
             check_out_free(path, bool(ctx.params.get("overwrite")), inputs, kind, outputs=folders)
+        threads = ctx.params.pop("threads", None)
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
         with protected_inputs(inputs):
             return super().invoke(ctx)
 
@@ -314,6 +324,7 @@ def _rollout_options(fn):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Rollout folder to create.")
 @_rollout_options
 @DEVICE
+@THREADS
 @dtype_option("dtype the models (transformer, text encoders, VAE) compute in; the SDE math, log-probs and "
                    "stored states stay float32. bf16 on a GPU for SD3.5/FLUX; tiny policies run in fp32 only.")
 @OVERWRITE
@@ -323,14 +334,20 @@ def rollout(policy_dir: Path, prompts: Path, out: Path, device: str, dtype: str,
     The text encoders run once: every prompt's embeddings (and the negative prompt's) are stored in
     the rollout, so the update never loads them. The manifest records the resolution, guidance,
     schedule and dtype; the update samples with exactly those.
+
+    Several processes: `torchrun --nproc_per_node N $(which tempflow) rollout ...` gives each rank
+    whole batches of the prompt x seed trajectories (round robin) and its own shards
+    (shard-rNNN-*.tar); rank 0 writes the manifest once all have finished. The samples, keys and
+    bytes, are those of one process with the same config.
     """
+    from stages.distributed import rank_device
     from stages.policies import load_policy
     from stages.prompts import read_prompts
     from stages.rollout import RolloutConfig, run_rollout
 
     config = pop_config(RolloutConfig, kwargs)
     prompt_list = read_prompts(prompts)
-    policy, record = load_policy(policy_dir, device, dtype)
+    policy, record = load_policy(policy_dir, rank_device(device), dtype)
     start = time.perf_counter()
     with progress_bars("NFE") as progress:
         result = run_rollout(policy, prompt_list, config, out,
@@ -413,6 +430,7 @@ def _add_reward_options(fn, reward_option):
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Parquet file to write.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per reward call.")
 @DEVICE
+@THREADS
 @OVERWRITE
 def score(rollout_dir: Path, rewards: list, out: Path, batch_size: int, device: str, overwrite: bool,
           reward_models: dict, reward_urls: dict, reward_timeout: float, reward_retries: int, reward_dtype: str) -> None:
@@ -454,6 +472,7 @@ def _update_options(fn):
               help="Also write the update's metrics JSON here (it is always written into OUT/metrics.json).")
 @_update_options
 @DEVICE
+@THREADS
 @OVERWRITE
 def update(policy_dir: Path, rollout_dir: Path, scores: Path, out: Path, reference: Path | None,
            metrics_path: Path | None, device: str, overwrite: bool, **kwargs: Any) -> None:
@@ -535,6 +554,7 @@ def _pretrain_options(fn):
                    "continues from it; it is deleted once OUT is written.")
 @_pretrain_options
 @DEVICE
+@THREADS
 @OVERWRITE
 def pretrain(out: Path, checkpoint: Path | None, device: str, overwrite: bool, **kwargs: Any) -> None:
     """Pretrain a text-to-image policy on a built-in world's rendered images: for a latent preset
@@ -574,6 +594,7 @@ def _eval_options(fn):
 @click.option("--save-images", is_flag=True, help="Also write every image, as out/images/NNNNN.png (named in results.jsonl).")
 @_eval_options
 @DEVICE
+@THREADS
 @dtype_option("dtype the policy's models compute in, as for rollout.")
 @OVERWRITE
 def eval_(policy_dir: Path, prompts: Path | None, split: str, per_task: int, out: Path, device: str, overwrite: bool,

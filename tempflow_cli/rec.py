@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from tempflow_cli.main import DEVICE, OVERWRITE, StageCommand
+from tempflow_cli.main import DEVICE, OVERWRITE, THREADS, StageCommand
 from tempflow_cli.options import config_options, literal, pop_config
 from tempflow_cli.ui import progress_bars, summary
 
@@ -80,6 +80,7 @@ CHECKPOINT = click.option(
 @_train_options
 @CHECKPOINT
 @DEVICE
+@THREADS
 @OVERWRITE
 def pretrain(data: Path, out: Path, init_from: Path | None, checkpoint: Path | None, device: str, overwrite: bool,
              **kwargs: Any) -> None:
@@ -105,6 +106,7 @@ def pretrain(data: Path, out: Path, init_from: Path | None, checkpoint: Path | N
 @_train_options
 @CHECKPOINT
 @DEVICE
+@THREADS
 @OVERWRITE
 def train(data: Path, policy_dir: Path, algo: str, out: Path, checkpoint: Path | None, device: str, overwrite: bool,
           **kwargs: Any) -> None:
@@ -129,6 +131,7 @@ def train(data: Path, policy_dir: Path, algo: str, out: Path, checkpoint: Path |
 @click.option("--online-users", type=click.IntRange(min=2, max=10**6), default=500, show_default=True,
               help="Sessions of the simulator (its data only) to measure the policy's return online in.")
 @DEVICE
+@THREADS
 @OVERWRITE
 def eval_(data: Path, policy_dir: Path, split: str, out: Path, online_users: int, device: str, overwrite: bool) -> None:
     """Rank every item for each held-out event: HR@k and NDCG@k (k = 5, 10, 20) for clicks and

@@ -17,10 +17,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from stages.distributed import ranks
 from stages.progress import Progress as ProgressFn
 
-console = Console()
-err_console = Console(stderr=True)
+# under torchrun only rank 0 draws bars and prints tables (every rank's errors still reach stderr)
+_QUIET = ranks().rank > 0
+console = Console(quiet=_QUIET)
+err_console = Console(stderr=True, quiet=_QUIET)
 
 
 @contextlib.contextmanager

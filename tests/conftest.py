@@ -49,13 +49,13 @@ def small_rollout_config(**overrides) -> RolloutConfig:
     return RolloutConfig(**values)
 
 
-def make_rollout(policy_dir: Path, out: Path, prompts=PROMPTS, **overrides) -> Path:
+def make_rollout(policy_dir: Path, out: Path, prompts=PROMPTS, background_writes: bool = True, **overrides) -> Path:
     """Roll out the policy in ``policy_dir`` into ``out`` through the library."""
     from stages.policies import load_policy
 
     policy, record = load_policy(policy_dir)
     run_rollout(policy, list(prompts), small_rollout_config(**overrides), out,
-                {"identity": record.identity, "path": str(policy_dir)})
+                {"identity": record.identity, "path": str(policy_dir)}, background_writes=background_writes)
     return out
 
 

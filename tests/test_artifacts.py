@@ -284,6 +284,37 @@ def test_same_config_gives_identical_bytes_other_seed_differs(policy_dir, tmp_pa
         assert files_c.get(name) != files_a[name], f"{name} is the same under another seed"
 
 
+@pytest.mark.parametrize("algo", ["tempflow", "flow-grpo"])
+def test_the_writer_thread_writes_the_bytes_of_writing_inline(policy_dir, tmp_path, algo):
+    """Samples encoded and written on the writer thread (the default) give the same shards and
+    manifest, byte for byte, as writing each one on the sampling thread; several shards, images
+    stored once per trajectory (flow-grpo) included."""
+    inline = _snapshot(_rollout(policy_dir, tmp_path / "inline", algo=algo, background_writes=False, samples_per_shard=3))
+    threaded = _snapshot(_rollout(policy_dir, tmp_path / "threaded", algo=algo, samples_per_shard=3))
+    for files in (inline, threaded):
+        files.pop("timing.json")
+    assert sorted(inline) == sorted(threaded) and sum(n.endswith(".tar") for n in inline) > 2
+    for name in inline:
+        assert inline[name] == threaded[name], f"{name} differs with the writer thread"
+
+
+def test_an_error_on_the_writer_thread_fails_the_rollout_and_leaves_nothing(policy_dir, tmp_path, monkeypatch):
+    """A sample that cannot be encoded (here: its PNG) stops the rollout with that error, raised in the
+    caller; the writer thread is gone and no output or partial folder is left."""
+    import threading
+
+    import stages.rollout
+
+    def broken_png(image):
+        raise OSError("disk full while encoding a PNG")
+
+    monkeypatch.setattr(stages.rollout, "png_bytes", broken_png)
+    with pytest.raises(OSError, match="disk full"):
+        _rollout(policy_dir, tmp_path / "r")
+    assert not (tmp_path / "r").exists() and _partials(tmp_path / "r") == []
+    assert not [t for t in threading.enumerate() if t.name == "tempflow-shard-writer"]
+
+
 def test_shards_read_by_webdataset(policy_dir, tmp_path):
     """webdataset.WebDataset reads the shards (raw bytes) and finds the same keys and bytes."""
     import webdataset

@@ -186,6 +186,29 @@ def test_user_reward_module_and_weighted_sum(policy_dir, tmp_path, monkeypatch):
                                {"name": "jpeg_compressibility", "weight": 2.0}]
 
 
+def test_threads_sets_torchs_threads_for_every_compute_stage(policy_dir, tmp_path, monkeypatch):
+    """--threads N reaches torch.set_num_threads before the stage runs; every command that takes
+    --device takes --threads; 0 is refused at parse time."""
+    import torch
+
+    from tempflow_cli.main import cli
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    rollout = make_rollout(policy_dir, tmp_path / "r")
+    r = invoke("score", "--rollout", rollout, "--reward", "shapes", "--out", tmp_path / "s.parquet", "--threads", "3")
+    assert r.exit_code == 0, r.output
+    assert calls == [3]
+    assert invoke("score", "--rollout", rollout, "--reward", "shapes", "--out", tmp_path / "t.parquet").exit_code == 0
+    assert calls == [3]  # without it, torch keeps its own
+    r = invoke("score", "--rollout", rollout, "--reward", "shapes", "--out", tmp_path / "u.parquet", "--threads", "0")
+    assert r.exit_code == 2 and "--threads" in r.output
+    commands = [*cli.commands.values(), *cli.commands["rec"].commands.values()]
+    with_device = [c for c in commands if any(p.name == "device" for p in c.params)]
+    with_threads = [c for c in commands if any(p.name == "threads" for p in c.params)]
+    assert with_device == with_threads and len(with_device) == 8  # rollout score update pretrain eval; rec's 3
+
+
 def test_user_reward_import_errors(policy_dir, tmp_path):
     rollout = make_rollout(policy_dir, tmp_path / "r")
     r = invoke("score", "--rollout", rollout, "--reward", "no_such_module_xyz:f", "--out", tmp_path / "s.parquet")

@@ -180,6 +180,22 @@ def test_inner_epochs_make_more_steps_off_policy(policy_dir, tmp_path):
     assert any(not torch.equal(a[name], b[name]) for name in a)
 
 
+def test_prefetching_batches_trains_the_same_weights(policy_dir, tmp_path):
+    """Batches read and decoded on the prefetch thread (the default) train exactly the weights, and
+    give the metrics, of reading each batch when it is needed: same batches, same order, two inner
+    epochs and a last short batch included."""
+    rollout = make_rollout(policy_dir, tmp_path / "r", num_steps=4, branches=3)
+    run_score(rollout, COMPRESSIBILITY, tmp_path / "s.parquet")
+    config = UpdateConfig(learning_rate=1e-2, batch_size=7, inner_epochs=2, shuffle_buffer=5)
+    results = {prefetch: run_update(policy_dir, rollout, tmp_path / "s.parquet", tmp_path / f"p{prefetch}", config,
+                                    prefetch=prefetch).metrics for prefetch in (True, False)}
+    a, b = _weights(tmp_path / "pTrue"), _weights(tmp_path / "pFalse")
+    assert a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+    for metrics in results.values():
+        metrics.pop("update_seconds")
+    assert results[True] == results[False] and results[True]["trained_samples"] % 7 != 0
+
+
 def _small_loop_params(path: Path) -> None:
     params = yaml.safe_load(path.read_text())
     params["pretrain"].update({"image-size": 16, "steps": 4, "batch-size": 4, "warmup": 1, "checkpoint-every": 2,
