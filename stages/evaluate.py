@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from stages.artifacts import atomic_output, check_out_free, write_json
+from stages.distributed import Ranks, gather, join, rank_device
 from stages.errors import TempflowError
 from stages.flow import ode_step
 from stages.limits import check_at_most, check_sampling, check_seed
@@ -143,15 +144,14 @@ def run_eval(policy_dir: Path, prompts: list[str], out: Path, config: EvalConfig
     world = any(s.name in SHAPES_REWARDS for s in specs)
     scenes = _shapes_scenes(prompts, source) if world else None  # refuses prompts outside the world, before sampling
     read_policy_record(policy_dir)
+    here, device = join(device), rank_device(device)
     fns = load_rewards(specs, runtime or RewardRuntime(device=device))  # a bad reward folder fails before sampling
     policy, record = load_policy(policy_dir, device, dtype)
     sampling = policy.configure_sampling(config.resolution, config.guidance_scale, config.negative_prompt)
     pairs = [(p, i) for p in range(len(prompts)) for i in range(config.images_per_prompt)]
     seeds = [derive_seed("eval", config.seed, i, prompts[p]) for p, i in pairs]
-    began = time.perf_counter()
-    images = sample_ode(policy, [prompts[p] for p, _ in pairs], seeds, config, progress)
-    seconds = time.perf_counter() - began
-    components = _score(specs, fns, images, [prompts[p] for p, _ in pairs], config.batch_size)
+    images, components, seconds = _sample_and_score(policy, [prompts[p] for p, _ in pairs], seeds, config,
+                                                     specs, fns, progress, here)
     total = components @ np.asarray([s.weight for s in specs])
 
     rows = []
@@ -173,8 +173,27 @@ def run_eval(policy_dir: Path, prompts: list[str], out: Path, config: EvalConfig
     }
     if scenes is not None:
         metrics.update({"strict": float(np.mean([r["strict"] for r in rows])), "per_task": _per_task(rows)})
-    _write_eval(out, overwrite, policy_dir, metrics, rows, images, config.grid_prompts, save_images)
+    if here.main:
+        _write_eval(out, overwrite, policy_dir, metrics, rows, images, config.grid_prompts, save_images)
     return EvalResult(metrics=metrics)
+
+
+def _sample_and_score(policy: Policy, prompts: list[str], seeds: list[int], config: EvalConfig, specs: list[RewardSpec],
+                      fns: list[Any], progress: Progress, here: Ranks) -> tuple[np.ndarray, np.ndarray, float]:
+    """Every image and its reward components, in order, and the seconds sampling took (the slowest
+    rank's). Under torchrun each rank samples and scores whole batches, round robin, so each image
+    is the one a single process makes."""
+    batches = here.share([list(range(lo, min(lo + config.batch_size, len(prompts))))
+                          for lo in range(0, len(prompts), config.batch_size)])
+    mine = [n for batch in batches for n in batch]
+    began = time.perf_counter()
+    images = sample_ode(policy, [prompts[n] for n in mine], [seeds[n] for n in mine], config, progress) if mine else None
+    seconds = time.perf_counter() - began
+    components = _score(specs, fns, images, [prompts[n] for n in mine], config.batch_size) if mine else None
+    parts = [part for part in gather((mine, images, components, seconds), here) if part[0]]
+    order = np.argsort(np.concatenate([part[0] for part in parts]), kind="stable")
+    return (np.concatenate([part[1] for part in parts])[order], np.concatenate([part[2] for part in parts])[order],
+            max(part[3] for part in parts))
 
 
 def _shapes_scenes(prompts: list[str], source: str) -> list[Any]:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from stages.artifacts import Rollout, atomic_output, check_meta, check_out_free, check_rewards, write_scores
+from stages.distributed import Ranks, gather, join, rank_device
 from stages.errors import TempflowError
 from stages.progress import Progress, no_progress
 from stages.rewards import RewardRuntime, RewardSpec, load_rewards, plan_rewards, score_batch
@@ -40,10 +41,12 @@ def run_score(
     if batch_size < 1:
         raise TempflowError(f"batch-size must be >= 1 (got {batch_size})")
     rollout = Path(rollout)
+    here = join(runtime.device)
     with Rollout(rollout) as opened:
-        fns = load_rewards(specs, runtime)
-        keys, image_of, scored = _score_images(opened, specs, fns, batch_size, progress)
+        fns = load_rewards(specs, replace(runtime, device=rank_device(runtime.device)))
+        keys, image_of, scored = _score_images(opened, specs, fns, batch_size, progress, here)
         manifest_sha256 = opened.manifest_sha256
+    scored = {key: value for part in gather(scored, here) for key, value in part.items()}  # every rank's images
 
     components = np.stack([scored[image_of[k]] for k in keys])  # (N, R)
     weights = np.asarray([s.weight for s in specs])
@@ -55,8 +58,9 @@ def run_score(
         "rollout": str(rollout),
         "rollout_manifest_sha256": manifest_sha256,
     }
-    with atomic_output(out, overwrite=overwrite, inputs=(rollout,), kind="file") as tmp:
-        write_scores(tmp, keys, total, columns, meta)
+    if here.main:
+        with atomic_output(out, overwrite=overwrite, inputs=(rollout,), kind="file") as tmp:
+            write_scores(tmp, keys, total, columns, meta)
 
     named = {"reward": total, **{f"reward_{c}": v for c, v in columns.items()}}
     return ScoreResult(
@@ -66,9 +70,10 @@ def run_score(
 
 
 def _score_images(rollout: Rollout, specs: list[RewardSpec], fns: list, batch_size: int,
-                  progress: Progress) -> tuple[list[str], dict[str, str], dict[str, np.ndarray]]:
-    """Every sample's key in order, the key of the sample holding its image, and each image's
-    reward components ``(R,)``. Images of one rollout must share one size."""
+                  progress: Progress, here: Ranks = Ranks()) -> tuple[list[str], dict[str, str], dict[str, np.ndarray]]:
+    """Every sample's key in order, the key of the sample holding its image, and the reward
+    components ``(R,)`` of this rank's images (every ``world``-th, round robin; all in one process).
+    Images of one rollout must share one size."""
     manifest = rollout.manifest
     keys: list[str] = []
     image_of: dict[str, str] = {}  # sample key -> key of the sample holding its image
@@ -84,17 +89,22 @@ def _score_images(rollout: Rollout, specs: list[RewardSpec], fns: list, batch_si
         batch.clear()
 
     size = None
+    images_seen = 0
     for sample in rollout.samples(fields=("meta.json", "image.png")):
         meta = sample.meta
         check_meta(sample.key, meta, manifest)
         keys.append(sample.key)
         if "image.png" in sample.fields:
+            image_of[sample.key] = sample.key
+            images_seen += 1
+            if (images_seen - 1) % here.world != here.rank:  # another rank's image
+                progress("score", 1, manifest["samples"])
+                continue
             image = sample.image()
             size = size or image.shape
             if image.shape != size:
                 raise TempflowError(f"{sample.where} sample {sample.key}: image is {image.shape[1]}x{image.shape[0]}, "
                                     f"the rollout's first is {size[1]}x{size[0]}; the rollout is damaged")
-            image_of[sample.key] = sample.key
             batch.append((sample.key, image, meta["prompt"]))
             if len(batch) == batch_size:
                 flush()
@@ -105,7 +115,8 @@ def _score_images(rollout: Rollout, specs: list[RewardSpec], fns: list, batch_si
             raise TempflowError(f"{rollout.folder}: sample {sample.key} has neither image.png nor image_key; the rollout is damaged")
     if batch:
         flush()
-    missing = sorted({owner for owner in image_of.values() if owner not in scored})
+    images = {key for key, owner in image_of.items() if key == owner}
+    missing = sorted({owner for owner in image_of.values() if owner not in images})
     if missing:
         raise TempflowError(f"{rollout.folder}: image_key {missing[0]} names no sample with an image; the rollout is damaged")
     return keys, image_of, scored

@@ -17,6 +17,7 @@ import os
 import random
 import time
 from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from stages.policies import (
 )
 from stages.limits import check_at_most, check_memory, check_seed
 from stages.progress import Progress, no_progress
+from stages.distributed import Ranks, gather, join, rank_device
 from stages.threads import prefetched
 
 WEIGHTINGS = {
@@ -290,6 +292,11 @@ class Batch:
     weight: Tensor  # (B,)
     kl_factor: Tensor  # (B,)
     prompt_index: list[int]
+    scale: float = 1.0
+    """world x (this rank's rows / the global batch's): the gradients all-reduced as a mean over ranks
+    are the global batch's mean. 1 in one process; 0 for a rank's stand-in row that weighs nothing."""
+    global_size: int = 0
+    """Rows of the global batch (all ranks); 0: this batch's own."""
 
 
 def make_batch(samples: list[Sample], plan: Plan, manifest: dict[str, Any]) -> Batch:
@@ -386,12 +393,18 @@ class Trainer:
     adapter disabled)."""
 
     def __init__(self, policy: Policy, reference: Policy | None, cond: Cond, noise_level: float,
-                 config: UpdateConfig) -> None:
+                 config: UpdateConfig, here: Ranks = Ranks()) -> None:
         self.policy, self.reference, self.config, self.noise_level = policy, reference, config, noise_level
-        self.cond = cond
+        self.cond, self.here = cond, here
         policy.prepare_training()
         self.named_params = policy.trainable_parameters()
         self.params = [p for _, p in self.named_params]
+        self.ddp = None
+        if here.world > 1:  # gradients averaged over the ranks during the backward pass
+            from torch.nn.parallel import DistributedDataParallel
+
+            device = torch.device(policy.device)
+            self.ddp = DistributedDataParallel(policy.trainable(), device_ids=[device.index] if device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.stats = Stats()
         self.last: tuple[Tensor, Tensor, Cond] | None = None  # the last batch's inputs, for check_result
@@ -402,11 +415,12 @@ class Trainer:
         shape = (-1,) + (1,) * (batch.state.ndim - 1)
         sigma, sigma_next = batch.sigma.reshape(shape).to(device), batch.sigma_next.reshape(shape).to(device)
         state, nxt = batch.state.to(device), batch.next.to(device)
-        v = self.policy.velocity(state, batch.sigma.to(device), cond)
+        with self.policy.trainable_called_through(self.ddp) if self.ddp is not None else nullcontext():
+            v = self.policy.velocity(state, batch.sigma.to(device), cond)
         new = sde_step(v, state, sigma, sigma_next, self.noise_level, prev_sample=nxt)
         log_prob_old = batch.log_prob_old.to(device)
         ratio = torch.exp(new.log_prob - log_prob_old).detach()
-        if self.stats.steps == 0:
+        if self.stats.steps == 0 and batch.scale > 0:  # every rank checks its own rows
             self._check_on_policy(ratio)
         policy_loss = grpo_loss(new.log_prob, log_prob_old, batch.advantage.to(device), batch.weight.to(device),
                                 cfg.clip_range).mean()
@@ -418,6 +432,8 @@ class Trainer:
             scale = kl_scale(cfg.kl_form, sigma, sigma_next, self.noise_level)
             kl = (batch.kl_factor.to(device) * kl_to_reference(new.mean, ref.mean, scale)).mean()
         loss = policy_loss + cfg.beta * kl
+        if batch.scale != 1.0:  # several ranks: each one's share of the global batch's mean
+            loss, policy_loss, kl = batch.scale * loss, batch.scale * policy_loss, batch.scale * kl
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -428,7 +444,7 @@ class Trainer:
                 "written. Lower --learning-rate or --beta, or check the policy's weights"
             )
         self.optimizer.step()
-        self._record(loss, policy_loss, kl, ratio, grad_norm)
+        self._record(loss, policy_loss, kl, ratio if batch.scale > 0 else ratio[:0], grad_norm)
         self.last = (state, batch.sigma.to(device), cond)
 
     def _reference_velocity(self, state: Tensor, sigma: Tensor, cond: Cond) -> Tensor:
@@ -473,13 +489,16 @@ class Trainer:
         s.kl += float(kl.detach())
         s.clipped += int(((ratio - 1).abs() > self.config.clip_range).sum())
         s.samples += ratio.numel()
-        s.ratio_min = min(s.ratio_min, float(ratio.min()))
-        s.ratio_max = max(s.ratio_max, float(ratio.max()))
+        if ratio.numel():
+            s.ratio_min = min(s.ratio_min, float(ratio.min()))
+            s.ratio_max = max(s.ratio_max, float(ratio.max()))
         s.ratio_sum += float(ratio.sum())
         s.grad_norms.append(float(grad_norm))
 
     def metrics(self) -> dict[str, float]:
-        s, n = self.stats, max(self.stats.steps, 1)
+        """The run's metrics; with several ranks, over all of them (every rank must call this)."""
+        s = merge_stats(gather(self.stats, self.here)) if self.here.world > 1 else self.stats
+        n = max(s.steps, 1)
         return {
             "optimizer_steps": s.steps,
             "loss": s.loss / n,
@@ -493,6 +512,22 @@ class Trainer:
             "grad_norm": float(np.mean(s.grad_norms)) if s.grad_norms else 0.0,
             "grad_norm_max": max(s.grad_norms, default=0.0),
         }
+
+
+def merge_stats(parts: list[Stats]) -> Stats:
+    """The ranks' running sums as one run's: each rank's loss is its scaled share of the global
+    mean, so the shares add up; the gradient norm is the all-reduced one, the same on every rank."""
+    first = parts[0]
+    world = len(parts)
+    return Stats(
+        steps=first.steps,
+        loss=sum(p.loss for p in parts) / world, policy_loss=sum(p.policy_loss for p in parts) / world,
+        kl=sum(p.kl for p in parts) / world,
+        clipped=sum(p.clipped for p in parts), samples=sum(p.samples for p in parts),
+        ratio_min=min(p.ratio_min for p in parts), ratio_max=max(p.ratio_max for p in parts),
+        ratio_sum=sum(p.ratio_sum for p in parts), grad_norms=list(first.grad_norms),
+        first_step_ratio_deviation=max(p.first_step_ratio_deviation for p in parts),
+    )
 
 
 @dataclass
@@ -551,9 +586,11 @@ def _load_reference(ref_path: Path, ref_identity: str, policy_dir: Path, device:
     return reference
 
 
-def _batches(rollout: Rollout, plan: Plan, config: UpdateConfig, rng: random.Random) -> Iterator[Batch]:
+def _batches(rollout: Rollout, plan: Plan, config: UpdateConfig, rng: random.Random,
+             here: Ranks = Ranks()) -> Iterator[Batch]:
     """``inner_epochs`` streamed, shuffled passes over the samples with a non-zero advantage, in
-    batches of ``batch_size`` (each pass's last one may be smaller)."""
+    batches of ``batch_size`` (each pass's last one may be smaller). Every rank draws the same
+    global batches and decodes its own rows of each."""
     for _ in range(config.inner_epochs):
         active = (s for s in rollout.samples(fields=("meta.json", "state.npy", "next.npy"))
                   if plan.advantage[s.key] != 0.0)
@@ -561,10 +598,19 @@ def _batches(rollout: Rollout, plan: Plan, config: UpdateConfig, rng: random.Ran
         for sample in shuffled(active, config.shuffle_buffer, rng):
             batch.append(sample)
             if len(batch) == config.batch_size:
-                yield make_batch(batch, plan, rollout.manifest)
+                yield _rank_batch(batch, plan, rollout.manifest, here)
                 batch = []
         if batch:
-            yield make_batch(batch, plan, rollout.manifest)
+            yield _rank_batch(batch, plan, rollout.manifest, here)
+
+
+def _rank_batch(samples: list[Sample], plan: Plan, manifest: dict[str, Any], here: Ranks) -> Batch:
+    """This rank's rows of a global batch. A rank left without rows (a last batch smaller than the
+    world) computes the first row at scale 0, so that every rank takes part in every step."""
+    mine = here.share(samples)
+    batch = make_batch(mine or samples[:1], plan, manifest)
+    batch.scale, batch.global_size = here.world * len(mine) / len(samples), len(samples)
+    return batch
 
 
 def _train(trainer: Trainer, rollout: Rollout, plan: Plan, progress: Progress, prefetch: bool = True) -> None:
@@ -573,11 +619,11 @@ def _train(trainer: Trainer, rollout: Rollout, plan: Plan, progress: Progress, p
     config = trainer.config
     trainer.policy.trainable().train()
     torch.manual_seed(config.seed)
-    batches = _batches(rollout, plan, config, random.Random(config.seed))
+    batches = _batches(rollout, plan, config, random.Random(config.seed), trainer.here)
     total = plan.active * config.inner_epochs
     for batch in prefetched(batches, depth=2) if prefetch else batches:
         trainer.step(batch)
-        progress("update", len(batch.prompt_index), total)
+        progress("update", batch.global_size, total)
     trainer.policy.trainable().eval()
     trainer.check_result()
 
@@ -600,6 +646,7 @@ def run_update(
     differ from 1 by less than its tolerance while biasing every step. With ``prefetch`` the next
     batches are read on a thread while one trains; the trained weights are the same either way."""
     began = time.perf_counter()
+    here, device = join(device), rank_device(device)
     policy_dir, rollout, scores, out = Path(policy_dir), Path(rollout), Path(scores), Path(out)
     own_record = read_policy_record(policy_dir)
     ref_path, ref_identity = _resolve_reference(policy_dir, own_record, reference_dir)
@@ -628,7 +675,7 @@ def run_update(
         elif builtin and reference_dir is not None and read_policy_record(reference_dir).step != 0:
             raise TempflowError(f"--reference {reference_dir} is a trained policy; a LoRA policy's KL reference is its "
                                 "base model (the adapter disabled): give the policy `tempflow init` made, or none")
-        trainer = Trainer(policy, reference, cond, manifest["config"]["noise_level"], config)
+        trainer = Trainer(policy, reference, cond, manifest["config"]["noise_level"], config, here)
         names = [n for n, _ in trainer.named_params]
         resumed = load_optimizer(trainer.optimizer, names, policy_dir)
         for group in trainer.optimizer.param_groups:  # this update's hyper-parameters win over stored ones
@@ -646,6 +693,8 @@ def run_update(
         kind=record.kind, model=record.model, step=record.step + 1,
         reference={"path": os.path.relpath(ref_path, out), "identity": ref_identity},
     )
+    if not here.main:  # the same weights on every rank: rank 0 writes them
+        return UpdateResult(metrics=metrics)
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         save_policy(policy, tmp, new_record)
         save_optimizer(trainer.optimizer, names, tmp)

@@ -440,6 +440,9 @@ def score(rollout_dir: Path, rewards: list, out: Path, batch_size: int, device: 
     --batch-size:
 
         tempflow score --rollout r --reward pickscore --reward-model pickscore=PickScore_v1 --out s.parquet
+
+    Under `torchrun --nproc_per_node N $(which tempflow) score ...` each rank scores every N-th image
+    (on its own GPU with --device cuda); rank 0 writes the parquet.
     """
     from stages.rewards import RewardRuntime
     from stages.score import run_score
@@ -482,6 +485,12 @@ def update(policy_dir: Path, rollout_dir: Path, scores: Path, out: Path, referen
     prompts' conditioning the rollout stored (no text encoder is loaded). A LoRA policy's KL
     reference is its base with the adapter disabled (no second model); a LoRA policy folder holds
     only the new adapter and its optimizer state.
+
+    Under `torchrun --nproc_per_node N $(which tempflow) update ...` it trains with
+    DistributedDataParallel (gloo on the CPU, nccl with --device cuda): every rank draws the same
+    global batches of --batch-size, decodes and trains its own rows of each, and checks its own
+    first-step ratio; the new policy is the one-process update's within float rounding. Rank 0
+    writes it.
     """
     from stages.update import UpdateConfig, run_update
 
@@ -608,6 +617,9 @@ def eval_(policy_dir: Path, prompts: Path | None, split: str, per_task: int, out
     with other rewards, including ones it was not trained on (a held-out "gold" reward):
 
         tempflow eval --policy p --prompts my.txt --reward pickscore --reward-model pickscore=DIR --out e
+
+    Under `torchrun --nproc_per_node N $(which tempflow) eval ...` each rank samples and scores whole
+    batches, round robin; the images and figures are one process's, and rank 0 writes them.
     """
     from stages.evaluate import EvalConfig, read_eval_prompts, run_eval
     from stages.rewards import RewardRuntime

@@ -12,10 +12,12 @@ names the policy the KL term is measured against (``null``: the policy is its ow
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -145,6 +147,23 @@ class Policy(ABC):
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters GRPO updates, by name (the optimizer state is stored by these names)."""
         return [(n, p) for n, p in self.trainable().named_parameters() if p.requires_grad]
+
+    trainable_attribute = ""
+    """The attribute :meth:`trainable` returns, which :meth:`velocity` calls."""
+
+    @contextlib.contextmanager
+    def trainable_called_through(self, wrapper: nn.Module) -> Iterator[None]:
+        """Within the block :meth:`velocity` calls ``wrapper`` (e.g. a DistributedDataParallel of
+        :meth:`trainable`) in place of the module itself."""
+        if not self.trainable_attribute or getattr(self, self.trainable_attribute) is not self.trainable():
+            raise TempflowError(f"a {self.kind} policy does not say which attribute its velocity calls; "
+                                "it cannot be trained by several processes")
+        module = self.trainable()
+        setattr(self, self.trainable_attribute, wrapper)
+        try:
+            yield
+        finally:
+            setattr(self, self.trainable_attribute, module)
 
     def configure_sampling(self, resolution: int, guidance_scale: float, negative_prompt: str) -> dict[str, Any]:
         """Set how this policy samples and return the resolved values (the rollout records them, the

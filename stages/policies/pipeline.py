@@ -250,6 +250,8 @@ class PipelinePolicy(Policy):
     def negative_prompt(self) -> str | None:
         return self._negative
 
+    trainable_attribute = "transformer"
+
     def trainable(self) -> nn.Module:
         return self.transformer
 

@@ -274,6 +274,8 @@ class TinyPolicy(Policy):
         with torch.no_grad():
             return (self.autoencoder.encode(images.to(self.device)).latent_dist.mean - shift) * scale
 
+    trainable_attribute = "denoiser"
+
     def trainable(self) -> nn.Module:
         return self.denoiser
 
