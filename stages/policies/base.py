@@ -113,9 +113,12 @@ class Policy(ABC):
     def decode(self, x: Tensor) -> np.ndarray:
         """Final states to images, uint8 ``(B, H, W, 3)``."""
 
-    @abstractmethod
+    trainable_attribute: ClassVar[str]
+    """The attribute holding the module whose parameters GRPO updates, which :meth:`velocity` calls."""
+
     def trainable(self) -> nn.Module:
         """The module whose parameters GRPO updates."""
+        return getattr(self, self.trainable_attribute)
 
     @abstractmethod
     def modules(self) -> dict[str, nn.Module]:
@@ -148,16 +151,10 @@ class Policy(ABC):
         """The parameters GRPO updates, by name (the optimizer state is stored by these names)."""
         return [(n, p) for n, p in self.trainable().named_parameters() if p.requires_grad]
 
-    trainable_attribute = ""
-    """The attribute :meth:`trainable` returns, which :meth:`velocity` calls."""
-
     @contextlib.contextmanager
     def trainable_called_through(self, wrapper: nn.Module) -> Iterator[None]:
         """Within the block :meth:`velocity` calls ``wrapper`` (e.g. a DistributedDataParallel of
         :meth:`trainable`) in place of the module itself."""
-        if not self.trainable_attribute or getattr(self, self.trainable_attribute) is not self.trainable():
-            raise TempflowError(f"a {self.kind} policy does not say which attribute its velocity calls; "
-                                "it cannot be trained by several processes")
         module = self.trainable()
         setattr(self, self.trainable_attribute, wrapper)
         try:

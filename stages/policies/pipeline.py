@@ -252,9 +252,6 @@ class PipelinePolicy(Policy):
 
     trainable_attribute = "transformer"
 
-    def trainable(self) -> nn.Module:
-        return self.transformer
-
     def prepare_training(self) -> None:
         self.owns_weights = self.lora is None or self.owns_weights
         if self.lora is None:

@@ -276,9 +276,6 @@ class TinyPolicy(Policy):
 
     trainable_attribute = "denoiser"
 
-    def trainable(self) -> nn.Module:
-        return self.denoiser
-
     def modules(self) -> dict[str, nn.Module]:
         modules = {DENOISERS[self.config.denoiser]: self.denoiser, "text_encoder": self.text_encoder}
         if self.autoencoder is not None:
