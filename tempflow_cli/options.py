@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import functools
 import importlib.util
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,11 +33,30 @@ class Field:
 
 
 @functools.cache
-def _module_tree(module: str) -> ast.Module:
+def _source_lines(module: str) -> tuple[str, ...]:
     spec = importlib.util.find_spec(module)  # imports the parent packages only (their __init__ stay light)
     if spec is None or spec.origin is None:
         raise ImportError(f"no module {module}")
-    return ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+    return tuple(Path(spec.origin).read_text(encoding="utf-8").splitlines())
+
+
+def _statement(module: str, name: str, kind: type[ast.stmt]) -> ast.stmt | None:
+    """The module's top-level ``class name`` or assignment to ``name``, parsed alone: a whole module
+    would cost ``--help`` its parse. The statement ends at the first line starting in column 0 where
+    what came before parses (a line of a string or of brackets that starts there does not)."""
+    lines = _source_lines(module)
+    head = re.compile(rf"class {name}\b" if kind is ast.ClassDef else rf"{name}\s*(:|=)")
+    for start in (i for i, line in enumerate(lines) if head.match(line)):
+        ends = [j for j in range(start + 1, len(lines)) if lines[j][:1] not in ("", " ", "\t", "#")]
+        for end in ends + [len(lines)]:
+            try:
+                body = ast.parse("\n".join(lines[start:end])).body
+            except SyntaxError:
+                continue
+            if len(body) == 1 and isinstance(body[0], kind):
+                return body[0]
+            break
+    return None
 
 
 def _split(ref: str) -> tuple[str, str]:
@@ -50,10 +70,10 @@ def config_fields(ref: str) -> list[Field]:
     """The fields of the dataclass ``ref`` (``"stages.rollout:RolloutConfig"``), in order, read from
     its source: name, literal default, and the string literal that follows each field."""
     module, name = _split(ref)
-    classes = [n for n in _module_tree(module).body if isinstance(n, ast.ClassDef) and n.name == name]
-    if not classes:
+    node = _statement(module, name, ast.ClassDef)
+    if node is None:
         raise ImportError(f"{module} defines no class {name}")
-    body, fields = classes[0].body, []
+    body, fields = node.body, []
     for node, after in zip(body, body[1:] + [None]):
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
@@ -71,9 +91,9 @@ def config_fields(ref: str) -> list[Field]:
 def literal(ref: str) -> Any:
     """The literal value a module assigns to a name at its top level (``"stages.rollout:ALGORITHMS"``)."""
     module, name = _split(ref)
-    for node in _module_tree(module).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
-        if any(isinstance(t, ast.Name) and t.id == name for t in targets) and node.value is not None:
+    for kind in (ast.Assign, ast.AnnAssign):
+        node = _statement(module, name, kind)
+        if node is not None and node.value is not None:
             return ast.literal_eval(node.value)
     raise ImportError(f"{module} assigns no literal {name}")
 

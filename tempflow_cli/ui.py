@@ -3,32 +3,36 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-from rich.table import Table
-
-from stages.distributed import ranks
 from stages.progress import Progress as ProgressFn
 
-# under torchrun only rank 0 draws bars and prints tables (every rank's errors still reach stderr)
-_QUIET = ranks().rank > 0
-console = Console(quiet=_QUIET)
-err_console = Console(stderr=True, quiet=_QUIET)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# rich is imported when something is drawn, not with the command module: `--help` needs none of it.
+
+
+@functools.cache
+def consoles() -> tuple[Console, Console]:
+    """stdout's and stderr's consoles; under torchrun only rank 0 draws bars and prints tables (every
+    rank's errors still reach stderr)."""
+    from rich.console import Console
+
+    from stages.distributed import ranks
+
+    quiet = ranks().rank > 0
+    return Console(quiet=quiet), Console(stderr=True, quiet=quiet)
 
 
 @contextlib.contextmanager
 def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
     """A progress callback that draws one bar per task name on stderr (hidden when not a terminal)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    err_console = consoles()[1]
     bars = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -60,16 +64,20 @@ def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
 
 def summary(title: str, rows: dict[str, Any]) -> None:
     """A two-column table on stdout."""
+    from rich.table import Table
+
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column(justify="right")
     for name, value in rows.items():
         table.add_row(name, f"{value:.6g}" if isinstance(value, float) else str(value))
-    console.print(table)
+    consoles()[0].print(table)
 
 
 def comparison(title: str, columns: dict[str, dict[str, Any]]) -> None:
     """A table on stdout with one column per name (e.g. base, final) and a row per metric."""
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     table.add_column("")
     for name in columns:
@@ -77,4 +85,4 @@ def comparison(title: str, columns: dict[str, dict[str, Any]]) -> None:
     for row in dict.fromkeys(key for column in columns.values() for key in column):
         cells = [columns[name].get(row) for name in columns]
         table.add_row(row, *(f"{v:.3f}" if isinstance(v, float) else "" if v is None else str(v) for v in cells))
-    console.print(table)
+    consoles()[0].print(table)

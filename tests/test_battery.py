@@ -1108,7 +1108,7 @@ def _stop_leftover_displays() -> None:
         from tempflow_cli import ui
     except ImportError:
         return
-    for console in (getattr(ui, "console", None), getattr(ui, "err_console", None)):
+    for console in ui.consoles() if ui.consoles.cache_info().currsize else ():
         stack = getattr(console, "_live_stack", None)
         while stack:
             live = stack[-1]

@@ -56,14 +56,14 @@ for args in json.loads(sys.argv[1]):
         cli.main(args, prog_name="tempflow")
     except SystemExit as stop:
         answers[" ".join(args)] = stop.code
-heavy = sorted(m for m in ("torch", "transformers", "diffusers", "numpy", "pyarrow", "PIL") if m in sys.modules)
+heavy = sorted(m for m in ("torch", "transformers", "diffusers", "numpy", "pyarrow", "PIL", "rich") if m in sys.modules)
 print(json.dumps({"answers": answers, "heavy": heavy}))
 """
 
 
 def test_help_and_option_errors_never_import_torch():
     """`tempflow --help`, every command's --help and a mistyped option answer without importing
-    torch, or any of the stages' heavy libraries (a fresh interpreter, so nothing is imported yet)."""
+    torch, or any of the stages' heavy libraries, or rich (a fresh interpreter, so nothing is imported yet)."""
     import subprocess
     import sys
 
@@ -98,6 +98,49 @@ def test_options_read_from_source_are_the_dataclass_fields(ref):
     real = [(f.name, f.default) for f in dataclasses.fields(cls)]
     assert [(f.name, f.default) for f in config_fields(ref)] == real
     assert all(f.doc for f in config_fields(ref)), "every field has its docstring"
+
+
+TRICKY_SOURCE = '''"""A module docstring naming
+class Config in column 0, which is prose, not code."""
+import dataclasses
+
+NAMES = {
+    "a": "first",
+}
+NAMES_TOO: dict = {"b": "second"}
+
+
+@dataclasses.dataclass
+class Config:
+    text: str = """a default whose second line
+starts in column 0"""
+    """Its docstring."""
+    size: int = 3
+# a comment in column 0 inside the class
+    """Size's docstring."""
+
+
+class ConfigAfter:
+    pass
+'''
+
+
+def test_options_find_one_statement_among_column_0_strings_brackets_and_comments(tmp_path, monkeypatch):
+    """Only the defining statement is parsed: lines of a string, of brackets or comments starting in
+    column 0 do not end it, and prose in a docstring is not taken for the class."""
+    from tempflow_cli import options
+
+    (tmp_path / "tricky_config.py").write_text(TRICKY_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fields = options.config_fields("tricky_config:Config")
+    assert [(f.name, f.default, f.doc) for f in fields] == [
+        ("text", "a default whose second line\nstarts in column 0", "Its docstring."), ("size", 3, "Size's docstring.")]
+    assert options.literal("tricky_config:NAMES") == {"a": "first"}
+    assert options.literal("tricky_config:NAMES_TOO") == {"b": "second"}
+    with pytest.raises(ImportError, match="no class Missing"):
+        options.config_fields("tricky_config:Missing")
+    with pytest.raises(ImportError, match="no literal ConfigAfter"):
+        options.literal("tricky_config:ConfigAfter")
 
 
 def test_choices_read_from_source_are_the_registries():

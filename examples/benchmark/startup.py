@@ -95,6 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--helps-only", action="store_true", help="Time the --help answers, not the stages.")
     args = parser.parse_args()
     from tempflow_cli.main import cli
 
@@ -102,7 +103,7 @@ def main() -> None:
     helps += [["rec", name, "--help"] for name in cli.commands["rec"].commands]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        stages = build_inputs(work)
+        stages = {} if args.helps_only else build_inputs(work)
         report = {"help_seconds": {" ".join(h): time_help(h, args.repeats) for h in helps},
                   "first_forward_seconds": {name: time_first_forward(a, work, args.repeats) for name, a in stages.items()},
                   "python": sys.version.split()[0], "repeats": args.repeats,
