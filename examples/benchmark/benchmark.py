@@ -467,6 +467,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=str, default=None, help="Comma list of training seeds (default 0,1,2).")
     parser.add_argument("--nfe-budget", type=int, default=None)
     parser.add_argument("--methods", type=str, default=",".join(METHODS))
+    parser.add_argument("--runs-only", action="store_true",
+                        help="Train and keep the runs, then stop: no efficiency and memory measurements, no report. "
+                             "For several invocations side by side (one thread each); run once more without it, "
+                             "on a quiet machine, to measure and report from the kept runs.")
     parser.add_argument("--measure-update", nargs=2, type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -513,6 +517,9 @@ def main() -> None:
                 print(f"  {name} seed {seed}: kept from {runs.path(name, seed)}", flush=True)
                 reused.append(f"{name}-s{seed}")
             results[name].append(curve)
+    if args.runs_only:
+        print(f"kept {len(settings.seeds) * len(methods)} runs in {runs.folder}; no report (--runs-only)")
+        return
     print("measuring stage efficiency and update memory ...", flush=True)
     efficiency = stage_efficiency(base, prompts, work, rollout_base, update_base, settings)
     memory = update_memory(base, prompts, work, rollout_base, update_base, settings)
