@@ -77,7 +77,9 @@ class PretrainConfig:
     """Static shift applied to the logit-normal training noise levels (3 puts as much weight on high
     noise, where the layout is decided, as sampling at shift 3 does)."""
     ema: float = 0.999
-    """Decay of the exponential moving average saved as the policy (0: save the raw weights)."""
+    """Largest decay of the exponential moving average saved as the policy (0: save the raw weights).
+    Step s (from 0) decays by min(ema, (1 + s) / (10 + s)): after 1,500 steps the warm-up has reached
+    only 1500 / 1509 = 0.99404, so in a run that short any larger ema saves the same weights."""
     seed: int = 0
     """Seed of the initial weights, the rendered data and the noise."""
     checkpoint_every: int = 200
