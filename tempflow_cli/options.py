@@ -45,7 +45,8 @@ def _statement(module: str, name: str, kind: type[ast.stmt]) -> ast.stmt | None:
     would cost ``--help`` its parse. The statement ends at the first line starting in column 0 where
     what came before parses (a line of a string or of brackets that starts there does not)."""
     lines = _source_lines(module)
-    head = re.compile(rf"class {name}\b" if kind is ast.ClassDef else rf"{name}\s*(:|=)")
+    word = re.escape(name)
+    head = re.compile(rf"class {word}\b" if kind is ast.ClassDef else rf"{word}\s*(:|=)")
     for start in (i for i, line in enumerate(lines) if head.match(line)):
         ends = [j for j in range(start + 1, len(lines)) if lines[j][:1] not in ("", " ", "\t", "#")]
         for end in ends + [len(lines)]:
