@@ -40,24 +40,37 @@ def _source_lines(module: str) -> tuple[str, ...]:
     return tuple(Path(spec.origin).read_text(encoding="utf-8").splitlines())
 
 
-def _statement(module: str, name: str, kind: type[ast.stmt]) -> ast.stmt | None:
-    """The module's top-level ``class name`` or assignment to ``name``, parsed alone: a whole module
-    would cost ``--help`` its parse. The statement ends at the first line starting in column 0 where
-    what came before parses (a line of a string or of brackets that starts there does not)."""
+def _defines(node: ast.stmt, name: str) -> bool:
+    if isinstance(node, ast.ClassDef):
+        return node.name == name
+    targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+    return any(isinstance(t, ast.Name) and t.id == name for t in targets)
+
+
+def _statement(module: str, name: str, kinds: tuple[type[ast.stmt], ...]) -> ast.stmt | None:
+    """The module's top-level statement of one of ``kinds`` that defines ``name``. When exactly one
+    line starts like that statement (``class name`` or ``name =`` / ``name:`` in column 0), that
+    statement alone is parsed, since parsing a whole module would add that module's parse to
+    ``--help``. The statement ends at the first line starting in column 0 where what came before
+    parses; a line of a string or of brackets that starts there does not end it. Anything less
+    plain (several such lines, e.g. an example in a docstring, or none, e.g. ``A = name = ...``)
+    falls back to parsing the whole module."""
     lines = _source_lines(module)
     word = re.escape(name)
-    head = re.compile(rf"class {word}\b" if kind is ast.ClassDef else rf"{word}\s*(:|=)")
-    for start in (i for i, line in enumerate(lines) if head.match(line)):
-        ends = [j for j in range(start + 1, len(lines)) if lines[j][:1] not in ("", " ", "\t", "#")]
-        for end in ends + [len(lines)]:
+    head = re.compile(rf"class {word}\b" if kinds == (ast.ClassDef,) else rf"{word}\s*(:|=)")
+    starts = [i for i, line in enumerate(lines) if head.match(line)]
+    if len(starts) == 1:
+        ends = [j for j in range(starts[0] + 1, len(lines)) if lines[j][:1] not in ("", " ", "\t", "#")]
+        for end in (ends + [len(lines)])[:20]:
             try:
-                body = ast.parse("\n".join(lines[start:end])).body
+                body = ast.parse("\n".join(lines[starts[0]:end])).body
             except SyntaxError:
                 continue
-            if len(body) == 1 and isinstance(body[0], kind):
+            if len(body) == 1 and isinstance(body[0], kinds) and _defines(body[0], name):
                 return body[0]
             break
-    return None
+    tree = ast.parse("\n".join(lines))
+    return next((n for n in tree.body if isinstance(n, kinds) and _defines(n, name)), None)
 
 
 def _split(ref: str) -> tuple[str, str]:
@@ -71,7 +84,7 @@ def config_fields(ref: str) -> list[Field]:
     """The fields of the dataclass ``ref`` (``"stages.rollout:RolloutConfig"``), in order, read from
     its source: name, literal default, and the string literal that follows each field."""
     module, name = _split(ref)
-    node = _statement(module, name, ast.ClassDef)
+    node = _statement(module, name, (ast.ClassDef,))
     if node is None:
         raise ImportError(f"{module} defines no class {name}")
     body, fields = node.body, []
@@ -92,10 +105,9 @@ def config_fields(ref: str) -> list[Field]:
 def literal(ref: str) -> Any:
     """The literal value a module assigns to a name at its top level (``"stages.rollout:ALGORITHMS"``)."""
     module, name = _split(ref)
-    for kind in (ast.Assign, ast.AnnAssign):
-        node = _statement(module, name, kind)
-        if node is not None and node.value is not None:
-            return ast.literal_eval(node.value)
+    node = _statement(module, name, (ast.Assign, ast.AnnAssign))
+    if node is not None and node.value is not None:
+        return ast.literal_eval(node.value)
     raise ImportError(f"{module} assigns no literal {name}")
 
 

@@ -101,13 +101,23 @@ def test_options_read_from_source_are_the_dataclass_fields(ref):
 
 
 TRICKY_SOURCE = '''"""A module docstring naming
-class Config in column 0, which is prose, not code."""
+class Config in column 0, which is prose, not code, and an example that is code:
+
+class Example:
+    size: int = 99
+"""
 import dataclasses
 
 NAMES = {
     "a": "first",
 }
 NAMES_TOO: dict = {"b": "second"}
+ALIAS = CHAINED = {"c": "third"}
+
+
+class Example:
+    size: int = 3
+    """The real one."""
 
 
 @dataclasses.dataclass
@@ -126,8 +136,8 @@ class ConfigAfter:
 
 
 def test_options_find_one_statement_among_column_0_strings_brackets_and_comments(tmp_path, monkeypatch):
-    """Only the defining statement is parsed: lines of a string, of brackets or comments starting in
-    column 0 do not end it, and prose in a docstring is not taken for the class."""
+    """Lines of a string, of brackets or comments starting in column 0 do not end a statement; prose
+    or an example in a docstring is not taken for the class; a chained assignment is found."""
     from tempflow_cli import options
 
     (tmp_path / "tricky_config.py").write_text(TRICKY_SOURCE)
@@ -137,6 +147,8 @@ def test_options_find_one_statement_among_column_0_strings_brackets_and_comments
         ("text", "a default whose second line\nstarts in column 0", "Its docstring."), ("size", 3, "Size's docstring.")]
     assert options.literal("tricky_config:NAMES") == {"a": "first"}
     assert options.literal("tricky_config:NAMES_TOO") == {"b": "second"}
+    assert options.literal("tricky_config:CHAINED") == {"c": "third"}
+    assert [(f.name, f.default) for f in options.config_fields("tricky_config:Example")] == [("size", 3)]
     with pytest.raises(ImportError, match="no class Missing"):
         options.config_fields("tricky_config:Missing")
     with pytest.raises(ImportError, match="no literal ConfigAfter"):
