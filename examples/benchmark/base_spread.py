@@ -13,7 +13,9 @@ amplifies a different initialisation. Each base is evaluated the way the default
 ``--loop`` then runs params.yaml's `loop` from each base exactly as dvc.yaml chains it (the same
 rollout, score and update options and seeds, the base as KL reference), through the library
 functions the commands call, and evaluates the last policy the same way: the default run's gain
-from each base. ``--seeds 1 --threads 1`` in two shells runs two seeds side by side.
+from each base. ``--iterations 32`` continues that loop past its 16 iterations in the same pattern
+(it17 with seed 17, ...), reusing the 16 of an earlier run. ``--seeds 1 --threads 1`` in two shells
+runs two seeds side by side.
 
 Prints and writes OUT/results.json: each seed's base held-out reward and strict accuracy (with
 ``--loop`` also the final policy's and the gain), and for each the mean over seeds and the largest
@@ -75,36 +77,52 @@ def pretrained(recipe: PretrainConfig, base: Path) -> float:
     return time.perf_counter() - began
 
 
-def default_loop(base: Path, work: Path, changes: dict[str, Any]) -> tuple[Path, float]:
-    """params.yaml's loop from ``base``, as dvc.yaml runs it, with ``changes`` to its update options;
-    the last policy and the seconds it took."""
-    done = work / "loop.json"
+def loop_items(iterations: int) -> list[dict[str, Any]]:
+    """params.yaml's loop, continued past its end in its own pattern (it17 samples with policies/it16 and
+    seed 17, ...) when ``iterations`` is larger, or cut short when smaller."""
+    items = list(PARAMS["loop"])
+    for i in range(len(items) + 1, iterations + 1):
+        items.append({"name": f"it{i:02d}", "prev": f"policies/{items[-1]['name']}", "seed": i})
+    return items[:iterations]
+
+
+def default_loop(base: Path, work: Path, changes: dict[str, Any], iterations: int) -> tuple[Path, float]:
+    """params.yaml's loop from ``base``, as dvc.yaml runs it, with ``changes`` to its update options and
+    ``iterations`` iterations; the last policy and the seconds it took. Finished iterations are kept
+    (``work/loop.json`` lists them), so a longer loop continues a shorter one of the same key."""
+    record = work / "loop.json"
     update = {**options("update", UpdateConfig), **changes}
     key = {"base": json.loads((base / "pretrain.json").read_text())["config"],
            **{group: PARAMS[group] for group in ("prompts", "rollout", "score", "update", "loop")}}
     key["update"] = {**key["update"], **{name.replace("_", "-"): value for name, value in changes.items()}}
-    final = work / "policies" / PARAMS["loop"][-1]["name"]
-    if done.is_file() and json.loads(done.read_text())["key"] == key and final.is_dir():
-        return final, 0.0
-    shutil.rmtree(work, ignore_errors=True)
+    kept = json.loads(record.read_text()) if record.is_file() else {}
+    if kept.get("key") != key:
+        shutil.rmtree(work, ignore_errors=True)
+        kept = {}
+    done = kept.get("done", [item["name"] for item in PARAMS["loop"]] if kept else [])
+    seconds = kept.get("seconds", 0.0)
+    work.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(ROOT / PARAMS["prompts"])
     specs = [parse_reward_spec(text) for text in PARAMS["score"]["reward"]]
     rollout = options("rollout", RolloutConfig)
-    began = time.perf_counter()
-    for item in PARAMS["loop"]:
-        prev = base if item["prev"] == "base" else work / item["prev"]
+    for item in loop_items(iterations):
         it = item["name"]
-        policy, record = load_policy(prev)
+        if it in done and (work / "policies" / it).is_dir():
+            continue
+        began = time.perf_counter()
+        prev = base if item["prev"] == "base" else work / item["prev"]
+        policy, meta = load_policy(prev)
         run_rollout(policy, prompts, RolloutConfig(**rollout, seed=item["seed"]), work / "rollouts" / it,
-                    {"identity": record.identity, "path": str(prev), "step": record.step})
+                    {"identity": meta.identity, "path": str(prev), "step": meta.step})
         run_score(work / "rollouts" / it, specs, work / "scores" / f"{it}.parquet", batch_size=PARAMS["score"]["batch-size"])
         metrics = run_update(prev, work / "rollouts" / it, work / "scores" / f"{it}.parquet", work / "policies" / it,
                              UpdateConfig(**update, seed=item["seed"]), reference_dir=base).metrics
         shutil.rmtree(work / "rollouts" / it)  # a rollout is large and needed by its update only
         print(f"  {base.name} {it}: reward {metrics['reward_mean']:.3f}, kl {metrics['kl']:.4f}", flush=True)
-    seconds = time.perf_counter() - began
-    done.write_text(json.dumps({"key": key, "seconds": seconds}) + "\n")
-    return final, seconds
+        seconds += time.perf_counter() - began
+        done.append(it)
+        record.write_text(json.dumps({"key": key, "done": done, "seconds": seconds}) + "\n")
+    return work / "policies" / loop_items(iterations)[-1]["name"], seconds
 
 
 def evaluated(policy: Path, out: Path, split: str, per_task: int) -> dict[str, float]:
@@ -148,6 +166,9 @@ def main() -> None:
                         help="Held-out prompts to evaluate on (default: params.yaml's); validation for choosing settings.")
     parser.add_argument("--per-task", type=int, default=PARAMS["eval"]["per-task"],
                         help="Prompts per task type to evaluate on (default: params.yaml's; 1000: all of the split).")
+    parser.add_argument("--iterations", type=int, default=len(PARAMS["loop"]),
+                        help="Iterations of the loop (default: params.yaml's; more continue its pattern and reuse "
+                             "the default's iterations).")
     parser.add_argument("--threads", type=int, default=0, help="Torch threads (0: torch's default).")
     args = parser.parse_args()
     if args.threads:
@@ -160,6 +181,8 @@ def main() -> None:
     evaluation = "" if (args.split, args.per_task) == (PARAMS["eval"]["split"], PARAMS["eval"]["per-task"]) \
         else f"-{args.split}{args.per_task}"
     loop_tag, tag = tag, tag + evaluation
+    if args.iterations != len(PARAMS["loop"]):
+        tag += f"-it{args.iterations}"
     rows = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         base = args.out / f"base-s{seed}"
@@ -168,7 +191,8 @@ def main() -> None:
         print(f"seed {seed}: base {args.split} reward {row['reward']:.3f}, strict {row['strict']:.3f} "
               f"(pretrained in {row['pretrain_seconds']:.0f} s; 0: reused)", flush=True)
         if args.loop:
-            final, row["loop_seconds"] = default_loop(base, args.out / f"loop-s{seed}{loop_tag}", changes)
+            final, row["loop_seconds"] = default_loop(base, args.out / f"loop-s{seed}{loop_tag}", changes,
+                                                        args.iterations)
             row["final"] = evaluated(final, args.out / f"eval-final-s{seed}{tag}", args.split, args.per_task)
             row["gain"] = {key: row["final"][key] - row[key] for key in ("reward", "strict")}
             print(f"seed {seed}: final {args.split} reward {row['final']['reward']:.3f}, strict {row['final']['strict']:.3f} "
@@ -180,7 +204,7 @@ def main() -> None:
         for part in ("final", "gain"):
             summary[part] = {key: spread({s: row[part] for s, row in rows.items()}, key) for key in ("reward", "strict")}
     print(json.dumps(summary, indent=2))
-    result = {"recipe": asdict(recipe), "loop_iterations": len(PARAMS["loop"]) if args.loop else 0,
+    result = {"recipe": asdict(recipe), "loop_iterations": args.iterations if args.loop else 0,
               "update_changes": changes, "split": args.split, "per_task": args.per_task,
               "torch_threads": torch.get_num_threads(), "per_seed": rows, "summary": summary}
     name = f"results{'' if args.seeds == '0,1,2' else '-s' + args.seeds.replace(',', '-')}{tag}.json"
