@@ -3,7 +3,8 @@
 Two phases, as a latent diffusion model is built:
 
 1. *autoencoder* (latent presets only): a small ``AutoencoderKL`` learns to reconstruct the rendered
-   images (L1 + L2, and a KL term so small that the latents stay an autoencoder's, only kept from
+   images of the whole grammar, held-out pairings included (they are held out of the text-to-image
+   mapping, not out of what the codec can represent; ``shapes.ANY_SPLIT``) (L1 + L2, and a KL term so small that the latents stay an autoencoder's, only kept from
    drifting). Its latent statistics then set ``shift_factor`` and ``scaling_factor`` (SD3's
    convention: ``latent = (mean - shift) * scale`` has mean 0 and std 1 over the world).
 2. *flow*: rectified flow matching (SD3) on the states (pixels, or the frozen autoencoder's latents):
@@ -45,7 +46,7 @@ from stages.progress import Progress, no_progress
 from stages.rollout import derive_seed
 
 WORLDS = {"shapes": "GenEval-like coloured squares, circles and triangles on black (stages.shapes)"}
-CHECKPOINT_FORMAT = "tempflow.pretrain-checkpoint/2"  # /2: phases (autoencoder, flow)
+CHECKPOINT_FORMAT = "tempflow.pretrain-checkpoint/3"  # /2: phases (autoencoder, flow); /3: the autoencoder's scenes of both splits
 
 
 @dataclass
@@ -157,7 +158,8 @@ def world_batch(config: PretrainConfig, step: int, phase: str = "flow") -> tuple
 
     batch_size = config.batch_size if phase == "flow" else config.autoencoder_batch_size
     rng = np.random.default_rng([config.seed, step, PHASES.index(phase)])
-    scenes = [shapes.sample_scene(rng, "train") for _ in range(batch_size)]
+    split = "train" if phase == "flow" else shapes.ANY_SPLIT  # the codec learns every image; the flow, train prompts
+    scenes = [shapes.sample_scene(rng, split) for _ in range(batch_size)]
     images = shapes.render_batch(scenes, rng, config.image_size)  # (B, H, W, 3) uint8
     x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return [scene.prompt for scene in scenes], x0

@@ -175,6 +175,16 @@ def test_sample_scene_stays_in_its_split():
         shapes.sample_scene(rng, "test")
 
 
+def test_sample_scene_of_any_split_draws_both():
+    """ANY_SPLIT: the whole grammar, held-out pairings and compositions included, every task."""
+    rng = np.random.default_rng(0)
+    scenes = [shapes.sample_scene(rng, shapes.ANY_SPLIT) for _ in range(4000)]
+    kinds = Counter(shapes.heldout_kind(s) for s in scenes)
+    assert set(kinds) == {None, "pair", "composition"}
+    assert 0.15 < (kinds["pair"] + kinds["composition"]) / len(scenes) < 0.45  # about its share per task
+    assert set(Counter(s.task for s in scenes)) == set(shapes.TASKS)
+
+
 def test_eval_prompts_are_balanced_and_deterministic():
     for split in shapes.SPLITS:
         prompts = shapes.eval_prompts(split, per_task=16, seed=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,18 @@ def test_world_batch_is_a_function_of_seed_and_step():
     assert x0.shape == (4, 3, 16, 16) and float(x0.min()) >= -1 and float(x0.max()) <= 1
     assert world_batch(config, 4)[0] != prompts or not np.array_equal(world_batch(config, 4)[1], x0)
     held_out = set(shapes.heldout_prompts())
-    assert not held_out & set(prompts)  # pretraining never sees the held-out split
+    assert not held_out & set(prompts)  # the flow never learns a held-out prompt
+
+
+def test_the_autoencoder_learns_images_of_both_splits_and_the_flow_of_train_only():
+    """The codec is trained on every scene (a held-out pairing must still be representable); the
+    text-to-image flow sees train prompts only."""
+    config = replace(tiny_pretrain(), batch_size=64, autoencoder_batch_size=64)
+    held_out = set(shapes.heldout_prompts())
+    seen = {phase: {p for step in range(4) for p in world_batch(config, step, phase)[0]}
+            for phase in ("flow", "autoencoder")}
+    assert not seen["flow"] & held_out
+    assert seen["autoencoder"] & held_out and seen["autoencoder"] - held_out
 
 
 def test_pretrain_writes_a_policy_and_learns(pretrained, tmp_path):

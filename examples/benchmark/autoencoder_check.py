@@ -4,8 +4,9 @@
 
 Trains only the autoencoder phase of params.yaml's recipe (``--steps``, ``--batch``, ``--lr`` override
 it) with pretraining seed ``--seed``, and at four points along it encodes and decodes 256 rendered
-train scenes (always the same ones) through the latent means, then scores the reconstructions with
-the shapes reward. A rendered scene scores 1, so the figures are the ceiling the autoencoder puts on
+train scenes and 256 held-out ones (always the same) through the latent means, then scores the
+reconstructions with the shapes reward (the held-out ones: a pairing or composition the flow never
+learns to draw, which the codec must still represent). A rendered scene scores 1, so the figures are the ceiling the autoencoder puts on
 any policy that draws on its latents. The learning rate follows the schedule of ``--steps``, so a
 point before the end is not what a shorter run would end with. Prints each row and writes
 runs/autoencoder/TAG.json.
@@ -53,9 +54,9 @@ def recipe(args: argparse.Namespace) -> PretrainConfig:
     return replace(base, seed=args.seed, checkpoint_every=0, **{k: v for k, v in changes.items() if v is not None})
 
 
-def fixed_scenes(size: int, count: int = 256) -> tuple[list[str], torch.Tensor]:
-    rng = np.random.default_rng(SCENES_SEED)
-    scenes = [shapes.sample_scene(rng, "train") for _ in range(count)]
+def fixed_scenes(size: int, split: str, count: int = 256) -> tuple[list[str], torch.Tensor]:
+    rng = np.random.default_rng([SCENES_SEED, shapes.SPLITS.index(split)] if split != "train" else SCENES_SEED)
+    scenes = [shapes.sample_scene(rng, split) for _ in range(count)]
     images = shapes.render_batch(scenes, rng, size)
     return [scene.prompt for scene in scenes], torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
@@ -75,15 +76,18 @@ def main() -> None:
     config = recipe(args)
     policy = build_policy(config.preset, config.seed, {"image_size": config.image_size})
     phase = _autoencoder_phase(policy, config)
-    prompts, images = fixed_scenes(config.image_size)
+    scenes = {split: fixed_scenes(config.image_size, split) for split in shapes.SPLITS}
     every = max(1, config.autoencoder_steps // 4)
     rows, began = [], time.perf_counter()
     for step in range(config.autoencoder_steps):
         phase.losses.append(_autoencoder_step(policy, config, step, phase))
         if (step + 1) % every == 0:
-            reward, strict = reconstruction_reward(policy.autoencoder, prompts, images)
-            rows.append({"step": step + 1, "reward": reward, "strict": strict,
-                         "loss": float(np.mean(phase.losses[-50:])), "seconds": time.perf_counter() - began})
+            row = {"step": step + 1}
+            for split, (prompts, images) in scenes.items():
+                reward, strict = reconstruction_reward(policy.autoencoder, prompts, images)
+                prefix = "" if split == "train" else f"{split}_"  # train keeps the names of earlier records
+                row.update({f"{prefix}reward": reward, f"{prefix}strict": strict})
+            rows.append({**row, "loss": float(np.mean(phase.losses[-50:])), "seconds": time.perf_counter() - began})
             print(rows[-1], flush=True)
     out = ROOT / "runs" / "autoencoder" / f"{args.tag or f's{args.seed}-{config.autoencoder_steps}'}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -86,15 +86,18 @@ def loop_items(iterations: int) -> list[dict[str, Any]]:
     return items[:iterations]
 
 
-def default_loop(base: Path, work: Path, changes: dict[str, Any], iterations: int) -> tuple[Path, float]:
-    """params.yaml's loop from ``base``, as dvc.yaml runs it, with ``changes`` to its update options and
-    ``iterations`` iterations; the last policy and the seconds it took. Finished iterations are kept
-    (``work/loop.json`` lists them), so a longer loop continues a shorter one of the same key."""
+def default_loop(base: Path, work: Path, changes: dict[str, dict[str, Any]], iterations: int) -> tuple[Path, float]:
+    """params.yaml's loop from ``base``, as dvc.yaml runs it, with ``changes`` to its ``update`` and
+    ``rollout`` options and ``iterations`` iterations; the last policy and the seconds it took. Finished
+    iterations are kept (``work/loop.json`` lists them), so a longer loop continues a shorter one of the
+    same key."""
     record = work / "loop.json"
-    update = {**options("update", UpdateConfig), **changes}
+    update = {**options("update", UpdateConfig), **changes["update"]}
+    rollout = {**options("rollout", RolloutConfig), **changes["rollout"]}
     key = {"base": json.loads((base / "pretrain.json").read_text())["config"],
            **{group: PARAMS[group] for group in ("prompts", "rollout", "score", "update", "loop")}}
-    key["update"] = {**key["update"], **{name.replace("_", "-"): value for name, value in changes.items()}}
+    for group in ("update", "rollout"):
+        key[group] = {**key[group], **{name.replace("_", "-"): value for name, value in changes[group].items()}}
     kept = json.loads(record.read_text()) if record.is_file() else {}
     if kept.get("key") != key:
         shutil.rmtree(work, ignore_errors=True)
@@ -104,7 +107,6 @@ def default_loop(base: Path, work: Path, changes: dict[str, Any], iterations: in
     work.mkdir(parents=True, exist_ok=True)
     prompts = read_prompts(ROOT / PARAMS["prompts"])
     specs = [parse_reward_spec(text) for text in PARAMS["score"]["reward"]]
-    rollout = options("rollout", RolloutConfig)
     for item in loop_items(iterations):
         it = item["name"]
         if it in done and (work / "policies" / it).is_dir():
@@ -131,7 +133,19 @@ def evaluated(policy: Path, out: Path, split: str, per_task: int) -> dict[str, f
                         seed=params["seed"], grid_prompts=0)
     prompts = shapes.eval_prompts(split, per_task=per_task, seed=params["seed"])
     metrics = run_eval(policy, prompts, out, config, overwrite=True).metrics
-    return {"reward": metrics["reward"], "strict": metrics["strict"]}
+    return {"reward": metrics["reward"], "strict": metrics["strict"], "by_kind": by_heldout_kind(out)}
+
+
+def by_heldout_kind(evaluation: Path) -> dict[str, float]:
+    """Mean reward of an evaluation's images per held-out kind (``pair``: an unseen colour-shape pairing,
+    ``composition``: seen objects in an unseen combination; ``train`` on the train split), where
+    the seeds part (BENCHMARKS.md)."""
+    rewards: dict[str, list[float]] = {}
+    for line in (evaluation / "results.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        kind = shapes.heldout_kind(shapes.parse_prompt(row["prompt"])) or "train"
+        rewards.setdefault(kind, []).append(row["reward"])
+    return {kind: sum(values) / len(values) for kind, values in sorted(rewards.items())}
 
 
 def spread(rows: dict[int, dict[str, Any]], key: str) -> dict[str, float]:
@@ -162,6 +176,9 @@ def main() -> None:
                         help="Change a pretraining option of params.yaml's recipe (repeatable), e.g. steps=2000.")
     parser.add_argument("--update", dest="changes", type=option_change(UpdateConfig, "update"), action="append", default=[],
                         metavar="OPTION=VALUE", help="Change an update option of the loop (repeatable), e.g. beta=0.004.")
+    parser.add_argument("--rollout", dest="rollout_changes", type=option_change(RolloutConfig, "rollout"), action="append",
+                        default=[], metavar="OPTION=VALUE",
+                        help="Change a rollout option of the loop (repeatable), e.g. prompts-per-rollout=32.")
     parser.add_argument("--split", default=PARAMS["eval"]["split"], choices=list(shapes.SPLITS + shapes.HELDOUT_HALVES),
                         help="Held-out prompts to evaluate on (default: params.yaml's); validation for choosing settings.")
     parser.add_argument("--per-task", type=int, default=PARAMS["eval"]["per-task"],
@@ -173,11 +190,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if any(name == "seed" for name, _ in args.recipe_changes):
-        parser.error("--pretrain seed=N: choose the pretraining seeds with --seeds")
+    if any(name == "seed" for name, _ in args.recipe_changes + args.rollout_changes + args.changes):
+        parser.error("OPTION seed: choose the pretraining seeds with --seeds; the loop's come from params.yaml")
     recipe = PretrainConfig(**{**options("pretrain", PretrainConfig), **dict(args.recipe_changes)})
-    changes = dict(args.changes)
-    tag = "".join(f"-{k}={v}" for k, v in sorted(changes.items()))
+    changes = {"update": dict(args.changes), "rollout": dict(args.rollout_changes)}
+    tag = "".join(f"-{k}={v}" for k, v in sorted(changes["update"].items()))
+    tag += "".join(f"-rollout.{k}={v}" for k, v in sorted(changes["rollout"].items()))
     evaluation = "" if (args.split, args.per_task) == (PARAMS["eval"]["split"], PARAMS["eval"]["per-task"]) \
         else f"-{args.split}{args.per_task}"
     loop_tag, tag = tag, tag + evaluation
@@ -205,7 +223,7 @@ def main() -> None:
             summary[part] = {key: spread({s: row[part] for s, row in rows.items()}, key) for key in ("reward", "strict")}
     print(json.dumps(summary, indent=2))
     result = {"recipe": asdict(recipe), "loop_iterations": args.iterations if args.loop else 0,
-              "update_changes": changes, "split": args.split, "per_task": args.per_task,
+              "update_changes": changes["update"], "rollout_changes": changes["rollout"], "split": args.split, "per_task": args.per_task,
               "torch_threads": torch.get_num_threads(), "per_seed": rows, "summary": summary}
     name = f"results{'' if args.seeds == '0,1,2' else '-s' + args.seeds.replace(',', '-')}{tag}.json"
     (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
