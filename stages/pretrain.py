@@ -79,8 +79,8 @@ class PretrainConfig:
     noise, where the layout is decided, as sampling at shift 3 does)."""
     ema: float = 0.999
     """Largest decay of the exponential moving average saved as the policy (0: save the raw weights).
-    Step s (from 0) decays by min(ema, (1 + s) / (10 + s)): after 1,500 steps the warm-up has reached
-    only 1500 / 1509 = 0.99404, so in a run that short any larger ema saves the same weights."""
+    Step s (from 0) decays by min(ema, (1 + s) / (10 + s)): after 3,000 steps the warm-up has reached
+    only 3000 / 3009 = 0.99701, so in a run that short any larger ema saves the same weights."""
     seed: int = 0
     """Seed of the initial weights, the rendered data and the noise."""
     checkpoint_every: int = 200

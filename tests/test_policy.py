@@ -83,12 +83,16 @@ def test_bad_model_config_is_explained():
         build_policy("tiny", seed=0, model_overrides={"image_size": 15})
 
 
-def test_unet_policy_round_trip_in_its_own_folder(tmp_path):
+@pytest.mark.parametrize("pooled_text", [True, False])
+def test_unet_policy_round_trip_in_its_own_folder(tmp_path, pooled_text):
     """The shapes preset's UNet saves under unet/ (its autoencoder under vae/), loads back to the same
-    function and identity."""
+    function and identity, with or without the pooled text in its timestep embedding."""
     from stages.policies import PolicyRecord, model_config, save_policy
 
-    policy = build_policy("shapes", seed=0, model_overrides={"image_size": 16})
+    policy = build_policy("shapes", seed=0, model_overrides={"image_size": 16, "pooled_text": pooled_text})
+    assert (policy.denoiser.class_embedding is not None) == pooled_text
+    # folders made before the option existed (pooled, no such key) keep their identity
+    assert (b'"pooled_text"' in policy.identity_extra()) == (not pooled_text)
     save_policy(policy, tmp_path / "p", PolicyRecord(kind=policy.kind, model=model_config(policy)))
     assert (tmp_path / "p" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "p" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
@@ -111,6 +115,7 @@ def test_unet_policy_round_trip_in_its_own_folder(tmp_path):
     ({"denoiser": "unet", "unet_channels": [24]}, ">= 2 levels"),
     ({"denoiser": "unet", "unet_channels": [24, 44]}, "multiple of 8"),
     ({"denoiser": "unet", "unet_channels": [8, 8, 8, 8, 8], "image_size": 24}, "divisible by 16"),
+    ({"denoiser": "sd3", "pooled_text": False}, "pooled_text false needs denoiser unet"),
 ])
 def test_bad_unet_config_is_explained(overrides, match):
     with pytest.raises(TempflowError, match=match):

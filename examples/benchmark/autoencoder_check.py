@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from base_spread import options  # noqa: E402  (this folder's)
 
 from stages import shapes  # noqa: E402
-from stages.policies import build_policy  # noqa: E402
+from stages.policies import build_policy, load_policy  # noqa: E402
 from stages.pretrain import PretrainConfig, _autoencoder_phase, _autoencoder_step  # noqa: E402
 
 SCENES_SEED = 123  # the reconstructed scenes: independent of the pretraining seed
@@ -38,13 +38,29 @@ SCENES_SEED = 123  # the reconstructed scenes: independent of the pretraining se
 
 def arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seed", type=int, required=True, help="Pretraining seed (weights, data, noise).")
+    parser.add_argument("--seed", type=int, default=None, help="Pretraining seed (weights, data, noise).")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="Instead of training: score the autoencoder of this finished base (e.g. one that "
+                             "base_spread.py made) on the same scenes, and print one row.")
     parser.add_argument("--steps", type=int, default=None, help="Autoencoder steps (default: params.yaml's).")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--lr", type=float, default=None)
     parser.add_argument("--tag", default=None, help="Name of runs/autoencoder/TAG.json (default: sSEED-STEPS).")
     parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args()
+    args = parser.parse_args()
+    if (args.seed is None) == (args.policy is None):
+        parser.error("give --seed (train an autoencoder) or --policy (score a finished one)")
+    return args
+
+
+def scored(autoencoder, size: int) -> dict[str, float]:
+    """Reconstruction reward and strict accuracy of the fixed train and held-out scenes."""
+    row = {}
+    for split in shapes.SPLITS:
+        reward, strict = reconstruction_reward(autoencoder, *fixed_scenes(size, split))
+        prefix = "" if split == "train" else f"{split}_"  # train keeps the names of earlier records
+        row.update({f"{prefix}reward": reward, f"{prefix}strict": strict})
+    return row
 
 
 def recipe(args: argparse.Namespace) -> PretrainConfig:
@@ -73,20 +89,19 @@ def reconstruction_reward(autoencoder, prompts: list[str], images: torch.Tensor)
 def main() -> None:
     args = arguments()
     torch.set_num_threads(args.threads)
+    if args.policy is not None:
+        policy = load_policy(args.policy)[0]
+        print({"policy": str(args.policy), **scored(policy.autoencoder, policy.config.image_size)})
+        return
     config = recipe(args)
     policy = build_policy(config.preset, config.seed, {"image_size": config.image_size})
     phase = _autoencoder_phase(policy, config)
-    scenes = {split: fixed_scenes(config.image_size, split) for split in shapes.SPLITS}
     every = max(1, config.autoencoder_steps // 4)
     rows, began = [], time.perf_counter()
     for step in range(config.autoencoder_steps):
         phase.losses.append(_autoencoder_step(policy, config, step, phase))
         if (step + 1) % every == 0:
-            row = {"step": step + 1}
-            for split, (prompts, images) in scenes.items():
-                reward, strict = reconstruction_reward(policy.autoencoder, prompts, images)
-                prefix = "" if split == "train" else f"{split}_"  # train keeps the names of earlier records
-                row.update({f"{prefix}reward": reward, f"{prefix}strict": strict})
+            row = {"step": step + 1, **scored(policy.autoencoder, config.image_size)}
             rows.append({**row, "loss": float(np.mean(phase.losses[-50:])), "seconds": time.perf_counter() - began})
             print(rows[-1], flush=True)
     out = ROOT / "runs" / "autoencoder" / f"{args.tag or f's{args.seed}-{config.autoencoder_steps}'}.json"
