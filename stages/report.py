@@ -91,9 +91,10 @@ def eval_folders(folder: Path) -> dict[str, Path]:
     if not found:
         raise TempflowError(f"--eval-dir {folder}: no `tempflow eval` folders (with a metrics.json) in it")
     measured = read_evals(found)
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, int], str] = {}
     for name, metrics in measured.items():
-        identity = metrics["identity"] or name
+        # the step too: a loop whose every group was skipped leaves a later policy with the base's weights
+        identity = (metrics["identity"] or name, metrics["step"])
         if identity in seen:
             raise TempflowError(f"--eval-dir {folder}: {seen[identity]} and {name} measured the same policy "
                                 f"(step {metrics['step']}); delete the stale one")

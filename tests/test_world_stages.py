@@ -207,3 +207,9 @@ def test_report_takes_an_eval_dir_in_the_order_of_policy_steps(pretrained, tmp_p
     shutil.copytree(evals / "final", evals / "it02")  # a stale folder left after renaming `final` in evals:
     stale = invoke("report", "--metrics-dir", metrics, "--eval-dir", evals, "--out", tmp_path / "rep4")
     assert stale.exit_code == 1 and "final and it02 measured the same policy (step 2)" in stale.stderr
+    shutil.rmtree(evals / "it02")
+    unchanged = json.loads((evals / "final" / "metrics.json").read_text())  # every update skipped: the
+    unchanged["policy"]["identity"] = "stand-in-0"  # final policy has the base's weights at a later step
+    (evals / "final" / "metrics.json").write_text(json.dumps(unchanged))
+    same_weights = invoke("report", "--metrics-dir", metrics, "--eval-dir", evals, "--out", tmp_path / "rep5")
+    assert same_weights.exit_code == 0, same_weights.stderr
