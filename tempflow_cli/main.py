@@ -27,10 +27,11 @@ from tempflow_cli.ui import comparison, progress_bars, summary
 
 # diffusers and transformers load inside the stage functions; stages are imported inside commands.
 
-PRESET_HELP = {  # mirrors stages.policies.PRESETS, which would import torch just to print --help (a test checks)
+PRESET_HELP = {  # mirrors stages.policies.PRESETS, which would import torch just to print --help (tests/test_cli.py checks)
     "tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config",
-    "shapes": "the shapes world's model: a UNet (channels 32/64, text cross-attention at its coarsest "
-              "level) on the 4x8x8 latents of a small AutoencoderKL; `tempflow pretrain` trains both",
+    "shapes": "the shapes world's model: a UNet (channels 32/64; the prompt enters through cross-attention "
+              "at its coarsest level only, no pooled text) on the 4x8x8 latents of a small AutoencoderKL; "
+              "`tempflow pretrain` trains both",
 }
 OVERWRITE = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (it is replaced only once complete).")
 DEVICE = click.option("--device", default="cpu", show_default=True, help="torch device to run the model on, e.g. cuda:0.")
@@ -569,8 +570,10 @@ def pretrain(out: Path, checkpoint: Path | None, device: str, overwrite: bool, *
     """Pretrain a text-to-image policy on a built-in world's rendered images: for a latent preset
     (shapes) first its autoencoder, then flow matching on the latents.
 
-    The shapes world draws its training split on the fly (never its held-out pairings). An
-    interrupted run resumes from its checkpoint, in either phase, and ends with the same weights.
+    The shapes world draws its scenes on the fly: the autoencoder learns images of every scene,
+    held-out pairings included (a codec that never saw a yellow triangle could not draw one); flow
+    matching learns the train prompts only. An interrupted run resumes from its checkpoint, in
+    either phase, and ends with the same weights.
     """
     from stages.pretrain import PretrainConfig, run_pretrain
 

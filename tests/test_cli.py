@@ -171,6 +171,16 @@ def test_choices_read_from_source_are_the_registries():
         assert literal(name) == value, name
 
 
+def test_preset_help_names_every_preset_and_how_the_shapes_model_reads_its_prompt():
+    """The --help text mirrors the presets without importing torch: the same names, and the shapes
+    model's text path (no pooled text) as its config has it."""
+    from stages.policies import PRESET_MODELS, PRESETS
+    from tempflow_cli.main import PRESET_HELP
+
+    assert set(PRESET_HELP) == set(PRESETS)
+    assert PRESET_MODELS["shapes"]["pooled_text"] is False and "no pooled text" in PRESET_HELP["shapes"]
+
+
 def test_update_help_explains_ablation_choices():
     out = invoke("update", "--help").stdout
     assert "noise-aware" in out and "uniform" in out and "(prompt, step)" in out

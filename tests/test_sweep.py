@@ -134,7 +134,8 @@ def test_check_passes_the_default_params_and_records_the_same_line_for_any_valid
     assert result.exit_code == 0, result.stderr
     record = out.read_text()
     assert record == "options valid: pretrain rollout score update eval\n"
-    params["update"]["beta"], params["rollout"]["branches"] = 0.04, 6
+    assert params["update"]["beta"] != 0.004 and params["rollout"]["branches"] != 6  # other values
+    params["update"]["beta"], params["rollout"]["branches"] = 0.004, 6
     again = invoke("check", "--out", out, "--overwrite", *checked_groups(check_command(tmp_path / "b", params)))
     assert again.exit_code == 0 and out.read_text() == record
 

@@ -50,6 +50,8 @@ def arguments() -> argparse.Namespace:
     args = parser.parse_args()
     if (args.seed is None) == (args.policy is None):
         parser.error("give --seed (train an autoencoder) or --policy (score a finished one)")
+    if args.policy is not None and any(v is not None for v in (args.steps, args.batch, args.lr, args.tag)):
+        parser.error("--steps, --batch, --lr and --tag set up training; --policy scores a finished one")
     return args
 
 
@@ -91,6 +93,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.policy is not None:
         policy = load_policy(args.policy)[0]
+        if getattr(policy, "autoencoder", None) is None:
+            sys.exit(f"--policy {args.policy}: a pixel-space policy has no autoencoder to score")
         print({"policy": str(args.policy), **scored(policy.autoencoder, policy.config.image_size)})
         return
     config = recipe(args)

@@ -1,8 +1,8 @@
 """How much does the default run depend on chance? Pretrain its base with several seeds, evaluate each,
 and (``--loop``) run the default GRPO loop from each.
 
-    python examples/benchmark/base_spread.py --out runs/base-spread            # seeds 0,1,2: ~25 min on 2 cores
-    python examples/benchmark/base_spread.py --out runs/base-spread --loop     # + the loop from each: ~40 min more
+    python examples/benchmark/base_spread.py --out runs/base-spread            # seeds 0,1,2: ~35 min on 2 cores
+    python examples/benchmark/base_spread.py --out runs/base-spread --loop     # + the loop from each: ~15 min more
 
 The recipe is params.yaml's `pretrain` group with only `seed` changed (and what ``--pretrain
 OPTION=VALUE`` changes, e.g. ``--pretrain steps=2000``; give such a recipe its own ``--out``). The seed stands in for
@@ -20,7 +20,9 @@ runs two seeds side by side.
 Prints and writes OUT/results.json: each seed's base held-out reward and strict accuracy (with
 ``--loop`` also the final policy's and the gain), and for each the mean over seeds and the largest
 deviation from it. A finished base or loop is reused
-when it was made by the same recipe; an interrupted pretraining resumes from its checkpoint.
+when it was made by the same recipe (pretraining options and model config; a loop also by the same
+base weights); an interrupted pretraining resumes from its checkpoint, an interrupted loop from its
+last finished iteration.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 from stages import shapes  # noqa: E402
 from stages.evaluate import EvalConfig, run_eval  # noqa: E402
 from stages.pretrain import PretrainConfig, run_pretrain  # noqa: E402
-from stages.policies import load_policy  # noqa: E402
+from stages.policies import build_policy, load_policy, model_config  # noqa: E402
 from stages.prompts import read_prompts  # noqa: E402
 from stages.rewards import parse_reward_spec  # noqa: E402
 from stages.rollout import RolloutConfig, run_rollout  # noqa: E402
@@ -62,14 +64,19 @@ def options(group: str, cls: type) -> dict[str, Any]:
     return fields
 
 
-def made_by(folder: Path, record: str, expected: dict[str, Any]) -> bool:
-    path = folder / record
-    return path.is_file() and json.loads(path.read_text()).get("config") == expected
+def made_by(base: Path, recipe: PretrainConfig) -> bool:
+    """Whether ``base`` was pretrained with ``recipe`` into the model the preset builds today (a base of
+    the same options made before the preset changed, e.g. with the pooled text, is not)."""
+    if not ((base / "pretrain.json").is_file() and (base / "config.json").is_file()):
+        return False
+    model = model_config(build_policy(recipe.preset, recipe.seed, {"image_size": recipe.image_size}))
+    return (json.loads((base / "pretrain.json").read_text()).get("config") == asdict(recipe)
+            and json.loads((base / "config.json").read_text()).get("model") == model)
 
 
 def pretrained(recipe: PretrainConfig, base: Path) -> float:
     """Pretrain ``base`` unless it exists with this recipe; the seconds it took (0: reused)."""
-    if made_by(base, "pretrain.json", asdict(recipe)):
+    if made_by(base, recipe):
         return 0.0
     shutil.rmtree(base, ignore_errors=True)
     began = time.perf_counter()
@@ -94,7 +101,7 @@ def default_loop(base: Path, work: Path, changes: dict[str, dict[str, Any]], ite
     record = work / "loop.json"
     update = {**options("update", UpdateConfig), **changes["update"]}
     rollout = {**options("rollout", RolloutConfig), **changes["rollout"]}
-    key = {"base": json.loads((base / "pretrain.json").read_text())["config"],
+    key = {"base": json.loads((base / "config.json").read_text())["identity"],
            **{group: PARAMS[group] for group in ("prompts", "rollout", "score", "update", "loop")}}
     for group in ("update", "rollout"):
         key[group] = {**key[group], **{name.replace("_", "-"): value for name, value in changes[group].items()}}
@@ -114,11 +121,13 @@ def default_loop(base: Path, work: Path, changes: dict[str, dict[str, Any]], ite
         began = time.perf_counter()
         prev = base if item["prev"] == "base" else work / item["prev"]
         policy, meta = load_policy(prev)
+        # overwrite: an iteration interrupted after its rollout or score is redone whole
         run_rollout(policy, prompts, RolloutConfig(**rollout, seed=item["seed"]), work / "rollouts" / it,
-                    {"identity": meta.identity, "path": str(prev), "step": meta.step})
-        run_score(work / "rollouts" / it, specs, work / "scores" / f"{it}.parquet", batch_size=PARAMS["score"]["batch-size"])
+                    {"identity": meta.identity, "path": str(prev), "step": meta.step}, overwrite=True)
+        run_score(work / "rollouts" / it, specs, work / "scores" / f"{it}.parquet",
+                  batch_size=PARAMS["score"]["batch-size"], overwrite=True)
         metrics = run_update(prev, work / "rollouts" / it, work / "scores" / f"{it}.parquet", work / "policies" / it,
-                             UpdateConfig(**update, seed=item["seed"]), reference_dir=base).metrics
+                             UpdateConfig(**update, seed=item["seed"]), reference_dir=base, overwrite=True).metrics
         shutil.rmtree(work / "rollouts" / it)  # a rollout is large and needed by its update only
         print(f"  {base.name} {it}: reward {metrics['reward_mean']:.3f}, kl {metrics['kl']:.4f}", flush=True)
         seconds += time.perf_counter() - began
@@ -188,6 +197,10 @@ def main() -> None:
                              "the default's iterations).")
     parser.add_argument("--threads", type=int, default=0, help="Torch threads (0: torch's default).")
     args = parser.parse_args()
+    if args.iterations < 1:
+        parser.error("--iterations must be at least 1")
+    if args.iterations != len(PARAMS["loop"]) and not args.loop:
+        parser.error("--iterations sets the length of the loop: give --loop too")
     if args.threads:
         torch.set_num_threads(args.threads)
     if any(name == "seed" for name, _ in args.recipe_changes + args.rollout_changes + args.changes):
