@@ -46,13 +46,14 @@ from stages.progress import Progress, no_progress
 from stages.rollout import derive_seed
 
 WORLDS = {"shapes": "GenEval-like coloured squares, circles and triangles on black (stages.shapes)"}
-CHECKPOINT_FORMAT = "tempflow.pretrain-checkpoint/3"  # /2: phases (autoencoder, flow); /3: the autoencoder's scenes of both splits
+CHECKPOINT_FORMAT = "tempflow.pretrain-checkpoint/4"  # /2: phases; /3: the autoencoder's scenes of both splits; /4: model in the key
 
 
 @dataclass
 class PretrainConfig:
     world: str = "shapes"
-    """Built-in world whose rendered images and prompts (its train split) the model learns."""
+    """Built-in world whose rendered images the autoencoder learns (every scene) and whose train
+    prompts flow matching learns."""
     preset: str = "shapes"
     """Model architecture to build (see `tempflow init --help`)."""
     image_size: int = 32
@@ -232,10 +233,12 @@ class Phase:
 
 class Checkpoint(CheckpointFolder):
     """``DIR/state.safetensors`` (weights, EMA, AdamW moments, earlier phases' weights) + ``DIR/state.json``
-    (phase, step, config, losses)."""
+    (phase, step, config, model, losses). A checkpoint resumes only the same options on the same model
+    config: a preset changed in between (e.g. without the pooled text) starts afresh."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, model: dict[str, Any]) -> None:
         super().__init__(path, "tempflow.pretrain-checkpoint/", "pretraining")
+        self.model = model
 
     def save(self, phase: Phase, config: PretrainConfig) -> None:
         names = list(phase.params)
@@ -245,7 +248,8 @@ class Checkpoint(CheckpointFolder):
         state = phase.optimizer.state_dict()["state"]
         tensors.update({f"adam/{names[i]}/{k}": v.reshape(v.shape) for i, s in state.items() for k, v in s.items()})
         self.write(tensors, {"format": CHECKPOINT_FORMAT, "phase": phase.name, "step": phase.step,
-                             "config": asdict(config), "losses": phase.losses, "extra": phase.extra})
+                             "config": asdict(config), "model": self.model, "losses": phase.losses,
+                             "extra": phase.extra})
 
     def load(self, config: PretrainConfig) -> dict[str, Any] | None:
         """The saved state if it belongs to this config, else None (a stale checkpoint is ignored)."""
@@ -254,7 +258,7 @@ class Checkpoint(CheckpointFolder):
             return None
         info, tensors = saved
         if (info.get("format") != CHECKPOINT_FORMAT or info.get("config") != asdict(config)
-                or info.get("phase") not in PHASES):
+                or info.get("model") != self.model or info.get("phase") not in PHASES):
             return None
         return {"phase": info["phase"], "step": int(info["step"]), "losses": list(info["losses"]),
                 "extra": dict(info.get("extra") or {}), "tensors": tensors}
@@ -267,6 +271,10 @@ class Checkpoint(CheckpointFolder):
         for key, target in wanted.items():
             if key not in tensors or tensors[key].shape != target.shape or not torch.isfinite(tensors[key]).all():
                 raise self.damaged(f"{key} is missing, misshapen or not finite")
+        unknown = [key for key in tensors if key.startswith(("param/", "ema/", "frozen/")) and key not in wanted]
+        unknown += [key for key in tensors if key.startswith("adam/") and key[5:].rpartition("/")[0] not in names]
+        if unknown:
+            raise self.damaged(f"{unknown[0]} is not a weight of this model")
         with torch.no_grad():
             for key, target in wanted.items():
                 target.copy_(tensors[key])
@@ -292,11 +300,11 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
     """
     out = Path(out)
     check_out_free(out, overwrite)
-    ckpt = Checkpoint(checkpoint or default_checkpoint(out))
-    ckpt.check_path(out)
     resolve_device(device)
     policy = build_policy(config.preset, config.seed, {"image_size": config.image_size})
     assert isinstance(policy, TinyPolicy)
+    ckpt = Checkpoint(checkpoint or default_checkpoint(out), model_config(policy))
+    ckpt.check_path(out)
     policy.to(device)
     state = ckpt.load(config)
     began = time.perf_counter()

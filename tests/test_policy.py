@@ -116,6 +116,7 @@ def test_unet_policy_round_trip_in_its_own_folder(tmp_path, pooled_text):
     ({"denoiser": "unet", "unet_channels": [24, 44]}, "multiple of 8"),
     ({"denoiser": "unet", "unet_channels": [8, 8, 8, 8, 8], "image_size": 24}, "divisible by 16"),
     ({"denoiser": "sd3", "pooled_text": False}, "pooled_text false needs denoiser unet"),
+    ({"pooled_text": "false"}, "pooled_text must be true or false"),
 ])
 def test_bad_unet_config_is_explained(overrides, match):
     with pytest.raises(TempflowError, match=match):

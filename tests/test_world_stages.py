@@ -116,6 +116,21 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
     assert run_pretrain(tiny_pretrain(learning_rate=5e-4), out).resumed_from == 0
 
 
+def test_checkpoint_of_another_model_is_not_resumed(tmp_path, monkeypatch):
+    """The same options on a preset that has changed since (here: the pooled text put back) start
+    afresh instead of loading weights of another architecture."""
+    from stages.policies import PRESET_MODELS
+
+    out = tmp_path / "base"
+    with monkeypatch.context() as patch:
+        patch.setitem(PRESET_MODELS["shapes"], "pooled_text", True)
+        with pytest.raises(KeyboardInterrupt):
+            run_pretrain(tiny_pretrain(), out, progress=interrupt_at("pretrain", 3))
+    assert json.loads((default_checkpoint(out) / "state.json").read_text())["model"]["pooled_text"] is True
+    result = run_pretrain(tiny_pretrain(), out)
+    assert (result.resumed_from, result.resumed) == (0, "")
+
+
 @pytest.mark.parametrize("bad, match", [
     ({"world": "mnist"}, "unknown world"), ({"image_size": 24}, "multiple of 16"),
     ({"ema": 1.0}, "--ema"), ({"steps": 0}, "--steps"),

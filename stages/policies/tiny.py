@@ -80,6 +80,8 @@ class TinyConfig:
             raise TempflowError(f"tiny model: latent_channels must be >= 0 (0: pixel space), got {self.latent_channels}")
         if self.latent_channels:
             _check_levels("vae_channels", self.vae_channels, self.image_size, "image_size")
+        if not isinstance(self.pooled_text, bool):
+            raise TempflowError(f"tiny model: pooled_text must be true or false, got {self.pooled_text!r}")
         if self.denoiser == "unet":
             _check_levels("unet_channels", self.unet_channels, self.state_size, "the state's side")
         elif not self.pooled_text:
