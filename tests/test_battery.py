@@ -970,13 +970,15 @@ def _checkpoint(state: bytes | None, tensors: bytes | Callable | None = None, ex
 
         from safetensors.torch import save_file
 
+        from stages.policies import build_policy, model_config
         from stages.pretrain import CHECKPOINT_FORMAT, PretrainConfig
 
         p["ckpt"].mkdir()
         config = PretrainConfig(world="shapes", steps=2, autoencoder_steps=2, batch_size=2, autoencoder_batch_size=2,
                                 checkpoint_every=1)
+        model = model_config(build_policy(config.preset, config.seed, {"image_size": config.image_size}))
         info = {"format": CHECKPOINT_FORMAT, "phase": "autoencoder", "step": 1, "config": asdict(config),
-                "losses": [0.5], "extra": {}}
+                "model": model, "losses": [0.5], "extra": {}}
         (p["ckpt"] / "state.json").write_bytes(state if state is not None else _dump_json(info).encode())
         if callable(tensors):
             save_file(tensors(), p["ckpt"] / "state.safetensors")
