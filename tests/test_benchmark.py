@@ -158,4 +158,7 @@ def test_reach_reads_kept_runs_and_finds_each_target_by_hand(tmp_path):
     assert fg["per_seed"] == [100.0, 100.0]  # flow-grpo passes its own final value early
     assert tf["diff_final"]["mean"] == pytest.approx(((0.7 - 0.6) + (0.59 - 0.6)) / 2)
     assert tf["half_budget_nfe"] == 150  # the evaluation nearest 150 NFE: each seed's at 150
-    assert "| tempflow | 2 |" in reach.markdown(result)
+    assert tf["diff_at_reach_vs_flow_grpo_final"] is None  # seed 1 never reached it
+    at_reach = result["methods"]["flow-grpo"]["diff_at_reach_vs_flow_grpo_final"]  # each seed's point at 100 NFE
+    assert at_reach["per_seed"] == pytest.approx([0.7 - 0.6, 0.6 - 0.6])
+    assert "| tempflow | 2 |" in reach.markdown(result) and "a seed never reached it" in reach.markdown(result)
