@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from stages import shapes
@@ -129,6 +130,19 @@ def test_checkpoint_of_another_model_is_not_resumed(tmp_path, monkeypatch):
     assert json.loads((default_checkpoint(out) / "state.json").read_text())["model"]["pooled_text"] is True
     result = run_pretrain(tiny_pretrain(), out)
     assert (result.resumed_from, result.resumed) == (0, "")
+
+
+def test_checkpoint_with_a_weight_the_model_lacks_is_refused_as_damaged(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "base"
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(tiny_pretrain(), out, progress=interrupt_at("pretrain", 3))
+    tensors_path = default_checkpoint(out) / "state.safetensors"
+    tensors = load_file(tensors_path)
+    save_file({**tensors, "param/unet.class_embedding.linear_1.weight": torch.zeros(2, 2)}, tensors_path)
+    with pytest.raises(TempflowError, match="damaged .*class_embedding.linear_1.weight is not a weight of this model"):
+        run_pretrain(tiny_pretrain(), out)
 
 
 @pytest.mark.parametrize("bad, match", [
