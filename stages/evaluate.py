@@ -15,35 +15,38 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
 import torch
 
-from stages.artifacts import atomic_output, check_out_free, write_json
-from stages.distributed import Ranks, gather, join, rank_device
-from stages.errors import TempflowError
+from stages.artifacts.evaluation import GRID_FILE, write_eval
+from stages.artifacts.policy import read_policy_record
+from stages.artifacts.prompts import read_prompts
+from stages.artifacts.rollout_config import check_sampling
 from stages.flow import ode_step
-from stages.limits import check_at_most, check_sampling, check_seed
-from stages.policies import Policy, load_policy, read_policy_record, with_negative
-from stages.progress import Progress, no_progress
+from stages.policies.base import Policy, load_policy, with_negative
 from stages.rewards import RewardRuntime, RewardSpec, load_rewards, plan_rewards, score_batch
-from stages.rollout import derive_seed, seeded_normal
+from stages.support.distributed import Ranks, gather, join, rank_device
+from stages.support.errors import TempflowError
+from stages.support.outputs import atomic_output, check_out_free
+from stages.support.plots import image_grid
+from stages.support.progress import Progress, no_progress
+from stages.support.rules import Rules
+from stages.support.seeds import derive_seed, seeded_normal
+from stages.worlds import scoring_world, world
+from stages.worlds.shapes import EVAL_SPLITS
 
-SHAPES_REWARDS = ("shapes", "shapes_strict")
-"""Rewards of the shapes world: with one of them, prompts must follow its grammar and the verdicts
-(strict accuracy, per task, per requirement) are written too."""
-
-SPLITS = {
-    "heldout": "pairings and compositions never trained on",
-    "validation": "half of the held-out prompts, for choosing settings",
-    "test": "the other half, for reporting at the chosen settings",
-    "train": "the training split",
-}
+# PIL is imported where the images are written, for start-up time.
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Rules):
+    """How to sample and score for an evaluation. Every field is also a ``tempflow eval`` option."""
+
+    command = "eval"
+
     num_steps: int = 40
     """ODE steps (more than training uses: evaluation measures the policy, not the sampler's error)."""
     shift: float = 3.0
@@ -64,18 +67,34 @@ class EvalConfig:
     """The unconditional prompt of sd3's classifier-free guidance, as for rollout."""
 
     def __post_init__(self) -> None:
-        for name in ("num_steps", "images_per_prompt", "batch_size"):
-            if getattr(self, name) < 1:
-                raise TempflowError(f"eval: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if not self.shift > 0 or self.grid_prompts < 0:
-            raise TempflowError("eval: --shift must be > 0 and --grid-prompts >= 0")
-        check_seed("seed", self.seed)
-        check_at_most("num-steps", self.num_steps, 1000, "every image makes one forward pass per step")
-        check_at_most("shift", self.shift, 100.0, "the schedule would spend all but the last step at full noise")
-        check_at_most("images-per-prompt", self.images_per_prompt, 1024, "every image is sampled, kept and scored")
-        check_at_most("batch-size", self.batch_size, 65536, "one forward pass would hold that many states and activations")
-        check_at_most("grid-prompts", self.grid_prompts, 1024, "grid.png draws one tile per prompt")
-        check_sampling(self.resolution, self.guidance_scale, self.negative_prompt)
+        self.at_least(1, "num_steps", "images_per_prompt", "batch_size")
+        self.at_least(0, "grid_prompts")
+        self.positive("shift")
+        self.seeds("seed")
+        self.at_most("num_steps", 1000, "every image makes one forward pass per step")
+        self.at_most("shift", 100.0, "the schedule would spend all but the last step at full noise")
+        self.at_most("images_per_prompt", 1024, "every image is sampled, kept and scored")
+        self.at_most("batch_size", 65536, "one forward pass would hold that many states and activations")
+        self.at_most("grid_prompts", 1024, "grid.png draws one tile per prompt")
+        check_sampling(self)
+
+
+@dataclass
+class EvalPrompts(Rules):
+    """Which prompts `tempflow eval` draws when no --prompts file is given: a task-balanced subset of
+    a split of the world its reward belongs to."""
+
+    command = "eval"
+
+    split: str = "heldout"
+    """World split to draw prompts from when --prompts is not given; validation and test are disjoint
+    halves of heldout (choose settings on one, report the other)."""
+    per_task: int = 16
+    """Prompts per task type drawn from --split."""
+
+    def __post_init__(self) -> None:
+        self.choice("split", EVAL_SPLITS)
+        self.at_least(1, "per_task")
 
 
 @torch.no_grad()
@@ -136,13 +155,11 @@ def run_eval(policy_dir: Path, prompts: list[str], out: Path, config: EvalConfig
     """Sample ``prompts`` with the policy at ``policy_dir``, score them with ``rewards`` (default: the
     shapes world's), write ``out/`` (metrics.json, results.jsonl, grid.png, and images/ with
     ``save_images``)."""
-    from stages import shapes
-
     out = Path(out)
     check_out_free(out, overwrite, (policy_dir,))
     specs = plan_rewards(rewards or ["shapes"])
-    world = any(s.name in SHAPES_REWARDS for s in specs)
-    scenes = _shapes_scenes(prompts, source) if world else None  # refuses prompts outside the world, before sampling
+    judged = scoring_world(s.name for s in specs)
+    scenes = judged.parse_prompts(prompts, source) if judged else None  # refuses prompts outside it, before sampling
     read_policy_record(policy_dir)
     here, device = join(device), rank_device(device)
     fns = load_rewards(specs, runtime or RewardRuntime(device=device))  # a bad reward folder fails before sampling
@@ -154,17 +171,7 @@ def run_eval(policy_dir: Path, prompts: list[str], out: Path, config: EvalConfig
                                                      specs, fns, progress, here)
     total = components @ np.asarray([s.weight for s in specs])
 
-    rows = []
-    for n, ((p, i), image) in enumerate(zip(pairs, images)):
-        row = {"prompt": prompts[p], "image": i, "reward": float(total[n]),
-               "rewards": {s.column: float(components[n, j]) for j, s in enumerate(specs)}}
-        if scenes is not None:
-            verdict = shapes.check(image, scenes[p])
-            row.update({"task": scenes[p].task, "met": verdict.score, "clean": verdict.clean, "strict": bool(verdict.strict),
-                        "requirements": dict(zip(shapes.requirements(scenes[p]), map(bool, verdict.met)))})
-        if save_images:
-            row["file"] = f"images/{n:05d}.png"
-        rows.append(row)
+    rows = _rows(prompts, pairs, images, specs, components, total, judged, scenes, save_images)
     metrics = {
         "policy": {"path": str(policy_dir), "identity": record.identity, "step": record.step, "kind": record.kind},
         "prompts_source": source, "prompts": len(prompts), "images": len(rows), "config": asdict(config),
@@ -196,17 +203,21 @@ def _sample_and_score(policy: Policy, prompts: list[str], seeds: list[int], conf
             max(part[3] for part in parts))
 
 
-def _shapes_scenes(prompts: list[str], source: str) -> list[Any]:
-    from stages import shapes
-
-    scenes = []
-    for line, prompt in enumerate(prompts, 1):
-        try:
-            scenes.append(shapes.parse_prompt(prompt))
-        except TempflowError as err:
-            raise TempflowError(f"{source + ': ' if source else ''}prompt {line}: {err}; the shapes reward scores the shapes world's prompts only, "
-                                "so name another reward for these (e.g. --reward pickscore)") from None
-    return scenes
+def _rows(prompts: list[str], pairs: list[tuple[int, int]], images: np.ndarray, specs: list[RewardSpec],
+          components: np.ndarray, total: np.ndarray, judged: ModuleType | None, scenes: list[Any] | None,
+          save_images: bool) -> list[dict[str, Any]]:
+    """One results row per image: its prompt, seed index, rewards, and the world's verdict when one
+    of its rewards was scored."""
+    rows = []
+    for n, ((p, i), image) in enumerate(zip(pairs, images)):
+        row = {"prompt": prompts[p], "image": i, "reward": float(total[n]),
+               "rewards": {s.column: float(components[n, j]) for j, s in enumerate(specs)}}
+        if judged is not None:
+            row.update(judged.image_verdict(image, scenes[p]))
+        if save_images:
+            row["file"] = f"images/{n:05d}.png"
+        rows.append(row)
+    return rows
 
 
 def _score(specs: list[RewardSpec], fns: list[Any], images: np.ndarray, prompts: list[str], batch: int) -> np.ndarray:
@@ -235,16 +246,12 @@ def _write_eval(out: Path, overwrite: bool, policy_dir: Path, metrics: dict[str,
                 images: np.ndarray, grid_prompts: int, save_images: bool) -> None:
     from PIL import Image
 
-    from stages.plots import image_grid
-
     shown = _grid_indices(rows, grid_prompts)
     with atomic_output(out, overwrite=overwrite, inputs=(policy_dir,)) as tmp:
         tmp.mkdir()
-        write_json(tmp / "metrics.json", metrics)
-        with open(tmp / "results.jsonl", "w") as f:
-            f.writelines(_json_line(row) for row in rows)
+        write_eval(tmp, metrics, rows)
         if shown:
-            image_grid(images[shown], [_caption(rows[i]) for i in shown]).save(tmp / "grid.png")
+            image_grid(images[shown], [_caption(rows[i]) for i in shown]).save(tmp / GRID_FILE)
         if save_images:
             (tmp / "images").mkdir()
             for row, image in zip(rows, images):
@@ -259,19 +266,10 @@ def _caption(row: dict[str, Any]) -> str:
     return f"{row['prompt']} [{row['reward']:.3g}]"
 
 
-def _json_line(row: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(row, sort_keys=True) + "\n"
-
-
-def read_eval_prompts(prompts_file: Path | None, split: str, per_task: int, seed: int) -> tuple[list[str], str]:
-    """The prompts to evaluate and where they came from: a file, or a balanced subset of a split."""
-    from stages import shapes
-    from stages.prompts import read_prompts
-
-    if prompts_file is not None:  # any text; the shapes reward checks its grammar (run_eval)
+def read_eval_prompts(prompts_file: Path | None, choice: EvalPrompts, seed: int) -> tuple[list[str], str]:
+    """The prompts to evaluate and where they came from: a file, or a balanced subset of a split of
+    the shapes world (the default reward's)."""
+    if prompts_file is not None:  # any text; a world's reward checks its grammar (run_eval)
         return read_prompts(prompts_file), str(prompts_file)
-    if split not in SPLITS:
-        raise TempflowError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
-    return shapes.eval_prompts(split, per_task=per_task, seed=seed), f"shapes:{split}:{per_task}-per-task"
+    return (world("shapes").eval_prompts(choice.split, per_task=choice.per_task, seed=seed),
+            f"shapes:{choice.split}:{choice.per_task}-per-task")

@@ -29,11 +29,8 @@ def make_sigmas(num_steps: int, shift: float = 1.0, num_train_timesteps: int = 1
     Reproduces ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(num_steps).sigmas``
     (static shift ``s' = shift*s / (1 + (shift-1)*s)``): the unshifted sigmas are spaced linearly
     from 1 down to the scheduler's smallest *shifted* training sigma, then shifted, then 0 appended.
+    ``num_steps >= 1`` and ``shift > 0``: the configs that take them (rollout's, eval's) check both.
     """
-    if num_steps < 2:
-        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
     # the scheduler's training grid ends at 1/num_train_timesteps, shifted in float32
     s_min_unshifted = torch.tensor(1.0 / num_train_timesteps, dtype=torch.float32)
     s_min = (shift * s_min_unshifted / (1 + (shift - 1) * s_min_unshifted)).item()

@@ -4,8 +4,8 @@ Two phases, as a latent diffusion model is built:
 
 1. *autoencoder* (latent presets only): a small ``AutoencoderKL`` learns to reconstruct the rendered
    images of the whole grammar, held-out pairings included (they are held out of the text-to-image
-   mapping, not out of what the codec can represent; ``shapes.ANY_SPLIT``) (L1 + L2, and a KL term so small that the latents stay an autoencoder's, only kept from
-   drifting). Its latent statistics then set ``shift_factor`` and ``scaling_factor`` (SD3's
+   mapping, not out of what the codec can represent; ``stages.worlds.shapes.ANY_SPLIT``), by L1 + L2
+   and a KL term so small that the latents stay an autoencoder's, only kept from drifting. Its latent statistics then set ``shift_factor`` and ``scaling_factor`` (SD3's
    convention: ``latent = (mean - shift) * scale`` has mean 0 and std 1 over the world).
 2. *flow*: rectified flow matching (SD3) on the states (pixels, or the frozen autoencoder's latents):
    ``x_s = (1 - s) x_0 + s eps`` with ``s`` drawn logit-normal, the model regresses the velocity
@@ -29,28 +29,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.artifacts import atomic_output, check_out_free, write_json
-from stages.checkpoints import CheckpointFolder, default_checkpoint
-from stages.errors import TempflowError
-from stages.policies import (
-    PRESETS,
-    PolicyRecord,
-    TinyPolicy,
-    build_policy,
-    model_config,
-    resolve_device,
-    save_policy,
-)
-from stages.limits import check_at_most, check_seed
-from stages.progress import Progress, no_progress
-from stages.rollout import derive_seed
-
-WORLDS = {"shapes": "GenEval-like coloured squares, circles and triangles on black (stages.shapes)"}
-CHECKPOINT_FORMAT = "tempflow.pretrain-checkpoint/4"  # /2: phases; /3: the autoencoder's scenes of both splits; /4: model in the key
+from stages.artifacts.checkpoints import default_checkpoint
+from stages.artifacts.policy import PolicyRecord, write_pretrain_record
+from stages.artifacts.pretrain_checkpoint import PRETRAIN_PHASES, PretrainCheckpoint, PretrainState
+from stages.policies.base import resolve_device, save_policy
+from stages.policies.tiny import PRESETS, TinyPolicy, build_policy, model_config
+from stages.support.errors import TempflowError
+from stages.support.outputs import atomic_output, check_out_free
+from stages.support.progress import Progress, no_progress
+from stages.support.rules import Rules
+from stages.support.seeds import derive_seed
+from stages.worlds import WORLDS, world
 
 
 @dataclass
-class PretrainConfig:
+class PretrainConfig(Rules):
+    """How to pretrain a preset on a built-in world. Every field is also a ``tempflow pretrain`` option."""
+
+    command = "pretrain"
+
     world: str = "shapes"
     """Built-in world whose rendered images the autoencoder learns (every scene) and whose train
     prompts flow matching learns."""
@@ -88,44 +85,32 @@ class PretrainConfig:
     """Write the resumable checkpoint every this many steps (0: never)."""
 
     def __post_init__(self) -> None:
-        if self.world not in WORLDS:
-            raise TempflowError(f"unknown world {self.world!r}; choose one of {', '.join(WORLDS)}")
-        if self.preset not in PRESETS:
-            raise TempflowError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
-        for name in ("steps", "batch_size", "image_size", "autoencoder_batch_size"):
-            if getattr(self, name) < 1:
-                raise TempflowError(f"pretrain: --{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.image_size % 16:
-            raise TempflowError(f"pretrain: --image-size {self.image_size} must be a multiple of 16, e.g. 32 or 64")
-        if not self.sigma_shift > 0:
-            raise TempflowError(f"pretrain: --sigma-shift must be > 0, got {self.sigma_shift}")
-        if not 0.0 <= self.ema < 1.0:
-            raise TempflowError(f"pretrain: --ema must be in [0, 1), got {self.ema}")
-        for name in ("learning_rate", "autoencoder_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise TempflowError(f"pretrain: --{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
-        for name in ("warmup", "checkpoint_every", "autoencoder_steps"):
-            if getattr(self, name) < 0:
-                raise TempflowError(f"pretrain: --{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        check_seed("seed", self.seed)
-        check_at_most("image-size", self.image_size, 256, "the shapes world renders on a CPU; each image is rendered "
-                      "and trained on at full size (the default run uses 32)")
+        self.choice("world", WORLDS)
+        self.choice("preset", PRESETS)
+        self.at_least(1, "steps", "batch_size", "image_size", "autoencoder_batch_size")
+        self.at_least(0, "warmup", "checkpoint_every", "autoencoder_steps")
+        self.require(self.image_size % 16 == 0, "image_size", "a multiple of 16, e.g. 32 or 64")
+        self.positive("sigma_shift", "learning_rate", "autoencoder_learning_rate")
+        self.non_negative("weight_decay")
+        self.within("ema", 0.0, 1.0, high_open=True)
+        self.seeds("seed")
+        self.at_most("image_size", 256, "the shapes world renders on a CPU; each image is rendered and trained on "
+                     "at full size (the default run uses 32)")
         for name in ("steps", "autoencoder_steps"):
-            check_at_most(name.replace("_", "-"), getattr(self, name), 10**7, "at a CPU's ~0.2 s a step that is months")
+            self.at_most(name, 10**7, "at a CPU's ~0.2 s a step that is months")
         for name in ("batch_size", "autoencoder_batch_size"):
-            check_at_most(name.replace("_", "-"), getattr(self, name), 4096,
-                          "each step renders and holds that many images and their activations")
+            self.at_most(name, 4096, "each step renders and holds that many images and their activations")
         for name in ("learning_rate", "autoencoder_learning_rate"):
-            check_at_most(name.replace("_", "-"), getattr(self, name), 1.0, "AdamW would move every weight by that much a step")
-        check_at_most("weight-decay", self.weight_decay, 1.0, "AdamW would shrink the weights to nothing")
-        check_at_most("sigma-shift", self.sigma_shift, 100.0, "training would see no noise level but the highest")
+            self.at_most(name, 1.0, "AdamW would move every weight by that much a step")
+        self.at_most("weight_decay", 1.0, "AdamW would shrink the weights to nothing")
+        self.at_most("sigma_shift", 100.0, "training would see no noise level but the highest")
 
     def learning_rate_at(self, step: int) -> float:
         """Flow matching's: linear warm-up, then cosine from the peak down to a tenth of it."""
-        return _warmup_cosine(self.learning_rate, step, self.warmup, self.steps)
+        return warmup_cosine(self.learning_rate, step, self.warmup, self.steps)
 
 
-def _warmup_cosine(peak: float, step: int, warmup: int, steps: int) -> float:
+def warmup_cosine(peak: float, step: int, warmup: int, steps: int) -> float:
     """Linear warm-up over ``warmup`` steps, then cosine from ``peak`` down to a tenth of it."""
     if step < warmup:
         return peak * (step + 1) / warmup
@@ -146,24 +131,18 @@ class PretrainResult:
     """Where this run took up its checkpoint, e.g. ``autoencoder step 400``; empty for a fresh start."""
 
 
-PHASES = ("flow", "autoencoder")  # index = the phase's stream of rendered data
-
-
 # --------------------------------------------------------------------------------------------
 # Data: one batch per (seed, phase, step)
 
 
 def world_batch(config: PretrainConfig, step: int, phase: str = "flow") -> tuple[list[str], Tensor]:
-    """Prompts and images in [-1, 1], ``(B, 3, H, W)``, of training step ``step`` of ``phase``."""
-    from stages import shapes
-
+    """Prompts and images in [-1, 1], ``(B, 3, H, W)``, of training step ``step`` of ``phase``: the
+    codec learns every scene of the world, the flow its train prompts (the world's ``training_batch``)."""
     batch_size = config.batch_size if phase == "flow" else config.autoencoder_batch_size
-    rng = np.random.default_rng([config.seed, step, PHASES.index(phase)])
-    split = "train" if phase == "flow" else shapes.ANY_SPLIT  # the codec learns every image; the flow, train prompts
-    scenes = [shapes.sample_scene(rng, split) for _ in range(batch_size)]
-    images = shapes.render_batch(scenes, rng, config.image_size)  # (B, H, W, 3) uint8
-    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return [scene.prompt for scene in scenes], x0
+    rng = np.random.default_rng([config.seed, step, PRETRAIN_PHASES.index(phase)])  # one data stream a phase
+    prompts, images = world(config.world).training_batch(rng, batch_size, config.image_size, codec=phase != "flow")
+    x0 = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, H, W, 3) uint8 -> (B, 3, H, W)
+    return prompts, x0
 
 
 def flow_matching_loss(policy: TinyPolicy, prompts: list[str], x0: Tensor, generator: torch.Generator,
@@ -231,60 +210,29 @@ class Phase:
     step: int = 0
 
 
-class Checkpoint(CheckpointFolder):
-    """``DIR/state.safetensors`` (weights, EMA, AdamW moments, earlier phases' weights) + ``DIR/state.json``
-    (phase, step, config, model, losses). A checkpoint resumes only the same options on the same model
-    config: a preset changed in between (e.g. without the pooled text) starts afresh."""
+def phase_state(phase: Phase) -> PretrainState:
+    """What a checkpoint keeps of a phase: its weights, EMA, frozen weights, AdamW moments, losses."""
+    names = list(phase.params)
+    adam = {f"{names[i]}/{k}": v for i, slots in phase.optimizer.state_dict()["state"].items() for k, v in slots.items()}
+    tensors = {"param": dict(phase.params), "ema": dict(phase.ema), "frozen": dict(phase.frozen), "adam": adam}
+    return PretrainState(phase.name, phase.step, phase.losses, phase.extra, tensors)
 
-    def __init__(self, path: Path, model: dict[str, Any]) -> None:
-        super().__init__(path, "tempflow.pretrain-checkpoint/", "pretraining")
-        self.model = model
 
-    def save(self, phase: Phase, config: PretrainConfig) -> None:
-        names = list(phase.params)
-        tensors = {f"param/{n}": t for n, t in phase.params.items()}
-        tensors.update({f"ema/{n}": t for n, t in phase.ema.items()})
-        tensors.update({f"frozen/{n}": t for n, t in phase.frozen.items()})
-        state = phase.optimizer.state_dict()["state"]
-        tensors.update({f"adam/{names[i]}/{k}": v.reshape(v.shape) for i, s in state.items() for k, v in s.items()})
-        self.write(tensors, {"format": CHECKPOINT_FORMAT, "phase": phase.name, "step": phase.step,
-                             "config": asdict(config), "model": self.model, "losses": phase.losses,
-                             "extra": phase.extra})
-
-    def load(self, config: PretrainConfig) -> dict[str, Any] | None:
-        """The saved state if it belongs to this config, else None (a stale checkpoint is ignored)."""
-        saved = self.read()
-        if saved is None:
-            return None
-        info, tensors = saved
-        if (info.get("format") != CHECKPOINT_FORMAT or info.get("config") != asdict(config)
-                or info.get("model") != self.model or info.get("phase") not in PHASES):
-            return None
-        return {"phase": info["phase"], "step": int(info["step"]), "losses": list(info["losses"]),
-                "extra": dict(info.get("extra") or {}), "tensors": tensors}
-
-    def restore(self, state: dict[str, Any], phase: Phase) -> None:
-        """Put a saved state of ``phase`` back into its weights, EMA and optimizer."""
-        tensors, names = state["tensors"], list(phase.params)
-        wanted = {**{f"param/{n}": p for n, p in phase.params.items()}, **{f"ema/{n}": t for n, t in phase.ema.items()},
-                  **{f"frozen/{n}": p for n, p in phase.frozen.items()}}
-        for key, target in wanted.items():
-            if key not in tensors or tensors[key].shape != target.shape or not torch.isfinite(tensors[key]).all():
-                raise self.damaged(f"{key} is missing, misshapen or not finite")
-        unknown = [key for key in tensors if key.startswith(("param/", "ema/", "frozen/")) and key not in wanted]
-        unknown += [key for key in tensors if key.startswith("adam/") and key[5:].rpartition("/")[0] not in names]
-        if unknown:
-            raise self.damaged(f"{unknown[0]} is not a weight of this model")
-        with torch.no_grad():
-            for key, target in wanted.items():
-                target.copy_(tensors[key])
-        adam: dict[int, dict[str, Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("adam/"):
-                name, _, slot = key[len("adam/"):].rpartition("/")
-                adam.setdefault(names.index(name), {})[slot] = value
-        phase.optimizer.load_state_dict({"state": adam, "param_groups": phase.optimizer.state_dict()["param_groups"]})
-        phase.step, phase.losses, phase.extra = state["step"], state["losses"], state["extra"]
+def restore_phase(ckpt: PretrainCheckpoint, state: PretrainState, phase: Phase) -> None:
+    """Put a saved state of ``phase`` back into its weights, EMA and optimizer (checked to fit first)."""
+    ckpt.check_fits(state, {group: {n: tuple(t.shape) for n, t in named.items()}
+                            for group, named in (("param", phase.params), ("ema", phase.ema), ("frozen", phase.frozen))})
+    with torch.no_grad():
+        for group, named in (("param", phase.params), ("ema", phase.ema), ("frozen", phase.frozen)):
+            for name, target in named.items():
+                target.copy_(state.tensors[group][name])
+    names = list(phase.params)
+    adam: dict[int, dict[str, Tensor]] = {}
+    for key, value in state.tensors["adam"].items():
+        name, _, slot = key.rpartition("/")
+        adam.setdefault(names.index(name), {})[slot] = value
+    phase.optimizer.load_state_dict({"state": adam, "param_groups": phase.optimizer.state_dict()["param_groups"]})
+    phase.step, phase.losses, phase.extra = state.step, state.losses, state.extra
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,35 +250,52 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
     check_out_free(out, overwrite)
     resolve_device(device)
     policy = build_policy(config.preset, config.seed, {"image_size": config.image_size})
-    assert isinstance(policy, TinyPolicy)
-    ckpt = Checkpoint(checkpoint or default_checkpoint(out), model_config(policy))
+    ckpt = PretrainCheckpoint(checkpoint or default_checkpoint(out), model_config(policy), asdict(config))
     ckpt.check_path(out)
     policy.to(device)
-    state = ckpt.load(config)
+    saved = ckpt.load()
     began = time.perf_counter()
-    autoencoder_losses: list[float] = []
-    autoencoder_images = 0  # rendered for the autoencoder by this run (none when resumed past it)
-    if policy.autoencoder is not None and (state is None or state["phase"] == "autoencoder"):
-        phase = _autoencoder_phase(policy, config)
-        if state is not None:
-            ckpt.restore(state, phase)
-        autoencoder_images = (config.autoencoder_steps - phase.step) * config.autoencoder_batch_size
-        _train(phase, config, config.autoencoder_steps, ckpt, progress,
-               lambda step: _autoencoder_step(policy, config, step, phase))
-        set_latent_scaling(policy, config)
-        autoencoder_losses = phase.losses
-
-    flow = _flow_phase(policy, config, autoencoder_losses)
+    autoencoder_losses, autoencoder_images = _train_autoencoder(policy, config, ckpt, saved, progress)
+    flow = flow_phase(policy, config, autoencoder_losses)
     if autoencoder_losses and config.checkpoint_every:
-        ckpt.save(flow, config)  # the finished autoencoder: a stop before the first flow checkpoint keeps it
-    if state is not None and state["phase"] == "flow":
-        ckpt.restore(state, flow)  # the autoencoder's weights and latent scaling come back with it
+        ckpt.save(phase_state(flow))  # the finished autoencoder: a stop before the first flow checkpoint keeps it
+    if saved is not None and saved.phase == "flow":
+        restore_phase(ckpt, saved, flow)  # the autoencoder's weights and latent scaling come back with it
         if policy.autoencoder is not None:
+            if not isinstance(flow.extra.get("latent_scaling"), dict):
+                raise ckpt.damaged("its flow phase lacks the autoencoder's latent scaling")
             policy.autoencoder.register_to_config(**flow.extra["latent_scaling"])
     resumed_from = flow.step
-    _train(flow, config, config.steps, ckpt, progress, lambda step: _flow_step(policy, config, step, flow))
+    _train(flow, config, config.steps, ckpt, progress, lambda step: flow_step(policy, config, step, flow))
     seconds = time.perf_counter() - began
+    final_loss = _write_pretrained(policy, flow, config, out, overwrite, resumed_from, seconds)
+    ckpt.remove()
+    images = (config.steps - resumed_from) * config.batch_size + autoencoder_images
+    return PretrainResult(steps=config.steps, resumed_from=resumed_from, final_loss=final_loss,
+                          seconds=seconds, images=images,
+                          resumed=f"{saved.phase} step {saved.step}" if saved is not None else "")
 
+
+def _train_autoencoder(policy: TinyPolicy, config: PretrainConfig, ckpt: PretrainCheckpoint,
+                       saved: PretrainState | None, progress: Progress) -> tuple[list[float], int]:
+    """A latent preset's autoencoder phase (unless the checkpoint is past it) and its latent scaling;
+    its losses and the images rendered for it by this run."""
+    if policy.autoencoder is None or (saved is not None and saved.phase != "autoencoder"):
+        return [], 0
+    phase = autoencoder_phase(policy, config)
+    if saved is not None:
+        restore_phase(ckpt, saved, phase)
+    images = (config.autoencoder_steps - phase.step) * config.autoencoder_batch_size
+    _train(phase, config, config.autoencoder_steps, ckpt, progress,
+           lambda step: autoencoder_step(policy, config, step, phase))
+    set_latent_scaling(policy, config)
+    return phase.losses, images
+
+
+def _write_pretrained(policy: TinyPolicy, flow: Phase, config: PretrainConfig, out: Path, overwrite: bool,
+                      resumed_from: int, seconds: float) -> float:
+    """The policy folder: the EMA weights (or the raw ones), trainable as `init` leaves them, with its
+    ``pretrain.json``; returns the final loss (mean of the last 100 steps)."""
     if config.ema:
         with torch.no_grad():
             for n, p in flow.params.items():
@@ -345,15 +310,11 @@ def run_pretrain(config: PretrainConfig, out: Path, checkpoint: Path | None = No
         report["autoencoder"] = {"steps": config.autoencoder_steps, **flow.extra}
     with atomic_output(out, overwrite=overwrite) as tmp:
         save_policy(policy, tmp, record)
-        write_json(tmp / "pretrain.json", report)
-    ckpt.remove()
-    images = (config.steps - resumed_from) * config.batch_size + autoencoder_images
-    return PretrainResult(steps=config.steps, resumed_from=resumed_from, final_loss=report["final_loss"],
-                          seconds=seconds, images=images,
-                          resumed=f"{state['phase']} step {state['step']}" if state is not None else "")
+        write_pretrain_record(tmp, report)
+    return report["final_loss"]
 
 
-def _autoencoder_phase(policy: TinyPolicy, config: PretrainConfig) -> Phase:
+def autoencoder_phase(policy: TinyPolicy, config: PretrainConfig) -> Phase:
     params = _named_params({"vae": policy.autoencoder})
     policy.autoencoder.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.autoencoder_learning_rate, betas=(0.9, 0.99),
@@ -361,7 +322,7 @@ def _autoencoder_phase(policy: TinyPolicy, config: PretrainConfig) -> Phase:
     return Phase("autoencoder", params, optimizer, ema={}, losses=[], frozen={}, extra={})
 
 
-def _flow_phase(policy: TinyPolicy, config: PretrainConfig, autoencoder_losses: list[float]) -> Phase:
+def flow_phase(policy: TinyPolicy, config: PretrainConfig, autoencoder_losses: list[float]) -> Phase:
     """The denoiser and the text encoder learn; the autoencoder, if any, is frozen (and checkpointed
     with its latent scaling and its phase's losses)."""
     modules = {name: m for name, m in policy.modules().items() if m is not policy.autoencoder}
@@ -381,7 +342,7 @@ def _flow_phase(policy: TinyPolicy, config: PretrainConfig, autoencoder_losses: 
     return Phase("flow", params, optimizer, ema, [], frozen, extra)
 
 
-def _train(phase: Phase, config: PretrainConfig, steps: int, ckpt: Checkpoint, progress: Progress,
+def _train(phase: Phase, config: PretrainConfig, steps: int, ckpt: PretrainCheckpoint, progress: Progress,
            step_fn: Callable[[int], float]) -> None:
     """Steps ``phase.step .. steps - 1`` of ``phase``, checkpointing every ``config.checkpoint_every``."""
     task = PROGRESS_TASKS[phase.name]
@@ -391,7 +352,7 @@ def _train(phase: Phase, config: PretrainConfig, steps: int, ckpt: Checkpoint, p
         phase.step = step + 1
         progress(task, 1, steps)
         if config.checkpoint_every and phase.step % config.checkpoint_every == 0 and phase.step < steps:
-            ckpt.save(phase, config)
+            ckpt.save(phase_state(phase))
 
 
 PROGRESS_TASKS = {"autoencoder": "autoencoder", "flow": "pretrain"}
@@ -410,16 +371,16 @@ def _optimize(phase: Phase, loss: Tensor) -> float:
     return float(loss.detach())
 
 
-def _autoencoder_step(policy: TinyPolicy, config: PretrainConfig, step: int, phase: Phase) -> float:
+def autoencoder_step(policy: TinyPolicy, config: PretrainConfig, step: int, phase: Phase) -> float:
     _, images = world_batch(config, step, "autoencoder")
     generator = torch.Generator().manual_seed(derive_seed("autoencoder-noise", config.seed, step))
     for group in phase.optimizer.param_groups:
-        group["lr"] = _warmup_cosine(config.autoencoder_learning_rate, step, min(50, config.autoencoder_steps // 10),
-                                     config.autoencoder_steps)
+        group["lr"] = warmup_cosine(config.autoencoder_learning_rate, step, min(50, config.autoencoder_steps // 10),
+                                    config.autoencoder_steps)
     return _optimize(phase, autoencoder_loss(policy.autoencoder, images.to(policy.device), generator))
 
 
-def _flow_step(policy: TinyPolicy, config: PretrainConfig, step: int, phase: Phase) -> float:
+def flow_step(policy: TinyPolicy, config: PretrainConfig, step: int, phase: Phase) -> float:
     prompts, images = world_batch(config, step)
     generator = torch.Generator().manual_seed(derive_seed("pretrain-noise", config.seed, step))
     for group in phase.optimizer.param_groups:

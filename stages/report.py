@@ -3,19 +3,21 @@ summary of a few figures (for ``dvc exp show``)."""
 
 from __future__ import annotations
 
-import math
 import re
+from collections import Counter
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
-from stages.artifacts import atomic_output, read_json, write_json
-from stages.errors import TempflowError
+from stages.artifacts.codecs import write_json
+from stages.artifacts.evaluation import read_eval_metrics
+from stages.artifacts.update_record import NUMBER_FIELDS, read_update_metrics, trained_rewards, wall_seconds
+from stages.support.errors import TempflowError
+from stages.support.outputs import atomic_output
+from stages.support.plots import line_chart
 
-CURVE_FIELDS = ("reward_mean", "reward_std", "loss", "policy_loss", "kl", "clip_fraction", "grad_norm",
-                "trained_samples", "skipped_samples", "rollout_nfe")
-WALL_FIELDS = ("rollout_seconds", "update_seconds")
-"""An update's record of the wall time of its rollout and of itself (optional: older updates lack them)."""
+CURVE_FIELDS = NUMBER_FIELDS
+"""The columns of curve.json besides the iteration, its name and the NFE: every update's figures."""
 
 
 def natural_key(path: Path) -> list:
@@ -32,18 +34,12 @@ def build_curve(metrics_files: list[Path]) -> list[dict[str, Any]]:
         raise TempflowError("no update metrics files found; run `tempflow update --metrics FILE` first")
     rows, walls, nfe = [], [], 0
     for i, path in enumerate(sorted(metrics_files, key=natural_key)):
-        metrics = read_json(path, "a metrics.json written by `tempflow update`")
-        missing = [f for f in CURVE_FIELDS if f not in metrics] if isinstance(metrics, dict) else list(CURVE_FIELDS)
-        if missing:
-            raise TempflowError(f"{path}: not update metrics (missing {', '.join(missing)})")
-        not_numbers = [f for f in CURVE_FIELDS if not _is_number(metrics[f])]
-        if not_numbers:
-            raise TempflowError(f"{path}: {', '.join(not_numbers)} must be numbers; not update metrics written by `tempflow update`")
+        metrics = read_update_metrics(path)
         rows.append({"iteration": i, "name": path.stem, "nfe_before": nfe, "nfe": nfe + metrics["rollout_nfe"],
                      **{f: metrics[f] for f in CURVE_FIELDS}})
         nfe += metrics["rollout_nfe"]
-        walls.append([metrics.get(f) for f in WALL_FIELDS])
-    if all(_is_number(v) for wall in walls for v in wall):  # updates from before they were recorded: no seconds
+        walls.append(wall_seconds(metrics))
+    if all(wall is not None for wall in walls):  # updates from before they were recorded: no seconds
         for row, seconds in zip(rows, accumulate(sum(wall) for wall in walls)):
             row["seconds"] = seconds
     return rows
@@ -54,33 +50,13 @@ def read_evals(evals: dict[str, Path]) -> dict[str, dict[str, Any]]:
     total reward, each component's mean and image std, and in the shapes world strict accuracy."""
     out = {}
     for name, folder in evals.items():
-        metrics = read_json(Path(folder) / "metrics.json", "the metrics.json of `tempflow eval`")
-        if not _is_eval_metrics(metrics):
-            raise TempflowError(f"{folder}/metrics.json: not eval metrics (written by `tempflow eval`)")
+        metrics = read_eval_metrics(Path(folder))
         components = metrics.get("rewards") or {}
         out[name] = {"reward": metrics["reward"], "strict": metrics.get("strict"), "step": metrics["policy"]["step"],
                      "identity": metrics["policy"].get("identity"),
                      "per_task": {t: v["strict"] for t, v in metrics.get("per_task", {}).items()},
                      "components": {c: (v["mean"], v["std"]) for c, v in components.items()}}
     return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_eval_metrics(metrics: Any) -> bool:
-    """The fields a report reads, of the types `tempflow eval` writes (strict and per task in the
-    shapes world only; each component's mean and std from the evals that score several rewards)."""
-    if not isinstance(metrics, dict) or not {"reward", "policy"} <= set(metrics):
-        return False
-    policy, per_task, components = metrics["policy"], metrics.get("per_task", {}), metrics.get("rewards", {})
-    return (_is_number(metrics["reward"]) and ("strict" not in metrics or _is_number(metrics["strict"]))
-            and isinstance(policy, dict) and isinstance(policy.get("step"), int) and isinstance(per_task, dict)
-            and all(isinstance(v, dict) and _is_number(v.get("strict")) for v in per_task.values())
-            and isinstance(components, dict)
-            and all(isinstance(v, dict) and _is_number(v.get("mean")) and _is_number(v.get("std"))
-                    for v in components.values()))
 
 
 def eval_folders(folder: Path) -> dict[str, Path]:
@@ -103,6 +79,17 @@ def eval_folders(folder: Path) -> dict[str, Path]:
     return {name: found[name] for name in sorted(found, key=lambda name: measured[name]["step"])}
 
 
+def gather_evals(named: list[tuple[str, Path]], eval_dir: Path | None) -> dict[str, Path]:
+    """The evaluations a report compares, by name: the ``NAME=DIR`` pairs in their order, then the
+    folders of ``eval_dir`` in the order of their policies' steps; a name given twice is refused."""
+    named = list(named) + (list(eval_folders(eval_dir).items()) if eval_dir is not None else [])
+    twice = sorted(name for name, count in Counter(name for name, _ in named).items() if count > 1)
+    if twice:
+        raise TempflowError(f"report: eval name(s) {', '.join(twice)} given twice (--eval and --eval-dir share one "
+                            "namespace); rename one")
+    return dict(named)
+
+
 def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
                  evals: dict[str, Path] | None = None) -> dict[str, Any]:
     """curve.json (one row per update), evals.json (one row per evaluation of ``evals``, e.g.
@@ -110,8 +97,6 @@ def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
     reward component the evaluations scored, trained and held out, on one plot) and summary.json,
     which compares the first and the last evaluation. The summary is what `dvc exp show` lists, so it holds
     the loop's few headline figures only; everything per iteration is in the two curves (`dvc plots`)."""
-    from stages.plots import line_chart
-
     if not Path(metrics_dir).is_dir():
         raise TempflowError(f"--metrics-dir {metrics_dir}: no such folder; give the folder `tempflow update --metrics` wrote into")
     files = list(Path(metrics_dir).glob("*.json"))
@@ -124,19 +109,14 @@ def write_report(metrics_dir: Path, out: Path, overwrite: bool = False,
         write_json(tmp / "curve.json", rows)
         write_json(tmp / "evals.json", points)
         write_json(tmp / "summary.json", summary)
-        _draw_curve(tmp / "curve.png", rows, points, line_chart)
-        _draw_rewards(tmp / "rewards.png", points, evaluated, trained_rewards(files), line_chart)
+        _draw_curve(tmp / "curve.png", rows, points)
+        _draw_rewards(tmp / "rewards.png", points, evaluated, trained_components(files))
     return summary
 
 
-def trained_rewards(metrics_files: list[Path]) -> set[str]:
+def trained_components(metrics_files: list[Path]) -> set[str]:
     """The reward components any update trained toward (``trained_rewards`` of its metrics)."""
-    found: set[str] = set()
-    for path in metrics_files:
-        names = read_json(path, "a metrics.json written by `tempflow update`").get("trained_rewards", [])
-        if isinstance(names, list):
-            found.update(n for n in names if isinstance(n, str))
-    return found
+    return {name for path in metrics_files for name in trained_rewards(read_update_metrics(path))}
 
 
 def eval_points(rows: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -180,7 +160,7 @@ def summarise(rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> dict[
     return summary
 
 
-def _draw_curve(path: Path, rows: list[dict[str, Any]], points: list[dict[str, Any]], line_chart: Any) -> None:
+def _draw_curve(path: Path, rows: list[dict[str, Any]], points: list[dict[str, Any]]) -> None:
     """Training reward (each rollout's mean; the rollouts draw different prompts, so it wanders) against
     forward passes; the evaluations' reward and strict accuracy as lines, each point placed at the NFE
     spent before the policy it measured (step s has seen s rollouts)."""
@@ -195,8 +175,7 @@ def _draw_curve(path: Path, rows: list[dict[str, Any]], points: list[dict[str, A
                title="reward across the loop")
 
 
-def _draw_rewards(path: Path, points: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]], trained: set[str],
-                  line_chart: Any) -> None:
+def _draw_rewards(path: Path, points: list[dict[str, Any]], evaluated: dict[str, dict[str, Any]], trained: set[str]) -> None:
     """Each component the evaluations scored, as its change from the first evaluation in units of
     that evaluation's image standard deviation (so rewards of any scale share one axis), labelled
     trained or held out: a trained reward that rises while a held-out one falls is reward hacking."""

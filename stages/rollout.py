@@ -19,8 +19,6 @@ differently for other batch shapes, by ~1e-7) gives byte-identical shards.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import random
 import time
@@ -33,232 +31,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stages.artifacts import (
-    ShardWriter,
-    check_out_free,
-    npy_bytes,
-    png_bytes,
-    read_step_spread,
+from stages.artifacts.rollout import (
+    sample_fields,
     seed_group,
+    shard_writer,
     write_embeddings,
     write_manifest,
     write_timing,
 )
-from stages.errors import TempflowError
-from stages.flow import (
-    inclusion_probabilities,
-    make_sigmas,
-    noise_aware_weights,
-    ode_step,
-    sde_step,
-    spread_weights,
-    systematic_sample,
-)
-from stages.policies import Cond, Policy, dtype_name, index_cond, with_negative
-from stages.limits import check_at_most, check_memory, check_sampling, check_seed
-from stages.progress import Progress, no_progress
-from stages.distributed import Ranks, gather, join, shared_output
-from stages.threads import Worker
-
-ALGORITHMS = {
-    "tempflow": "branch K SDE samples off an ODE main path at chosen steps; per-step process rewards",
-    "flow-grpo": "SDE at every step, G trajectories per prompt, one advantage per trajectory",
-    "flow-grpo-fast": "ODE with an SDE window of w steps at a random early position",
-}
-
-
-@dataclass
-class RolloutConfig:
-    """How to sample. Every field is also a ``tempflow rollout`` option."""
-
-    algo: str = "tempflow"
-    """Sampling algorithm: tempflow, flow-grpo or flow-grpo-fast."""
-    num_steps: int = 10
-    """T, sampling steps from pure noise to the image."""
-    shift: float = 3.0
-    """Static timestep shift of the sigma schedule (SD3 and SD3.5 use 3). FLUX policies ignore it and
-    use their scheduler's own (resolution-dependent for dev-shaped models); the manifest records the sigmas."""
-    noise_level: float = 0.7
-    """a, the SDE noise level of Flow-GRPO (0 would make the SDE an ODE, with nothing to learn)."""
-    seeds_per_prompt: int = 2
-    """Initial noises per prompt: tempflow's main paths, or flow-grpo's G trajectories."""
-    branches: int = 4
-    """K, SDE samples per branch step (tempflow)."""
-    branch_steps: str = "all"
-    """Where tempflow branches: 'all' (0..T-2), 'first:N', 'sampled:N' (N distinct steps drawn per
-    rollout from the seed, uniformly), 'weighted:N' (N steps drawn with chance proportional to the
-    noise-aware weight, capped at 1; the update divides each step's policy loss and KL by its chance,
-    so the expected loss over the draws is the all-steps one), 'spread:N' (as weighted, with chance
-    proportional to the within-group reward spread of each step's branches that the update which made
-    the sampling policy measured, see `tempflow update`'s step_reward_spread; the noise-aware weight while
-    none is measured), or an explicit comma list such as '0,2,5'."""
-    finish_steps: int = 0
-    """tempflow: finish each branch from s_{k+1} to 0 in at most this many ODE steps, on a coarser
-    schedule taken from the rollout's own (evenly spaced in its indices); 0: every remaining step. A
-    finish is only scored, never trained: fewer steps cost fewer NFE and give the reward a rougher image."""
-    window: int = 2
-    """w, SDE window length of flow-grpo-fast."""
-    batch_size: int = 32
-    """Rows per model forward pass."""
-    seed: int = 0
-    """Root of all randomness of the rollout."""
-    prompts_per_rollout: int = 0
-    """Draw this many distinct prompts from the file for this rollout (with --seed); 0: use them all."""
-    samples_per_shard: int = 256
-    """Samples per webdataset shard."""
-    resolution: int = 0
-    """Image side in pixels; 0: the model's own (tiny: its image size; sd3: the transformer's sample
-    size x the VAE factor, 1024 for SD3.5; flux: 1024). sd3: a multiple of VAE factor x patch size;
-    flux: of 2 x VAE factor x patch size (its 2x2 packing); 16 for SD3.5 and FLUX.1."""
-    guidance_scale: float = 0.0
-    """Guidance; 0: the kind's default (sd3: classifier-free guidance 4.5, as Flow-GRPO; FLUX dev-shaped:
-    the guidance embedding 3.5; tiny and FLUX schnell-shaped: none). 1 turns sd3's guidance off."""
-    negative_prompt: str = ""
-    """The unconditional branch's prompt of sd3's classifier-free guidance (FLUX takes none)."""
-
-    def __post_init__(self) -> None:
-        if self.algo not in ALGORITHMS:
-            raise TempflowError(f"unknown algo {self.algo!r}; choose one of {', '.join(ALGORITHMS)}")
-        if self.num_steps < 2:
-            raise TempflowError(f"num_steps must be >= 2 (got {self.num_steps})")
-        if not (math.isfinite(self.shift) and self.shift > 0):
-            raise TempflowError(f"shift must be a finite number > 0 (got {self.shift})")
-        if not (math.isfinite(self.noise_level) and self.noise_level > 0):
-            raise TempflowError(f"noise_level must be > 0 for GRPO to have something to learn (got {self.noise_level})")
-        if self.prompts_per_rollout < 0:
-            raise TempflowError(f"prompts-per-rollout must be >= 0, 0 meaning all (got {self.prompts_per_rollout})")
-        if self.finish_steps < 0:
-            raise TempflowError(f"finish-steps must be >= 0, 0 meaning every remaining step (got {self.finish_steps})")
-        for name in ("seeds_per_prompt", "branches", "batch_size", "samples_per_shard", "window"):
-            if getattr(self, name) < 1:
-                raise TempflowError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.algo in ("flow-grpo", "flow-grpo-fast") and self.seeds_per_prompt < 2:
-            raise TempflowError(f"{self.algo} compares trajectories of one prompt: seeds-per-prompt must be >= 2")
-        if self.algo == "tempflow" and self.branches < 2:
-            raise TempflowError("tempflow compares the branches of one step: branches must be >= 2")
-        if self.algo == "flow-grpo-fast" and self.num_steps // 2 - self.window < 0:
-            raise TempflowError(
-                f"flow-grpo-fast: window {self.window} does not fit in the first half of {self.num_steps} steps; "
-                "use a smaller --window or more --num-steps"
-            )
-        self._check_limits()
-        self.branch_steps = str(self.branch_steps).replace(" ", "")
-        self._branch_spec = parse_branch_steps(self.branch_steps, self.num_steps)
-        if self.finish_steps and self.algo != "tempflow":
-            raise TempflowError(f"--finish-steps shortens tempflow's branch finishes; {self.algo} trains every step "
-                                "of its trajectories, so it has none")
-        sigmas = make_sigmas(self.num_steps, self.shift)
-        if not bool((sigmas[:-1] > sigmas[1:]).all()):
-            raise TempflowError(f"--shift {self.shift:g} with {self.num_steps} steps gives equal neighbouring "
-                                "sigmas in float32 (a step with no noise to learn from); use a shift nearer 3")
-
-    def _check_limits(self) -> None:
-        """Upper bounds: each says what a larger value would cost."""
-        check_seed("seed", self.seed)
-        check_at_most("num-steps", self.num_steps, 1000, "every trajectory makes one forward pass per step")
-        check_at_most("shift", self.shift, 100.0, "the schedule would leave no noise in all but the last step")
-        if self.shift < 1e-2:
-            raise TempflowError(f"--shift {self.shift:g} is below 0.01: the schedule would fall to no noise in its "
-                                "first step (SD3 uses 3)")
-        check_at_most("noise-level", self.noise_level, 10.0, "the SDE's noise would swamp the velocity")
-        if self.noise_level < 1e-3:
-            raise TempflowError(f"--noise-level {self.noise_level:g} is below 1e-3: the SDE's std underflows "
-                                "float32 and its log-probs are not finite (Flow-GRPO uses 0.7)")
-        check_at_most("seeds-per-prompt", self.seeds_per_prompt, 4096, "each seed is one more trajectory per prompt")
-        check_at_most("branches", self.branches, 1024, "each branch step holds K x batch states in memory and "
-                      "finishing them costs K forward passes per remaining step (the papers use K = 4-6)")
-        check_at_most("batch-size", self.batch_size, 65536, "one forward pass would hold that many states and their activations")
-        check_at_most("finish-steps", self.finish_steps, 1000, "a finish never has more steps than the schedule")
-        check_at_most("samples-per-shard", self.samples_per_shard, 10**6, "a shard is written and hashed whole")
-        check_at_most("prompts-per-rollout", self.prompts_per_rollout, 10**7, "every prompt's embedding is held in memory")
-        check_sampling(self.resolution, self.guidance_scale, self.negative_prompt)
-
-    def step_plan(self, sigmas: Tensor | None = None, spread: list[float | None] | None = None) -> StepPlan:
-        """The steps this rollout trains: tempflow's branch set B, flow-grpo's SDE steps. Drawn ones
-        (``sampled:N``, ``weighted:N``, ``spread:N``, flow-grpo-fast's window) come from the seed;
-        ``weighted:N`` weighs by ``sigmas``' noise-aware weights (default: the static-shift schedule),
-        ``spread:N`` by :func:`~stages.flow.spread_weights` of ``spread`` (per step, from
-        :func:`~stages.artifacts.read_step_spread`), falling back to the noise-aware ones."""
-        T = self.num_steps
-        if self.algo == "flow-grpo":
-            return StepPlan(list(range(T - 1)))
-        rng = random.Random(derive_seed(self.seed, "window" if self.algo == "flow-grpo-fast" else "branch-steps"))
-        if self.algo == "flow-grpo-fast":
-            start = rng.randint(0, T // 2 - self.window)
-            return StepPlan(list(range(start, start + self.window)))
-        kind, value = self._branch_spec
-        if kind == "all":
-            return StepPlan(list(range(T - 1)))
-        if kind == "list":
-            return StepPlan(list(value))
-        if kind == "sampled":
-            return StepPlan(sorted(rng.sample(range(T - 1), value)), [value / (T - 1)] * (T - 1))
-        by_spread = spread_weights(spread) if kind == "spread" and spread is not None else None
-        weights = self._noise_aware_weights(sigmas) if by_spread is None else by_spread
-        pi = inclusion_probabilities(weights, value)
-        return StepPlan(systematic_sample(pi, rng.random()), pi, by_spread)
-
-    def _noise_aware_weights(self, sigmas: Tensor | None) -> list[float]:
-        """``weighted:N``'s draw weights (and ``spread:N``'s before a spread is measured)."""
-        sigmas = make_sigmas(self.num_steps, self.shift) if sigmas is None else sigmas
-        return noise_aware_weights(sigmas, self.noise_level).tolist()
-
-    @property
-    def draws_steps(self) -> bool:
-        """Whether the trained steps are drawn at random with recorded chances (tempflow's
-        ``sampled:N``, ``weighted:N`` and ``spread:N``; :meth:`step_plan` then returns them)."""
-        return self.algo == "tempflow" and self._branch_spec[0] in ("sampled", "weighted", "spread")
-
-    @property
-    def draws_by_spread(self) -> bool:
-        """``spread:N``: the draw needs the sampling policy's measured reward spread per step."""
-        return self.algo == "tempflow" and self._branch_spec[0] == "spread"
-
-    def finish_path(self, step: int) -> list[int]:
-        """The sigma indices a branch of ``step`` is finished along by ODE, from ``k + 1`` to ``T``:
-        every one, or ``finish_steps + 1`` of them evenly spaced."""
-        T, first = self.num_steps, step + 1
-        if self.finish_steps == 0 or T - first <= self.finish_steps:
-            return list(range(first, T + 1))
-        return [first + round(i * (T - first) / self.finish_steps) for i in range(self.finish_steps + 1)]
-
-
-@dataclass
-class StepPlan:
-    """The trained steps of a rollout, and when they were drawn at random each step's chance of
-    being drawn (``inclusion[k]`` for every ``k`` in ``0..T-2``), which the update reweighs by."""
-
-    steps: list[int]
-    inclusion: list[float] | None = None
-    spread: list[float] | None = None
-    """Under ``spread:N``, the drawing weights the chances were made from (None: the noise-aware ones)."""
-
-
-def parse_branch_steps(spec: str, num_steps: int) -> tuple[str, Any]:
-    """``--branch-steps`` as ``(kind, value)``: ``("all", None)``, ``("list", steps)`` (``first:N``
-    and explicit lists), ``("sampled", N)``, ``("weighted", N)`` or ``("spread", N)``."""
-    last = num_steps - 2
-    try:
-        if spec == "all":
-            return "all", None
-        if spec.startswith("first:"):
-            kind, value = "list", list(range(int(spec[6:])))
-        elif spec.startswith(("sampled:", "weighted:", "spread:")):
-            kind, _, n = spec.partition(":")
-            value = int(n)
-            if not 1 <= value <= last + 1:
-                raise ValueError
-            return kind, value
-        else:
-            kind, value = "list", sorted({int(s) for s in spec.split(",")})
-    except ValueError:
-        raise TempflowError(
-            f"branch-steps {spec!r}: use 'all', 'first:N', 'sampled:N', 'weighted:N', 'spread:N' or a list like '0,2,5' "
-            f"with steps in 0..{last} (N between 1 and {last + 1})"
-        ) from None
-    if not value or value[0] < 0 or value[-1] > last:
-        raise TempflowError(f"branch-steps {spec!r}: steps must lie in 0..{last} (T = {num_steps}); the last step is never trained")
-    return kind, value
+from stages.artifacts.rollout_config import RolloutConfig, StepPlan
+from stages.artifacts.shards import ShardWriter
+from stages.artifacts.update_record import read_step_spread
+from stages.flow import ode_step, sde_step
+from stages.policies.base import Cond, Policy, dtype_name, index_cond, with_negative
+from stages.support.distributed import Ranks, gather, join
+from stages.support.errors import TempflowError
+from stages.support.limits import check_memory
+from stages.support.outputs import check_out_free, shared_output
+from stages.support.progress import Progress, no_progress
+from stages.support.seeds import derive_seed, seeded_normal
+from stages.support.threads import Worker
 
 
 def select_prompts(prompts: list[str], config: RolloutConfig) -> list[str]:
@@ -268,17 +60,6 @@ def select_prompts(prompts: list[str], config: RolloutConfig) -> list[str]:
         return list(prompts)
     picked = random.Random(derive_seed(config.seed, "prompts")).sample(range(len(prompts)), n)
     return [prompts[i] for i in sorted(picked)]
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from any tuple of values; stable across runs, platforms and Python versions."""
-    digest = hashlib.sha256(json.dumps(parts, separators=(",", ":")).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
-
-
-def seeded_normal(shape: tuple[int, ...], seeds: list[int]) -> Tensor:
-    """One standard normal tensor of ``shape`` per seed, stacked: ``(len(seeds), *shape)``, float32."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
 @dataclass
@@ -380,14 +161,7 @@ class _Sampler:
         return key
 
     def _store(self, key: str, meta: dict[str, Any], state: Tensor, nxt: Tensor, image: np.ndarray | None) -> None:
-        fields = {
-            "meta.json": json.dumps(meta, sort_keys=True).encode(),
-            "state.npy": npy_bytes(state.numpy()),
-            "next.npy": npy_bytes(nxt.numpy()),
-        }
-        if image is not None:
-            fields["image.png"] = png_bytes(image)
-        self.writer.write(key, fields)
+        self.writer.write(key, sample_fields(meta, state.numpy(), nxt.numpy(), image))
 
 
 def encode_prompts(policy: Policy, prompts: list[str]) -> tuple[Cond, Cond | None]:
@@ -549,7 +323,7 @@ def run_rollout(
     share = sum(map(len, chunks)) / len(trajs)
     with shared_output(out, here, overwrite, inputs) as tmp:
         # two batches of samples may wait for the writer thread: it encodes one while the model makes the next
-        with ShardWriter(tmp, config.samples_per_shard, _shard_prefix(here)) as writer, \
+        with shard_writer(tmp, config.samples_per_shard, _shard_prefix(here)) as writer, \
                 Worker(2 * config.batch_size, "tempflow-shard-writer") if background_writes else nullcontext() as jobs:
             sampler = _Sampler(policy, prompts, config, writer, sigmas, plan, progress, jobs, share)
             (_tempflow if config.algo == "tempflow" else _flow_grpo)(sampler, chunks)

@@ -7,11 +7,27 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.artifacts import Rollout, atomic_output, check_meta, check_out_free, check_rewards, write_scores
-from stages.distributed import Ranks, gather, join, rank_device
-from stages.errors import TempflowError
-from stages.progress import Progress, no_progress
+from stages.artifacts.rollout import Rollout, check_meta
+from stages.artifacts.scores import check_rewards, write_scores
 from stages.rewards import RewardRuntime, RewardSpec, load_rewards, plan_rewards, score_batch
+from stages.support.distributed import Ranks, gather, join, rank_device
+from stages.support.errors import TempflowError
+from stages.support.outputs import atomic_output, check_out_free
+from stages.support.progress import Progress, no_progress
+from stages.support.rules import Rules
+
+
+@dataclass
+class ScoreConfig(Rules):
+    """How to score. Every field is also a ``tempflow score`` option."""
+
+    command = "score"
+
+    batch_size: int = 64
+    """Images per reward call."""
+
+    def __post_init__(self) -> None:
+        self.at_least(1, "batch_size")
 
 
 @dataclass
@@ -26,7 +42,7 @@ def run_score(
     rollout: Path,
     specs: list[RewardSpec],
     out: Path,
-    batch_size: int = 64,
+    config: ScoreConfig = ScoreConfig(),
     progress: Progress = no_progress,
     overwrite: bool = False,
     runtime: RewardRuntime = RewardRuntime(),
@@ -38,13 +54,11 @@ def run_score(
     """
     check_out_free(out, overwrite, inputs=(rollout,), kind="file")
     specs = plan_rewards(specs)
-    if batch_size < 1:
-        raise TempflowError(f"batch-size must be >= 1 (got {batch_size})")
     rollout = Path(rollout)
     here = join(runtime.device)
     with Rollout(rollout) as opened:
         fns = load_rewards(specs, replace(runtime, device=rank_device(runtime.device)))
-        keys, image_of, scored = _score_images(opened, specs, fns, batch_size, progress, here)
+        keys, image_of, scored = _score_images(opened, specs, fns, config.batch_size, progress, here)
         manifest_sha256 = opened.manifest_sha256
     scored = {key: value for part in gather(scored, here) for key, value in part.items()}  # every rank's images
 
@@ -88,7 +102,6 @@ def _score_images(rollout: Rollout, specs: list[RewardSpec], fns: list, batch_si
         progress("score", len(batch), manifest["samples"])
         batch.clear()
 
-    size = None
     images_seen = 0
     for sample in rollout.samples(fields=("meta.json", "image.png")):
         meta = sample.meta
@@ -100,12 +113,7 @@ def _score_images(rollout: Rollout, specs: list[RewardSpec], fns: list, batch_si
             if (images_seen - 1) % here.world != here.rank:  # another rank's image
                 progress("score", 1, manifest["samples"])
                 continue
-            image = sample.image()
-            size = size or image.shape
-            if image.shape != size:
-                raise TempflowError(f"{sample.where} sample {sample.key}: image is {image.shape[1]}x{image.shape[0]}, "
-                                    f"the rollout's first is {size[1]}x{size[0]}; the rollout is damaged")
-            batch.append((sample.key, image, meta["prompt"]))
+            batch.append((sample.key, sample.image(), meta["prompt"]))  # of the manifest's size, 8-bit RGB
             if len(batch) == batch_size:
                 flush()
         elif "image_key" in meta:

@@ -26,39 +26,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stages.artifacts import (
-    Rollout,
-    Sample,
-    atomic_output,
-    check_keys_match,
-    check_meta,
-    check_out_free,
-    load_safetensors,
-    read_json,
-    read_rollout_seconds,
-    read_scores,
-    read_step_spread,
-    reward_column,
-    seed_group,
-    write_json,
-)
-from stages.errors import TempflowError
-from stages.flow import KL_FORMS, grpo_loss, group_advantages, kl_scale, kl_to_reference, noise_aware_weights, sde_step
-from stages.policies import (
-    Cond,
-    Policy,
-    PolicyRecord,
-    index_cond,
-    load_policy,
-    read_policy_record,
-    record_inputs,
-    save_policy,
-    with_negative,
-)
-from stages.limits import check_at_most, check_memory, check_seed
-from stages.progress import Progress, no_progress
-from stages.distributed import Ranks, gather, join, rank_device
-from stages.threads import prefetched
+from stages.artifacts.optimizer import load_optimizer, save_optimizer
+from stages.artifacts.policy import PolicyRecord, read_policy_record, record_inputs
+from stages.artifacts.rollout import Rollout, Sample, check_meta, read_rollout_seconds, seed_group
+from stages.artifacts.scores import check_keys_match, read_scores, reward_column
+from stages.artifacts.update_record import read_step_spread, write_metrics, write_update
+from stages.flow import KL_FORMS, group_advantages, grpo_loss, kl_scale, kl_to_reference, noise_aware_weights, sde_step
+from stages.policies.base import Cond, Policy, index_cond, load_policy, save_policy, with_negative
+from stages.support.distributed import Ranks, gather, join, rank_device
+from stages.support.errors import TempflowError
+from stages.support.limits import check_memory
+from stages.support.outputs import atomic_output, check_out_free
+from stages.support.progress import Progress, no_progress
+from stages.support.rules import Rules
+from stages.support.threads import prefetched
+
+# DistributedDataParallel is imported only when several processes train, for start-up time.
+
 
 WEIGHTINGS = {
     "auto": "noise-aware on tempflow rollouts, uniform on flow-grpo ones (each paper's choice)",
@@ -70,11 +54,14 @@ ADV_GROUPS = {
     "seed": "(prompt, seed, step): branches sharing x_k",
     "prompt": "(prompt, step) across seeds",
 }
+ADV_STDS = {"group": "the group's std", "global": "the rollout's std"}
 
 
 @dataclass
-class UpdateConfig:
+class UpdateConfig(Rules):
     """How to train on one rollout. Every field is also a ``tempflow update`` option."""
+
+    command = "update"
 
     learning_rate: float = 3e-4
     """AdamW learning rate."""
@@ -109,36 +96,24 @@ class UpdateConfig:
     """Seed of the shuffling."""
 
     def __post_init__(self) -> None:
-        if self.weighting not in WEIGHTINGS:
-            raise TempflowError(f"unknown weighting {self.weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
-        if self.adv_group not in ADV_GROUPS:
-            raise TempflowError(f"unknown adv-group {self.adv_group!r}; choose one of {', '.join(ADV_GROUPS)}")
-        if self.kl_form not in KL_FORMS:
-            raise TempflowError(f"unknown kl-form {self.kl_form!r}; choose one of {', '.join(KL_FORMS)}")
-        if self.adv_std not in ("group", "global"):
-            raise TempflowError(f"adv-std must be 'group' or 'global' (got {self.adv_std!r})")
-        for name in ("learning_rate", "clip_range", "adv_clip", "max_grad_norm", "ratio_tolerance"):
-            if not getattr(self, name) > 0:
-                raise TempflowError(f"{name.replace('_', '-')} must be > 0 (got {getattr(self, name)})")
-        for name in ("inner_epochs", "batch_size", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise TempflowError(f"{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        for name in ("learning_rate", "beta", "clip_range", "adv_clip", "max_grad_norm", "weight_decay", "ratio_tolerance"):
-            if not math.isfinite(getattr(self, name)):
-                raise TempflowError(f"{name.replace('_', '-')} must be a finite number (got {getattr(self, name)})")
-        if self.beta < 0 or self.weight_decay < 0:
-            raise TempflowError("beta and weight-decay must be >= 0")
-        check_seed("seed", self.seed)
-        check_at_most("learning-rate", self.learning_rate, 1.0,
-                      "AdamW moves every weight by about the learning rate each step, which wrecks any model past 1")
-        check_at_most("beta", self.beta, 1e3, "the KL term would drown the reward (papers use 0.001-0.04, each in its own --kl-form)")
-        check_at_most("weight-decay", self.weight_decay, 1.0, "AdamW would shrink the weights to nothing")
-        check_at_most("clip-range", self.clip_range, 1.0, "a ratio clipped at 1 +- eps >= 1 is not clipped")
-        check_at_most("ratio-tolerance", self.ratio_tolerance, 1.0, "a first-step ratio off by more than 1 is never on-policy")
-        check_at_most("adv-clip", self.adv_clip, 1e3, "normalised advantages past that are outliers, not signal")
-        check_at_most("inner-epochs", self.inner_epochs, 1000, "each pass reads the whole rollout again")
-        check_at_most("batch-size", self.batch_size, 65536, "a batch that size would need its activations many times over in memory")
-        check_at_most("shuffle-buffer", self.shuffle_buffer, 10**7, "the buffer holds that many samples in memory")
+        self.choice("weighting", WEIGHTINGS)
+        self.choice("adv_group", ADV_GROUPS)
+        self.choice("kl_form", KL_FORMS)
+        self.choice("adv_std", ADV_STDS)
+        self.positive("learning_rate", "clip_range", "adv_clip", "max_grad_norm", "ratio_tolerance")
+        self.non_negative("beta", "weight_decay")
+        self.at_least(1, "inner_epochs", "batch_size", "shuffle_buffer")
+        self.seeds("seed")
+        self.at_most("learning_rate", 1.0, "AdamW moves every weight by about the learning rate each step, which "
+                     "wrecks any model past 1")
+        self.at_most("beta", 1e3, "the KL term would drown the reward; papers use 0.001-0.04, each in its own --kl-form")
+        self.at_most("weight_decay", 1.0, "AdamW would shrink the weights to nothing")
+        self.at_most("clip_range", 1.0, "a ratio clipped at 1 +- eps >= 1 is not clipped")
+        self.at_most("ratio_tolerance", 1.0, "a first-step ratio off by more than 1 is never on-policy")
+        self.at_most("adv_clip", 1e3, "normalised advantages past that are outliers, not signal")
+        self.at_most("inner_epochs", 1000, "each pass reads the whole rollout again")
+        self.at_most("batch_size", 65536, "a batch that size would need its activations many times over in memory")
+        self.at_most("shuffle_buffer", 10**7, "the buffer holds that many samples in memory")
 
 
 @dataclass
@@ -314,56 +289,6 @@ def make_batch(samples: list[Sample], plan: Plan, manifest: dict[str, Any]) -> B
         kl_factor=torch.tensor([plan.kl_factor[s.key] for s in samples], dtype=torch.float32),
         prompt_index=[m["prompt_index"] for m in metas],
     )
-
-
-# --------------------------------------------------------------------------------------------
-# Optimizer state, stored as safetensors + JSON (never pickled)
-
-OPTIMIZER_TENSORS = "optimizer.safetensors"
-OPTIMIZER_JSON = "optimizer.json"
-
-
-def save_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = optimizer.state_dict()
-    tensors = {f"{names[i]}/{k}": v.contiguous() for i, s in state["state"].items() for k, v in s.items()}
-    save_file(tensors, folder / OPTIMIZER_TENSORS)
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in state["param_groups"]]
-    write_json(folder / OPTIMIZER_JSON, {"type": type(optimizer).__name__, "params": names, "param_groups": groups})
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, names: list[str], folder: Path) -> bool:
-    """Restore AdamW moments saved by a previous update; False when the folder has none. Every
-    tensor is checked against its parameter (name, shape, finite values) before it is used."""
-    if not ((folder / OPTIMIZER_JSON).exists() or (folder / OPTIMIZER_TENSORS).exists()):
-        return False
-    damaged = f"{folder}: optimizer state is damaged; restore the policy folder or delete {OPTIMIZER_JSON} to start AdamW afresh"
-    try:
-        info = read_json(folder / OPTIMIZER_JSON, "the optimizer state written by `tempflow update`")
-        tensors = load_safetensors(folder / OPTIMIZER_TENSORS)
-    except TempflowError as err:
-        raise TempflowError(f"{damaged} ({err})") from None
-    if not isinstance(info, dict) or info.get("params") != names:
-        raise TempflowError(f"{folder}: optimizer state does not match the model's parameters; the policy folder is damaged")
-    params = dict(zip(names, (p for group in optimizer.param_groups for p in group["params"])))
-    state: dict[int, dict[str, Tensor]] = {}
-    for flat, value in tensors.items():
-        name, _, slot = flat.rpartition("/")
-        if name not in params or slot not in ("step", "exp_avg", "exp_avg_sq"):
-            raise TempflowError(f"{damaged} ({flat} names no moment of a parameter)")
-        expected = () if slot == "step" else tuple(params[name].shape)
-        if tuple(value.shape) != expected:
-            raise TempflowError(f"{damaged} ({flat}: {tuple(value.shape)} does not fit the parameter)")
-        if not value.is_floating_point() or not torch.isfinite(value).all():
-            raise TempflowError(f"{damaged} ({flat} holds non-finite or non-float values)")
-        state.setdefault(names.index(name), {})[slot] = value
-    incomplete = [names[i] for i, slots in state.items() if set(slots) != {"step", "exp_avg", "exp_avg_sq"}]
-    if incomplete:
-        raise TempflowError(f"{damaged} ({incomplete[0]} lacks some of step, exp_avg, exp_avg_sq)")
-    groups = optimizer.state_dict()["param_groups"]
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -698,11 +623,10 @@ def run_update(
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         save_policy(policy, tmp, new_record)
         save_optimizer(trainer.optimizer, names, tmp)
-        write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "update.json", provenance)
+        write_update(tmp, metrics, provenance)
     if metrics_path is not None:
         with atomic_output(metrics_path, overwrite=overwrite, inputs=inputs, kind="file") as tmp:
-            write_json(tmp, metrics)
+            write_metrics(tmp, metrics)
     return UpdateResult(metrics=metrics)
 
 

@@ -1,7 +1,9 @@
 """The ``tempflow`` console entry point: signals are handled from the first instant.
 
-Importing the command module takes a moment (its option lists come from the stages); a Ctrl-C or
-SIGTERM then must end with one line, like one that arrives while a stage runs, not a traceback.
+Importing the command module takes a moment (its option lists are read from the stages' source); a
+Ctrl-C or SIGTERM then must end with one line, like one that arrives while a stage runs, not a
+traceback. So the command module is imported inside :func:`main`, after the handlers are set: an
+import inside a function for start-up time, as everywhere in this package.
 """
 
 from __future__ import annotations

@@ -30,14 +30,29 @@ class Field:
     name: str
     default: Any
     doc: str
+    kind: type
+    """The option's type: the annotation's (``int | None`` is ``int``), else the default's."""
+
+
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
 
 
 @functools.cache
 def _source_lines(module: str) -> tuple[str, ...]:
-    spec = importlib.util.find_spec(module)  # imports the parent packages only (their __init__ stay light)
-    if spec is None or spec.origin is None:
+    """The source of ``module``, found on disk below its top-level package: no package of the path
+    is imported (``stages/__init__.py`` is empty; the others may load numpy or torch)."""
+    top, _, rest = module.partition(".")
+    spec = importlib.util.find_spec(top)
+    if spec is None or (rest and not spec.submodule_search_locations):
         raise ImportError(f"no module {module}")
-    return tuple(Path(spec.origin).read_text(encoding="utf-8").splitlines())
+    if rest:
+        base = Path(list(spec.submodule_search_locations)[0]).joinpath(*rest.split("."))
+        path = base.with_suffix(".py") if base.with_suffix(".py").is_file() else base / "__init__.py"
+    else:
+        path = Path(spec.origin or "")
+    if not path.is_file():
+        raise ImportError(f"no module {module}")
+    return tuple(path.read_text(encoding="utf-8").splitlines())
 
 
 def _defines(node: ast.stmt, name: str) -> bool:
@@ -81,8 +96,8 @@ def _split(ref: str) -> tuple[str, str]:
 
 
 def config_fields(ref: str) -> list[Field]:
-    """The fields of the dataclass ``ref`` (``"stages.rollout:RolloutConfig"``), in order, read from
-    its source: name, literal default, and the string literal that follows each field."""
+    """The fields of the dataclass ``ref`` (``"stages.artifacts.rollout_config:RolloutConfig"``), in order, read from
+    its source: name, literal default, type and the string literal that follows each field."""
     module, name = _split(ref)
     node = _statement(module, name, (ast.ClassDef,))
     if node is None:
@@ -98,12 +113,23 @@ def config_fields(ref: str) -> list[Field]:
         doc = ""
         if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
             doc = " ".join(after.value.value.split())
-        fields.append(Field(node.target.id, default, doc))
+        fields.append(Field(node.target.id, default, doc, _annotated_type(ref, node.target.id, node.annotation, default)))
     return fields
 
 
+def _annotated_type(ref: str, name: str, annotation: ast.expr, default: Any) -> type:
+    """``int``, ``float``, ``str`` or ``bool`` from an annotation such as ``int`` or ``int | None``."""
+    text = ast.unparse(annotation).replace(" ", "")
+    base = text.removesuffix("|None")
+    if base in _TYPES:
+        return _TYPES[base]
+    if default is not None and default is not dataclasses.MISSING:
+        return type(default)
+    raise TypeError(f"{ref}.{name}: annotation {text} is not one the CLI can parse (int, float, str, bool, or one of them | None)")
+
+
 def literal(ref: str) -> Any:
-    """The literal value a module assigns to a name at its top level (``"stages.rollout:ALGORITHMS"``)."""
+    """The literal value a module assigns to a name at its top level (``"stages.artifacts.rollout_config:ALGORITHMS"``)."""
     module, name = _split(ref)
     node = _statement(module, name, (ast.Assign, ast.AnnAssign))
     if node is not None and node.value is not None:
@@ -111,28 +137,51 @@ def literal(ref: str) -> Any:
     raise ImportError(f"{module} assigns no literal {name}")
 
 
+def literal_keys(ref: str) -> list[str]:
+    """The string keys of a dict a module assigns to a name at its top level, whatever its values
+    (``"stages.rewards.builtin:REWARDS"``, whose values are functions)."""
+    module, name = _split(ref)
+    node = _statement(module, name, (ast.Assign, ast.AnnAssign))
+    if node is not None and isinstance(node.value, ast.Dict):
+        return [ast.literal_eval(key) for key in node.value.keys]
+    raise ImportError(f"{module} assigns no dict {name}")
+
+
+def listing(registry: dict[str, Any]) -> str:
+    """A registry as help text: ``name: what it is; ...`` (lists joined by commas)."""
+    return "; ".join(f"{k}: {','.join(v) if isinstance(v, list) else v}" for k, v in registry.items())
+
+
 def config_options(ref: str, choices: dict[str, dict[str, str] | str] | None = None,
-                   skip: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
+                   skip: tuple[str, ...] = (), listed: dict[str, str] | None = None) -> Callable[[Callable], Callable]:
     """Decorator adding one ``--field-name`` option per field of the dataclass ``ref``; a choice
-    given as ``"module:NAME"`` is that module's literal registry."""
+    given as ``"module:NAME"`` is that module's literal registry, and ``listed`` registries are
+    written into a field's help (e.g. the defaults a free-text option falls back to)."""
     resolved = {k: literal(v) if isinstance(v, str) else v for k, v in (choices or {}).items()}
+    extra = {k: literal(v) for k, v in (listed or {}).items()}
 
     def decorate(fn: Callable) -> Callable:
         for f in reversed(config_fields(ref)):
             if f.name in skip:
                 continue
-            kind: Any = click.Choice(list(resolved[f.name])) if f.name in resolved else type(f.default)
             help_text = f.doc
             if f.name in resolved:
-                help_text += " " + "; ".join(f"{k}: {v}" for k, v in resolved[f.name].items())
-            fn = click.option(f"--{f.name.replace('_', '-')}", f.name, type=kind, default=f.default,
-                              show_default=True, help=help_text)(fn)
+                help_text += " " + listing(resolved[f.name])
+            if f.name in extra:
+                help_text += " (" + listing(extra[f.name]) + ")"
+            option = f"--{f.name.replace('_', '-')}"
+            if f.kind is bool:
+                fn = click.option(option, f.name, is_flag=True, default=f.default, help=help_text)(fn)
+                continue
+            kind: Any = click.Choice(list(resolved[f.name])) if f.name in resolved else f.kind
+            fn = click.option(option, f.name, type=kind, default=f.default, show_default=f.default is not None,
+                              help=help_text)(fn)
         return fn
 
     return decorate
 
 
-def pop_config(cls: type, kwargs: dict[str, Any]) -> Any:
-    """Build ``cls`` from (and remove its fields from) a command's keyword arguments."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{name: kwargs.pop(name) for name in list(kwargs) if name in names})
+def pop_config(cls: type, kwargs: dict[str, Any], **given: Any) -> Any:
+    """Build ``cls`` from (and remove its fields from) a command's keyword arguments, plus ``given``."""
+    names = {f.name for f in dataclasses.fields(cls)} - set(given)
+    return cls(**{name: kwargs.pop(name) for name in list(kwargs) if name in names}, **given)

@@ -1,5 +1,7 @@
 """``tempflow rec ...``: the recommender's stages (prepare, pretrain, train, eval), each leaving an
-artifact on disk, like the image stages."""
+artifact on disk, like the image stages. This module imports the shared command machinery
+(:mod:`tempflow_cli.command`), never :mod:`tempflow_cli.main`, which adds this group to ``tempflow``.
+Its stages are imported inside the commands when they run, for start-up time."""
 
 from __future__ import annotations
 
@@ -8,16 +10,12 @@ from typing import Any
 
 import click
 
-from tempflow_cli.main import DEVICE, OVERWRITE, THREADS, StageCommand
-from tempflow_cli.options import config_options, literal, pop_config
+from tempflow_cli.command import DEVICE, OVERWRITE, THREADS, CommandGroup, config
+from tempflow_cli.options import config_options, literal
 from tempflow_cli.ui import progress_bars, summary
 
 
-class RecGroup(click.Group):
-    command_class = StageCommand
-
-
-@click.group(cls=RecGroup)
+@click.group(cls=CommandGroup)
 def rec() -> None:
     """Offline RL for sequential recommendation (CRR-Transformer, arXiv:2307.14450).
 
@@ -27,26 +25,24 @@ def rec() -> None:
     """
 
 
-def _prepare_options(fn):
-    return config_options("stages.recsys.data:PrepareConfig", choices={"source": "stages.recsys.data:SOURCES",
-                                                                       "split": "stages.recsys.data:SPLITS"})(fn)
+FILES = config("stages.recsys.data:PrepareFiles", reads={"source": "source", "events": "events", "clicks": "clicks",
+                                                          "buys": "buys"})
 
 
-@rec.command()
-@_prepare_options
+@rec.command(configs={"files": FILES, "config": config("stages.recsys.data:PrepareConfig")}, outputs={"out": "file"})
+@config_options("stages.recsys.data:PrepareConfig", choices={"source": "stages.recsys.data:SOURCES",
+                                                             "split": "stages.recsys.data:SPLITS"})
 @click.option("--events", type=click.Path(path_type=Path), default=None, help="retailrocket: its events.csv.")
 @click.option("--clicks", type=click.Path(path_type=Path), default=None, help="yoochoose: its clicks file.")
 @click.option("--buys", type=click.Path(path_type=Path), default=None, help="yoochoose: its buys file.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Sessions parquet to write.")
 @OVERWRITE
-def prepare(events: Path | None, clicks: Path | None, buys: Path | None, out: Path, overwrite: bool, **kwargs: Any) -> None:
+def prepare(events: Path | None, clicks: Path | None, buys: Path | None, out: Path, overwrite: bool, config: Any,
+            files: Any) -> None:
     """Read logged events, check every row, and write sessions with their splits."""
-    from stages.recsys.data import PrepareConfig
     from stages.recsys.stages import run_prepare
 
-    config = pop_config(PrepareConfig, kwargs)
-    info = run_prepare(config, out, events=events, clicks=clicks, buys=buys, overwrite=overwrite)
-    summary(f"sessions {out}", info)
+    summary(f"sessions {out}", run_prepare(config, out, files, overwrite=overwrite))
 
 
 def _algo_option(fn):
@@ -55,49 +51,43 @@ def _algo_option(fn):
                         help="; ".join(f"{k}: {v}" for k, v in algos.items()))(fn)
 
 
-def _model_options(fn):
-    return config_options("stages.recsys.model:RecModelConfig")(fn)
-
-
 def _train_options(fn):
-    return config_options("stages.recsys.train:TrainConfig", choices={"weight": {"binary": "1[A > 0]", "exp": "min(exp(A / beta), 20)"},
-                                                "baseline": {"mean": "E_pi Q", "max": "max_a Q"}})(fn)
+    return config_options("stages.recsys.train:TrainConfig", choices={"weight": "stages.recsys.losses:WEIGHTS",
+                                                                      "baseline": "stages.recsys.losses:BASELINES"})(fn)
 
 
 CHECKPOINT = click.option(
     "--checkpoint", type=click.Path(path_type=Path), default=None,
     help="Resumable checkpoint folder, written every --checkpoint-every steps. Default: OUT.ckpt beside OUT. "
          "A rerun with the same options and inputs continues from it; it is deleted once OUT is written.")
+TRAIN = config("stages.recsys.train:TrainConfig")
 
 
-@rec.command()
+@rec.command(configs={"model": config("stages.recsys.model:RecModelConfig"), "config": TRAIN})
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Sessions parquet of `rec prepare`.")
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="Model folder to create.")
 @click.option("--init-from", type=click.Path(path_type=Path), default=None,
               help="A local GPT-2 folder (e.g. DistilGPT2's) whose blocks and position embeddings start the "
                    "transformer; --layers, --heads and --width must be its shape. Default: random weights.")
-@_model_options
+@config_options("stages.recsys.model:RecModelConfig")
 @_train_options
 @CHECKPOINT
 @DEVICE
 @THREADS
 @OVERWRITE
 def pretrain(data: Path, out: Path, init_from: Path | None, checkpoint: Path | None, device: str, overwrite: bool,
-             **kwargs: Any) -> None:
+             model: Any, config: Any) -> None:
     """Fit the transformer by next-item cross-entropy on the train events (the supervised baseline).
     An interrupted run resumes from its checkpoint and ends with the same weights."""
-    from stages.recsys.model import RecModelConfig
     from stages.recsys.stages import Run, run_pretrain
-    from stages.recsys.train import TrainConfig
 
-    model_config, config = pop_config(RecModelConfig, kwargs), pop_config(TrainConfig, kwargs)
     with progress_bars("steps") as progress:
-        metrics = run_pretrain(data, Run(out, checkpoint, overwrite), model_config, config, device=device,
+        metrics = run_pretrain(data, Run(out, checkpoint, overwrite), model, config, device=device,
                                progress=progress, init_from=init_from)
     summary(f"model {out}", _headline(metrics))
 
 
-@rec.command()
+@rec.command(configs={"config": TRAIN})
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Sessions parquet of `rec prepare`.")
 @click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True,
               help="Model folder to start from (usually `rec pretrain`'s).")
@@ -109,40 +99,36 @@ def pretrain(data: Path, out: Path, init_from: Path | None, checkpoint: Path | N
 @THREADS
 @OVERWRITE
 def train(data: Path, policy_dir: Path, algo: str, out: Path, checkpoint: Path | None, device: str, overwrite: bool,
-          **kwargs: Any) -> None:
+          config: Any) -> None:
     """Fine-tune a model offline on the logged sessions with CRR, BC, SQN or SA2C. An interrupted run
     resumes from its checkpoint and ends with the same weights."""
     from stages.recsys.stages import Run, run_train
-    from stages.recsys.train import TrainConfig
 
-    config = pop_config(TrainConfig, kwargs)
     with progress_bars("steps") as progress:
         metrics = run_train(data, policy_dir, Run(out, checkpoint, overwrite), algo, config, device=device,
                             progress=progress)
     summary(f"model {out} ({algo})", _headline(metrics))
 
 
-@rec.command(name="eval")
+@rec.command(name="eval", configs={"config": config("stages.recsys.stages:RecEvalConfig")}, outputs={"out": "file"})
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Sessions parquet of `rec prepare`.")
 @click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True, help="Model folder to evaluate.")
-@click.option("--split", type=click.Choice(["validation", "test"]), default="test", show_default=True,
-              help="Which held-out events to rank (choose settings on validation, report test).")
+@config_options("stages.recsys.stages:RecEvalConfig", choices={"split": {
+    "validation": "choose settings on these", "test": "report these"}})
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="metrics.json to write.")
-@click.option("--online-users", type=click.IntRange(min=2, max=10**6), default=500, show_default=True,
-              help="Sessions of the simulator (its data only) to measure the policy's return online in.")
 @DEVICE
 @THREADS
 @OVERWRITE
-def eval_(data: Path, policy_dir: Path, split: str, out: Path, online_users: int, device: str, overwrite: bool) -> None:
+def eval_(data: Path, policy_dir: Path, out: Path, device: str, overwrite: bool, config: Any) -> None:
     """Rank every item for each held-out event: HR@k and NDCG@k (k = 5, 10, 20) for clicks and
     purchases apart, and the reward of hits, each with its standard error; on the simulator's
     sessions also the policy's return, session length and purchases online."""
     from stages.recsys.stages import run_eval
 
-    metrics = run_eval(data, policy_dir, out, split, device=device, overwrite=overwrite, online_users=online_users)
+    metrics = run_eval(data, policy_dir, out, config, device=device, overwrite=overwrite)
     rows = {k: v for k, v in metrics.items() if k.endswith("@10") or k.endswith("targets")}
     rows.update({f"online {k}": v for k, v in metrics.get("online", {}).items()})
-    summary(f"eval {out} ({split})", rows)
+    summary(f"eval {out} ({config.split})", rows)
 
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:

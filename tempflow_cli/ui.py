@@ -7,12 +7,13 @@ import functools
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from stages.progress import Progress as ProgressFn
+from stages.support.progress import Progress as ProgressFn
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-# rich is imported when something is drawn, not with the command module: `--help` needs none of it.
+# rich is imported when something is drawn, not with the command module, for start-up time: `--help`
+# needs none of it.
 
 
 @functools.cache
@@ -21,7 +22,7 @@ def consoles() -> tuple[Console, Console]:
     rank's errors still reach stderr)."""
     from rich.console import Console
 
-    from stages.distributed import ranks
+    from stages.support.distributed import ranks
 
     quiet = ranks().rank > 0
     return Console(quiet=quiet), Console(stderr=True, quiet=quiet)
@@ -30,7 +31,14 @@ def consoles() -> tuple[Console, Console]:
 @contextlib.contextmanager
 def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
     """A progress callback that draws one bar per task name on stderr (hidden when not a terminal)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     err_console = consoles()[1]
     bars = Progress(

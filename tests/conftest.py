@@ -12,8 +12,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from stages.policies import PolicyRecord, build_policy, model_config, save_policy
-from stages.rollout import RolloutConfig, run_rollout
+from stages.artifacts.policy import PolicyRecord
+from stages.artifacts.rollout_config import RolloutConfig
+from stages.policies.base import save_policy
+from stages.policies.tiny import build_policy, model_config
+from stages.rollout import run_rollout
 from tempflow_cli.main import cli
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle"]
@@ -51,7 +54,7 @@ def small_rollout_config(**overrides) -> RolloutConfig:
 
 def make_rollout(policy_dir: Path, out: Path, prompts=PROMPTS, background_writes: bool = True, **overrides) -> Path:
     """Roll out the policy in ``policy_dir`` into ``out`` through the library."""
-    from stages.policies import load_policy
+    from stages.policies.base import load_policy
 
     policy, record = load_policy(policy_dir)
     run_rollout(policy, list(prompts), small_rollout_config(**overrides), out,

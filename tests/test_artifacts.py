@@ -19,10 +19,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stages.artifacts import ROLLOUT_SCHEMA, check_meta
-from stages.errors import TempflowError
+from stages.artifacts.rollout import ROLLOUT_SCHEMA, check_meta
 from stages.rewards import parse_reward_spec
 from stages.score import run_score
+from stages.support.errors import TempflowError
 from tests.conftest import PROMPTS, invoke, make_rollout
 
 FIELDS = ("meta.json", "state.npy", "next.npy", "image.png")
@@ -303,12 +303,12 @@ def test_an_error_on_the_writer_thread_fails_the_rollout_and_leaves_nothing(poli
     caller; the writer thread is gone and no output or partial folder is left."""
     import threading
 
-    import stages.rollout
+    import stages.artifacts.rollout
 
     def broken_png(image):
         raise OSError("disk full while encoding a PNG")
 
-    monkeypatch.setattr(stages.rollout, "png_bytes", broken_png)
+    monkeypatch.setattr(stages.artifacts.rollout, "png_bytes", broken_png)
     with pytest.raises(OSError, match="disk full"):
         _rollout(policy_dir, tmp_path / "r")
     assert not (tmp_path / "r").exists() and _partials(tmp_path / "r") == []
@@ -410,8 +410,8 @@ def test_nan_from_a_user_reward_is_refused(policy_dir, tmp_path, monkeypatch):
 
 def test_user_reward_function_named_like_a_float_is_a_function():
     """'module:nan' names the function nan of module, not a NaN weight; numeric tails are weights."""
-    from stages.errors import TempflowError
     from stages.rewards import RewardSpec
+    from stages.support.errors import TempflowError
 
     assert parse_reward_spec("my_rewards:nan") == RewardSpec("my_rewards:nan", 1.0)
     assert parse_reward_spec("my_rewards:inf:0.5") == RewardSpec("my_rewards:inf", 0.5)
@@ -510,9 +510,12 @@ def test_pickle_member_is_refused_without_unpickling(policy_dir, tmp_path):
 
 
 def test_pickled_npy_field_is_refused_without_unpickling(policy_dir, tmp_path):
-    """A state.npy replaced by an object (pickle) array, hashes fixed and rescored: update refuses, nothing unpickled."""
+    """A state.npy replaced by an object (pickle) array, hashes fixed: score refuses it from its header
+    although it reads no arrays, and so does update with scores made to match; nothing is unpickled."""
     marker = tmp_path / "unpickled-marker"
     rollout = _rollout(policy_dir, tmp_path / "r")
+    scores = tmp_path / "r.parquet"
+    run_score(rollout, COMPRESSIBILITY, scores)
     key = "p00000_s000_k000_b00"
     # swap the sample's state.npy for a pickled object array
     manifest = _manifest(rollout)
@@ -537,12 +540,21 @@ def test_pickled_npy_field_is_refused_without_unpickling(policy_dir, tmp_path):
                 tar.addfile(member, io.BytesIO(data))
         shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (rollout / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    scores = tmp_path / "r.parquet"
-    run_score(rollout, COMPRESSIBILITY, scores)  # score reads meta and images only
+    with pytest.raises(TempflowError, match=f"{key} state.npy: not a plain float32"):
+        run_score(rollout, COMPRESSIBILITY, tmp_path / "again.parquet")  # it reads meta and images only
+    _rescore_for(scores, rollout)
 
     out = tmp_path / "new"
     _assert_refused(_update_cli(policy_dir, rollout, scores, out), out, ".npy", key)
     assert not marker.exists(), "state.npy was unpickled"
+
+
+def _rescore_for(scores: Path, rollout: Path) -> None:
+    """Point a scores file at the rollout's current manifest (as a forger who fixed every hash would)."""
+    table = pq.read_table(scores)
+    meta = json.loads(table.schema.metadata[b"tempflow"])
+    meta["rollout_manifest_sha256"] = hashlib.sha256((rollout / "manifest.json").read_bytes()).hexdigest()
+    pq.write_table(table.replace_schema_metadata({"tempflow": json.dumps(meta, sort_keys=True)}), scores)
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,7 +563,7 @@ def test_pickled_npy_field_is_refused_without_unpickling(policy_dir, tmp_path):
 
 def test_interrupted_rollout_leaves_nothing_and_rerun_succeeds(policy_dir, prompts_file, tmp_path, monkeypatch):
     """Ctrl-C after a few samples of a rollout: exit 130, 'interrupted', no output, no partial; a rerun succeeds."""
-    from stages.artifacts import ShardWriter
+    from stages.artifacts.shards import ShardWriter
 
     out = tmp_path / "r"
     args = ("rollout", "--policy", policy_dir, "--prompts", prompts_file, "--out", out,

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.artifacts import Rollout, check_manifest, read_step_spread
-from stages.errors import TempflowError
+from stages.artifacts.rollout import Rollout, check_manifest
+from stages.artifacts.rollout_config import RolloutConfig
+from stages.artifacts.update_record import read_step_spread
 from stages.flow import (
     grpo_loss,
     inclusion_probabilities,
@@ -24,10 +25,10 @@ from stages.flow import (
     spread_weights,
     systematic_sample,
 )
-from stages.policies import index_cond, load_policy
+from stages.policies.base import index_cond, load_policy
 from stages.rewards import parse_reward_spec
-from stages.rollout import RolloutConfig
 from stages.score import run_score
+from stages.support.errors import TempflowError
 from stages.update import (
     UpdateConfig,
     carried_spread,

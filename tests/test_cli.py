@@ -81,10 +81,12 @@ def test_help_and_option_errors_never_import_torch():
     assert all(report["answers"][" ".join(c)] == 2 for c in calls if c[-1] != "--help")
 
 
-@pytest.mark.parametrize("ref", ["stages.rollout:RolloutConfig", "stages.update:UpdateConfig",
+@pytest.mark.parametrize("ref", ["stages.artifacts.rollout_config:RolloutConfig", "stages.update:UpdateConfig",
                                  "stages.pretrain:PretrainConfig", "stages.evaluate:EvalConfig",
+                                 "stages.evaluate:EvalPrompts", "stages.score:ScoreConfig",
+                                 "stages.init:InitConfig", "stages.init:MakeTinyConfig",
                                  "stages.recsys.data:PrepareConfig", "stages.recsys.model:RecModelConfig",
-                                 "stages.recsys.train:TrainConfig"])
+                                 "stages.recsys.train:TrainConfig", "stages.recsys.stages:RecEvalConfig"])
 def test_options_read_from_source_are_the_dataclass_fields(ref):
     """The CLI reads each config from its module's source (so --help needs no torch): the names,
     defaults and order it reads are the imported dataclass's."""
@@ -156,29 +158,50 @@ def test_options_find_one_statement_among_column_0_strings_brackets_and_comments
 
 
 def test_choices_read_from_source_are_the_registries():
+    from stages.artifacts.rollout_config import ALGORITHMS
     from stages.flow import KL_FORMS
-    from stages.pretrain import WORLDS
+    from stages.policies.lora import DEFAULT_TARGETS
+    from stages.policies.tiny import PRESETS
+    from stages.policies.tiny_pipelines import KINDS as PIPELINE_KINDS
     from stages.recsys.data import SOURCES, SPLITS
     from stages.recsys.losses import ALGOS
-    from stages.rollout import ALGORITHMS
-    from stages.update import ADV_GROUPS, WEIGHTINGS
-    from tempflow_cli.options import literal
+    from stages.rewards import MODEL_REWARDS
+    from stages.rewards.builtin import REWARDS
+    from stages.rewards.tiny import KINDS as REWARD_KINDS
+    from stages.support.dtypes import DTYPES
+    from stages.update import ADV_GROUPS, ADV_STDS, WEIGHTINGS
+    from stages.worlds import WORLDS
+    from stages.worlds.shapes import EVAL_SPLITS
+    from tempflow_cli.options import literal, literal_keys
 
-    for name, value in {"stages.flow:KL_FORMS": KL_FORMS, "stages.pretrain:WORLDS": WORLDS,
+    for name, value in {"stages.flow:KL_FORMS": KL_FORMS, "stages.worlds:WORLDS": WORLDS,
                         "stages.recsys.data:SOURCES": SOURCES, "stages.recsys.data:SPLITS": SPLITS,
-                        "stages.recsys.losses:ALGOS": ALGOS, "stages.rollout:ALGORITHMS": ALGORITHMS,
-                        "stages.update:ADV_GROUPS": ADV_GROUPS, "stages.update:WEIGHTINGS": WEIGHTINGS}.items():
+                        "stages.recsys.losses:ALGOS": ALGOS, "stages.artifacts.rollout_config:ALGORITHMS": ALGORITHMS,
+                        "stages.update:ADV_GROUPS": ADV_GROUPS, "stages.update:WEIGHTINGS": WEIGHTINGS,
+                        "stages.update:ADV_STDS": ADV_STDS, "stages.policies.tiny:PRESETS": PRESETS,
+                        "stages.support.dtypes:DTYPES": DTYPES, "stages.worlds.shapes:EVAL_SPLITS": EVAL_SPLITS,
+                        "stages.policies.lora:DEFAULT_TARGETS": DEFAULT_TARGETS, "stages.rewards:MODEL_REWARDS": MODEL_REWARDS,
+                        "stages.policies.tiny_pipelines:KINDS": PIPELINE_KINDS, "stages.rewards.tiny:KINDS": REWARD_KINDS,
+                        }.items():
         assert literal(name) == value, name
+    assert literal_keys("stages.rewards.builtin:REWARDS") == list(REWARDS)
 
 
-def test_preset_help_names_every_preset_and_how_the_shapes_model_reads_its_prompt():
-    """The --help text mirrors the presets without importing torch: the same names, and the shapes
-    model's text path (no pooled text) as its config has it."""
-    from stages.policies import PRESET_MODELS, PRESETS
-    from tempflow_cli.main import PRESET_HELP
+def test_help_texts_that_list_a_registry_are_made_from_it():
+    """--help lists the presets, LoRA targets, rewards and make-tiny kinds from their registries (read
+    from source, without torch); every preset has its architecture."""
+    from stages.policies.lora import DEFAULT_TARGETS
+    from stages.policies.tiny import PRESET_MODELS, PRESETS
+    from stages.rewards import MODEL_REWARDS
+    from stages.rewards.builtin import REWARDS
 
-    assert set(PRESET_HELP) == set(PRESETS)
-    assert PRESET_MODELS["shapes"]["pooled_text"] is False and "no pooled text" in PRESET_HELP["shapes"]
+    assert set(PRESET_MODELS) == set(PRESETS)
+    assert PRESET_MODELS["shapes"]["pooled_text"] is False and "no pooled text" in PRESETS["shapes"]
+    init_help = "".join(invoke("init", "--help").stdout.split())  # wrapped anywhere: compare without spaces
+    assert all(f"{name}:{''.join(text.split())}" in init_help for name, text in PRESETS.items())
+    assert all(",".join(targets) in init_help for targets in DEFAULT_TARGETS.values())
+    score_help = " ".join(invoke("score", "--help").stdout.split())
+    assert all(name in score_help for name in [*REWARDS, *MODEL_REWARDS])
 
 
 def test_update_help_explains_ablation_choices():
@@ -190,10 +213,10 @@ def test_update_help_explains_ablation_choices():
     (["--algo", "grpo"], "'--algo'"),
     (["--branch-steps", "9"], "branch-steps"),
     (["--branch-steps", "first:x"], "branch-steps"),
-    (["--num-steps", "1"], "num_steps"),
-    (["--branches", "1"], "branches must be >= 2"),
+    (["--num-steps", "1"], "rollout: --num-steps must be >= 2, got 1"),
+    (["--branches", "1"], "--branches must be >= 2 with --algo tempflow"),
     (["--algo", "flow-grpo-fast", "--window", "4", "--num-steps", "6"], "window"),
-    (["--noise-level", "0"], "noise_level"),
+    (["--noise-level", "0"], "rollout: --noise-level must be a finite number > 0, got 0"),
 ])
 def test_rollout_bad_options(policy_dir, prompts_file, tmp_path, args, needle):
     """Bad option values exit non-zero with one line naming the option; nothing is written."""
@@ -207,18 +230,18 @@ def test_rollout_bad_options(policy_dir, prompts_file, tmp_path, args, needle):
 def test_missing_files_are_named(tmp_path, prompts_file, policy_dir):
     """A missing policy, prompts file or rollout is named in the error."""
     r = invoke("rollout", "--policy", tmp_path / "nope", "--prompts", prompts_file, "--out", tmp_path / "r")
-    assert r.exit_code == 1 and "nope" in _one_error_line(r)
+    assert r.exit_code == 1 and f"{tmp_path / 'nope'}: not a policy folder (no config.json)" in _one_error_line(r)
     r = invoke("rollout", "--policy", policy_dir, "--prompts", tmp_path / "none.txt", "--out", tmp_path / "r")
-    assert r.exit_code == 1 and "none.txt" in _one_error_line(r)
+    assert r.exit_code == 1 and f"{tmp_path / 'none.txt'}: no such prompts file" in _one_error_line(r)
     empty = tmp_path / "empty.txt"
     empty.write_text("# only a comment\n\n")
     r = invoke("rollout", "--policy", policy_dir, "--prompts", empty, "--out", tmp_path / "r")
-    assert r.exit_code == 1 and "no prompts" in _one_error_line(r)
+    assert r.exit_code == 1 and f"{empty}: no prompts found" in _one_error_line(r)
     r = invoke("score", "--rollout", tmp_path / "gone", "--reward", "jpeg_compressibility", "--out", tmp_path / "s")
-    assert r.exit_code == 1 and "gone" in _one_error_line(r)
+    assert r.exit_code == 1 and f"{tmp_path / 'gone'}: no such rollout folder" in _one_error_line(r)
     (tmp_path / "metrics").mkdir()
     r = invoke("report", "--metrics-dir", tmp_path / "metrics", "--out", tmp_path / "rep")
-    assert r.exit_code == 1 and "metrics" in _one_error_line(r)
+    assert r.exit_code == 1 and "no update metrics files found" in _one_error_line(r)
 
 
 def test_unknown_reward_fails_at_parse_time(tmp_path):
@@ -253,7 +276,7 @@ def test_user_reward_module_and_weighted_sum(policy_dir, tmp_path, monkeypatch):
 
 def test_threads_sets_torchs_threads_for_every_compute_stage(policy_dir, tmp_path, monkeypatch):
     """--threads N reaches torch.set_num_threads before the stage runs; every command that takes
-    --device takes --threads; 0 is refused at parse time."""
+    --device takes --threads; 0 is refused by its config, in the one form."""
     import torch
 
     from tempflow_cli.main import cli
@@ -267,7 +290,7 @@ def test_threads_sets_torchs_threads_for_every_compute_stage(policy_dir, tmp_pat
     assert invoke("score", "--rollout", rollout, "--reward", "shapes", "--out", tmp_path / "t.parquet").exit_code == 0
     assert calls == [3]  # without it, torch keeps its own
     r = invoke("score", "--rollout", rollout, "--reward", "shapes", "--out", tmp_path / "u.parquet", "--threads", "0")
-    assert r.exit_code == 2 and "--threads" in r.output
+    assert r.exit_code == 1 and "score: --threads must be >= 1, got 0" in r.output
     commands = [*cli.commands.values(), *cli.commands["rec"].commands.values()]
     with_device = [c for c in commands if any(p.name == "device" for p in c.params)]
     with_threads = [c for c in commands if any(p.name == "threads" for p in c.params)]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.distributed import Ranks, rank_device, ranks
-from stages.errors import TempflowError
+from stages.support.distributed import Ranks, rank_device, ranks
+from stages.support.errors import TempflowError
 from tests.conftest import invoke
 
 TEMPFLOW = str(Path(sys.executable).parent / "tempflow")
@@ -50,7 +50,7 @@ def test_shares_cover_everything_once():
 
 
 def _samples(folder: Path) -> dict[str, dict[str, bytes]]:
-    from stages.artifacts import Rollout
+    from stages.artifacts.rollout import Rollout
 
     with Rollout(folder) as opened:
         return {s.key: dict(s.fields) for s in opened.samples()}
@@ -102,7 +102,7 @@ def _scored_rollout(policy_dir: Path, tmp_path: Path) -> tuple[Path, Path]:
 
 
 def test_a_rank_without_rows_computes_one_that_weighs_nothing(policy_dir, tmp_path):
-    from stages.artifacts import Rollout
+    from stages.artifacts.rollout import Rollout
     from stages.update import UpdateConfig, _rank_batch, plan_update
 
     rollout, scores = _scored_rollout(policy_dir, tmp_path)

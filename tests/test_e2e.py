@@ -16,11 +16,13 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from stages.errors import TempflowError
-from stages.policies import TinyPolicy, load_policy
+from stages.artifacts.rollout_config import RolloutConfig
+from stages.policies.base import load_policy
+from stages.policies.tiny import TinyPolicy
 from stages.rewards import parse_reward_spec
-from stages.rollout import RolloutConfig, run_rollout
+from stages.rollout import run_rollout
 from stages.score import run_score
+from stages.support.errors import TempflowError
 from stages.update import UpdateConfig, run_update
 from tests.conftest import PROMPTS, invoke, make_rollout
 
@@ -144,7 +146,7 @@ def test_adv_std_global_through_run_update(policy_dir, tmp_path):
     """--adv-std global: each prompt's mean, the whole rollout's std, by hand from the scores file."""
     import pyarrow.parquet as pq
 
-    from stages.artifacts import Rollout
+    from stages.artifacts.rollout import Rollout
     from stages.update import plan_update
 
     rollout = make_rollout(policy_dir, tmp_path / "r", algo="flow-grpo", num_steps=4, seeds_per_prompt=3)
@@ -273,7 +275,7 @@ def test_a_bad_params_value_fails_the_experiment_in_its_first_stage(tmp_path):
     for cmd in (("git", "init", "-q"), ("git", "add", "-A"), ("git", "commit", "-qm", "project")):
         run(*cmd)
     said = run("dvc", "exp", "run", "-S", "update.beta=-1", ok=False)
-    assert "error: update: beta and weight-decay must be >= 0" in said
+    assert "error: update: --beta must be a finite number >= 0, got -1" in said
     assert "Running stage 'check'" in said and "Running stage 'pretrain'" not in said
     assert run("dvc", "exp", "list", "--name-only").strip() == ""
     assert "beta: -1" in (work / "params.yaml").read_text()
@@ -288,7 +290,7 @@ def test_a_bad_params_value_fails_the_experiment_in_its_first_stage(tmp_path):
         time.sleep(0.5)
     assert "Failed" in status
     failed = next(line.split()[1] for line in status.splitlines() if "Failed" in line)  # Task, Name, Created, Status
-    assert "beta and weight-decay must be >= 0" in run("dvc", "queue", "logs", failed, ok=None)
+    assert "update: --beta must be a finite number >= 0, got -2" in run("dvc", "queue", "logs", failed, ok=None)
     run("dvc", "queue", "remove", "--failed")
     assert "Failed" not in run("dvc", "queue", "status")
 

@@ -115,7 +115,7 @@ def test_report_draws_trained_and_held_out_rewards(tmp_path, monkeypatch):
     def capture(path, series, **labels):
         drawn[Path(path).name] = series
 
-    monkeypatch.setattr("stages.plots.line_chart", capture)
+    monkeypatch.setattr("stages.report.line_chart", capture)
     summary = write_report(metrics, tmp_path / "report", evals=evals)
     series = drawn["rewards.png"]
     assert series["pickscore (trained)"][1] == [0.0, 0.5]  # (21 - 20) / 2

@@ -15,8 +15,8 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from stages.flow import (
-    grpo_loss,
     group_advantages,
+    grpo_loss,
     kl_scale,
     kl_to_reference,
     make_sigmas,

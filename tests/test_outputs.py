@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.artifacts import PARTIALS, clean_partials
+from stages.support.outputs import PARTIALS, clean_partials
 from tests.conftest import PROMPTS, invoke, make_rollout
 
 
@@ -106,12 +106,12 @@ def test_overwrite_never_deletes_prompts_or_vocab_files(policy_dir, tmp_path):
 
 def test_refusals_come_before_any_work(policy_dir, prompts_file, tmp_path, monkeypatch):
     """An --out of the wrong kind, or --metrics inside --out, is refused before the policy is even loaded."""
-    import stages.policies
+    import stages.policies.base
 
     def no_work(*args, **kwargs):
         raise AssertionError("the stage started working before refusing its output")
 
-    monkeypatch.setattr(stages.policies, "load_policy", no_work)
+    monkeypatch.setattr(stages.policies.base, "load_policy", no_work)
     a_file = tmp_path / "file.bin"
     a_file.write_bytes(b"mine")
     _one_error(invoke("rollout", "--policy", policy_dir, "--prompts", prompts_file, "--out", a_file, "--overwrite"),
@@ -144,7 +144,7 @@ def test_killed_mid_swap_keeps_the_old_output_and_the_next_run_restores_it(tmp_p
     result = _run_script(f"""
         import os, signal
         from pathlib import Path
-        import stages.artifacts as a
+        import stages.support.outputs as a
         a._exchange = lambda new, path: False  # the portable path: move the old aside, then the new in
         real = os.replace
         def replace(src, dst):
@@ -184,7 +184,7 @@ def test_a_signal_during_the_swap_waits_until_the_new_output_is_in_place(policy_
                                                                          sigint_handled):
     """SIGINT or SIGTERM arriving during the swap: the swap completes, the command exits 130 or 143
     and says the output *was* written (issue 13 item 3 said "not written" and had lost both)."""
-    import stages.artifacts as artifacts
+    import stages.support.outputs as artifacts
 
     rollout, scores = _scored(policy_dir, tmp_path)
     out = tmp_path / "new"
@@ -207,7 +207,7 @@ def test_a_signal_during_the_swap_waits_until_the_new_output_is_in_place(policy_
 
 def test_a_failing_second_rename_puts_the_old_output_back(tmp_path, monkeypatch):
     """Portable swap: if moving the new output in fails, the old one is moved back at once."""
-    import stages.artifacts as artifacts
+    import stages.support.outputs as artifacts
 
     out = tmp_path / "out"
     out.mkdir()
@@ -291,8 +291,9 @@ def test_signals_at_several_moments_keep_the_old_output_whole(policy_dir, tmp_pa
 def test_update_racing_rollout_overwrite_trains_on_the_verified_rollout(policy_dir, tmp_path, monkeypatch):
     """`rollout --overwrite` replaces the rollout while an update is reading it: the update's new
     policy equals one trained on an untouched copy of the old rollout (issue 13 item 4 mixed both)."""
-    import stages.update
     from safetensors.torch import load_file
+
+    import stages.update
 
     rollout, scores = _scored(policy_dir, tmp_path)
     copy = tmp_path / "copy"
@@ -366,7 +367,7 @@ def test_update_that_breaks_the_weights_writes_nothing(policy_dir, tmp_path, mon
 def test_rollout_of_a_broken_policy_stops_before_writing(policy_dir, prompts_file, tmp_path):
     """Weights of 1e30 (finite, as a learning rate of 1e30 left them): the velocity is not finite,
     the rollout says so and writes no NaN log-prob."""
-    from stages.policies import load_policy, save_policy
+    from stages.policies.base import load_policy, save_policy
 
     policy, record = load_policy(policy_dir)
     with torch.no_grad():
@@ -399,7 +400,7 @@ def test_values_past_their_limits_are_refused_saying_what_they_cost(policy_dir, 
         "eval": ["--policy", policy_dir, "--out", tmp_path / "o"],
     }[command]
     line = _one_error(invoke(command, *paths, *options), needle)
-    assert "limit" in line or "below" in line
+    assert ("must be at most" in line or "must be at least" in line) and "(" in line  # the limit, and its cost
     assert not (tmp_path / "o").exists()
 
 
@@ -431,8 +432,8 @@ def test_only_module_function_names_are_imported(tmp_path, monkeypatch, spec):
 
 def test_an_output_made_by_someone_else_meanwhile_is_never_replaced(tmp_path):
     """Without --overwrite, a file that appears at the output path while the stage runs is kept."""
-    from stages.artifacts import atomic_output
-    from stages.errors import TempflowError
+    from stages.support.errors import TempflowError
+    from stages.support.outputs import atomic_output
 
     out = tmp_path / "s.parquet"
     with pytest.raises(TempflowError, match="appeared while the stage ran"):
@@ -454,7 +455,7 @@ def test_a_symlinked_output_is_refused_before_any_work(policy_dir, prompts_file,
 def test_a_bind_mounted_or_case_folded_input_is_recognised_by_inode(policy_dir, prompts_file, tmp_path, monkeypatch):
     """Two spellings of one folder (a bind mount, a case-insensitive file system) are the same input:
     simulated by making os.path.samefile say so for the policy folder and another name."""
-    import stages.artifacts as artifacts
+    import stages.support.outputs as artifacts
 
     alias = tmp_path / "POLICY"
     alias.mkdir()

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.errors import TempflowError
-from stages.policies import build_policy, load_policy, tensor_hash
+from stages.policies.base import load_policy, tensor_hash
+from stages.policies.tiny import build_policy
+from stages.support.errors import TempflowError
 
 
 def test_round_trip_keeps_the_function(policy_dir):
@@ -46,7 +47,7 @@ def test_damaged_or_foreign_config_is_refused(policy_dir, tmp_path):
     with pytest.raises(TempflowError, match="not valid JSON"):
         load_policy(policy_dir)
     (policy_dir / "config.json").write_text(json.dumps({"format": "tempflow.policy/99", "kind": "tiny"}))
-    with pytest.raises(TempflowError, match="policy format"):
+    with pytest.raises(TempflowError, match="schema 'tempflow.policy/99', this tempflow reads 'tempflow.policy/1'"):
         load_policy(policy_dir)
 
 
@@ -79,7 +80,7 @@ def test_decode_maps_minus_one_to_one_onto_uint8(policy_dir):
 
 
 def test_bad_model_config_is_explained():
-    with pytest.raises(TempflowError, match="multiple of patch_size"):
+    with pytest.raises(TempflowError, match="patch_size must be a divisor of the state's side 15"):
         build_policy("tiny", seed=0, model_overrides={"image_size": 15})
 
 
@@ -87,7 +88,9 @@ def test_bad_model_config_is_explained():
 def test_unet_policy_round_trip_in_its_own_folder(tmp_path, pooled_text):
     """The shapes preset's UNet saves under unet/ (its autoencoder under vae/), loads back to the same
     function and identity, with or without the pooled text in its timestep embedding."""
-    from stages.policies import PolicyRecord, model_config, save_policy
+    from stages.artifacts.policy import PolicyRecord
+    from stages.policies.base import save_policy
+    from stages.policies.tiny import model_config
 
     policy = build_policy("shapes", seed=0, model_overrides={"image_size": 16, "pooled_text": pooled_text})
     assert (policy.denoiser.class_embedding is not None) == pooled_text
@@ -111,11 +114,11 @@ def test_unet_policy_round_trip_in_its_own_folder(tmp_path, pooled_text):
 
 
 @pytest.mark.parametrize("overrides, match", [
-    ({"denoiser": "vit"}, "unknown denoiser"),
+    ({"denoiser": "vit"}, "denoiser must be one of sd3, unet, got 'vit'"),
     ({"denoiser": "unet", "unet_channels": [24]}, ">= 2 levels"),
     ({"denoiser": "unet", "unet_channels": [24, 44]}, "multiple of 8"),
-    ({"denoiser": "unet", "unet_channels": [8, 8, 8, 8, 8], "image_size": 24}, "divisible by 16"),
-    ({"denoiser": "sd3", "pooled_text": False}, "pooled_text false needs denoiser unet"),
+    ({"denoiser": "unet", "unet_channels": [8, 8, 8, 8, 8], "image_size": 24}, "need a multiple of 16"),
+    ({"denoiser": "sd3", "pooled_text": False}, "pooled_text must be true with denoiser sd3"),
     ({"pooled_text": "false"}, "pooled_text must be true or false"),
 ])
 def test_bad_unet_config_is_explained(overrides, match):
@@ -131,7 +134,9 @@ def _latent_policy():
 
 
 def test_latent_policy_round_trip_keeps_states_decoding_and_scaling(tmp_path):
-    from stages.policies import PolicyRecord, model_config, save_policy
+    from stages.artifacts.policy import PolicyRecord
+    from stages.policies.base import save_policy
+    from stages.policies.tiny import model_config
 
     policy = _latent_policy()
     assert policy.sample_shape == (4, 4, 4)
@@ -161,7 +166,7 @@ def test_latent_scaling_is_part_of_the_identity():
 @pytest.mark.parametrize("overrides, match", [
     ({"latent_channels": -1}, "latent_channels"),
     ({"latent_channels": 4, "vae_channels": [16]}, "vae_channels"),
-    ({"latent_channels": 4, "vae_channels": [8] * 6}, "image_size 16 is not divisible by 32"),
+    ({"latent_channels": 4, "vae_channels": [8] * 6}, "halve the image side 16 evenly"),
 ])
 def test_latent_config_errors_name_the_field(overrides, match):
     with pytest.raises(TempflowError, match=match):

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from stages.artifacts import Rollout
-from stages.policies import load_policy
+from stages.artifacts.rollout import Rollout
+from stages.policies.base import load_policy
 from stages.policies.flux import pack, unpack
 from stages.policies.tiny_pipelines import make_tiny_pipeline
 from tests.conftest import invoke
@@ -167,7 +167,7 @@ def test_bf16_rollout_and_update_keep_the_first_step_ratio(base, prompts, tmp_pa
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_full_fine_tuning_writes_the_transformer_and_keeps_its_reference(base, prompts, tmp_path, dtype):
     result = invoke("init", "--from", base, "--out", tmp_path / "x", "--full", "--lora-rank", "4")
-    assert result.exit_code == 2 and "--full trains the whole transformer" in result.stderr
+    assert result.exit_code == 1 and "init: --lora-rank must be left out with --full" in result.stderr
     _ok("init", "--from", base, "--out", tmp_path / "p0", "--full")
     assert {p.name for p in (tmp_path / "p0").iterdir()} == {"config.json"}  # the base, by reference
     for prev, name in (("p0", "p1"), ("p1", "p2")):
@@ -446,9 +446,9 @@ def test_guidance_a_model_does_not_take_is_refused(base, prompts, tmp_path):
 
 def test_lora_options_without_from_and_preset_options_with_it_are_refused(pipelines, tmp_path):
     result = invoke("init", "--out", tmp_path / "p", "--lora-rank", "8")
-    assert result.exit_code == 2 and "--lora-rank applies to a diffusers folder" in result.stderr
+    assert result.exit_code == 1 and "init: --lora-rank must be left out without --from" in result.stderr
     result = invoke("init", "--from", pipelines["sd3"], "--out", tmp_path / "p", "--image-size", "64")
-    assert result.exit_code == 2 and "--image-size describes a preset" in result.stderr
+    assert result.exit_code == 1 and "init: --image-size must be left out with --from" in result.stderr
     assert "--lora-targets attn.nope" in _error("init", "--from", pipelines["sd3"], "--out", tmp_path / "p",
                                                 "--lora-targets", "attn.nope")
 

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-from stages.errors import TempflowError
 from stages.rewards.models import load_model_reward, open_clip_to_transformers
 from stages.rewards.tiny import make_tiny_reward, save_clip_parts, tiny_clip_config
+from stages.support.errors import TempflowError
 from tests.conftest import invoke, make_rollout
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "a photo of a cat",

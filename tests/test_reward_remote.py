@@ -14,8 +14,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from stages.errors import TempflowError
 from stages.rewards.remote import RemoteReward, decode_png
+from stages.support.errors import TempflowError
 from tests.conftest import invoke, make_rollout
 
 Answer = Callable[[dict], tuple[int, bytes]]

@@ -1,4 +1,4 @@
-"""Tests for the shapes world (``stages.shapes``): grammar, splits, renderer and reward.
+"""Tests for the shapes world (``stages.worlds.shapes``): grammar, splits, renderer and reward.
 
 The renderer and the reward check each other: every ground-truth image must meet every requirement,
 and each corruption of a ground-truth layout must lose exactly the requirements it breaks.
@@ -12,10 +12,10 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from stages import shapes
-from stages.errors import TempflowError
 from stages.rewards import REWARDS, call_reward, parse_reward_spec, resolve_reward
-from stages.shapes import Obj, Placed, Scene, parse_prompt
+from stages.support.errors import TempflowError
+from stages.worlds import shapes
+from stages.worlds.shapes import Obj, Placed, Scene, parse_prompt
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 

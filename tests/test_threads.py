@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from stages.threads import Worker, prefetched
+from stages.support.threads import Worker, prefetched
 
 
 def _threads_named(name: str) -> list[threading.Thread]:

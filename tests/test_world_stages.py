@@ -13,16 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from stages import shapes
-from stages.errors import TempflowError
 from stages.evaluate import EvalConfig, run_eval
-from stages.policies import load_policy
-from stages.pretrain import (
-    PretrainConfig,
-    default_checkpoint,
-    run_pretrain,
-    world_batch,
-)
+from stages.policies.base import load_policy
+from stages.pretrain import PretrainConfig, default_checkpoint, run_pretrain, world_batch
+from stages.support.errors import TempflowError
+from stages.worlds import shapes
 from tests.conftest import invoke, write_updates
 
 REPO = Path(__file__).resolve().parents[1]
@@ -120,7 +115,7 @@ def test_checkpoint_of_another_config_is_not_resumed(tmp_path):
 def test_checkpoint_of_another_model_is_not_resumed(tmp_path, monkeypatch):
     """The same options on a preset that has changed since (here: the pooled text put back) start
     afresh instead of loading weights of another architecture."""
-    from stages.policies import PRESET_MODELS
+    from stages.policies.tiny import PRESET_MODELS
 
     out = tmp_path / "base"
     with monkeypatch.context() as patch:
@@ -146,9 +141,9 @@ def test_checkpoint_with_a_weight_the_model_lacks_is_refused_as_damaged(tmp_path
 
 
 @pytest.mark.parametrize("bad, match", [
-    ({"world": "mnist"}, "unknown world"), ({"image_size": 24}, "multiple of 16"),
+    ({"world": "mnist"}, "--world must be one of shapes, got 'mnist'"), ({"image_size": 24}, "multiple of 16"),
     ({"ema": 1.0}, "--ema"), ({"steps": 0}, "--steps"),
-    ({"autoencoder_learning_rate": 0.0}, "--autoencoder-learning-rate must be > 0, got 0.0"),
+    ({"autoencoder_learning_rate": 0.0}, "--autoencoder-learning-rate must be a finite number > 0, got 0"),
     ({"warmup": -1}, "--warmup must be >= 0, got -1"),
 ])
 def test_pretrain_config_errors_name_the_option(bad, match):

@@ -29,9 +29,10 @@ sys.path.insert(0, str(ROOT))
 
 from base_spread import options  # noqa: E402  (this folder's)
 
-from stages import shapes  # noqa: E402
-from stages.policies import build_policy, load_policy  # noqa: E402
-from stages.pretrain import PretrainConfig, _autoencoder_phase, _autoencoder_step  # noqa: E402
+from stages.policies.base import load_policy  # noqa: E402
+from stages.policies.tiny import build_policy  # noqa: E402
+from stages.pretrain import PretrainConfig, autoencoder_phase, autoencoder_step  # noqa: E402
+from stages.worlds import shapes  # noqa: E402
 
 SCENES_SEED = 123  # the reconstructed scenes: independent of the pretraining seed
 
@@ -99,11 +100,11 @@ def main() -> None:
         return
     config = recipe(args)
     policy = build_policy(config.preset, config.seed, {"image_size": config.image_size})
-    phase = _autoencoder_phase(policy, config)
+    phase = autoencoder_phase(policy, config)
     every = max(1, config.autoencoder_steps // 4)
     rows, began = [], time.perf_counter()
     for step in range(config.autoencoder_steps):
-        phase.losses.append(_autoencoder_step(policy, config, step, phase))
+        phase.losses.append(autoencoder_step(policy, config, step, phase))
         if (step + 1) % every == 0:
             row = {"step": step + 1, **scored(policy.autoencoder, config.image_size)}
             rows.append({**row, "loss": float(np.mean(phase.losses[-50:])), "seconds": time.perf_counter() - began})

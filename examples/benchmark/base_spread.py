@@ -42,15 +42,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from stages import shapes  # noqa: E402
+from stages.artifacts.prompts import read_prompts  # noqa: E402
+from stages.artifacts.rollout_config import RolloutConfig  # noqa: E402
 from stages.evaluate import EvalConfig, run_eval  # noqa: E402
+from stages.policies.base import load_policy  # noqa: E402
+from stages.policies.tiny import build_policy, model_config  # noqa: E402
 from stages.pretrain import PretrainConfig, run_pretrain  # noqa: E402
-from stages.policies import build_policy, load_policy, model_config  # noqa: E402
-from stages.prompts import read_prompts  # noqa: E402
 from stages.rewards import parse_reward_spec  # noqa: E402
-from stages.rollout import RolloutConfig, run_rollout  # noqa: E402
-from stages.score import run_score  # noqa: E402
+from stages.rollout import run_rollout  # noqa: E402
+from stages.score import ScoreConfig, run_score  # noqa: E402
 from stages.update import UpdateConfig, run_update  # noqa: E402
+from stages.worlds import shapes  # noqa: E402
 
 PARAMS = yaml.safe_load((ROOT / "params.yaml").read_text())
 
@@ -125,7 +127,7 @@ def default_loop(base: Path, work: Path, changes: dict[str, dict[str, Any]], ite
         run_rollout(policy, prompts, RolloutConfig(**rollout, seed=item["seed"]), work / "rollouts" / it,
                     {"identity": meta.identity, "path": str(prev), "step": meta.step}, overwrite=True)
         run_score(work / "rollouts" / it, specs, work / "scores" / f"{it}.parquet",
-                  batch_size=PARAMS["score"]["batch-size"], overwrite=True)
+                  ScoreConfig(batch_size=PARAMS["score"]["batch-size"]), overwrite=True)
         metrics = run_update(prev, work / "rollouts" / it, work / "scores" / f"{it}.parquet", work / "policies" / it,
                              UpdateConfig(**update, seed=item["seed"]), reference_dir=base, overwrite=True).metrics
         shutil.rmtree(work / "rollouts" / it)  # a rollout is large and needed by its update only

@@ -37,14 +37,16 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from stages.artifacts import atomic_output, read_step_spread
-from stages.evaluate import EvalConfig, run_eval
-from stages.policies import load_policy
-from stages.pretrain import PretrainConfig, run_pretrain
-from stages.rewards import parse_reward_spec
-from stages.rollout import RolloutConfig, planned_nfe, policy_sigmas, run_rollout
-from stages.score import run_score
-from stages.update import UpdateConfig, run_update
+from stages.artifacts.rollout_config import RolloutConfig  # noqa: E402
+from stages.artifacts.update_record import read_step_spread  # noqa: E402
+from stages.evaluate import EvalConfig, run_eval  # noqa: E402
+from stages.policies.base import load_policy  # noqa: E402
+from stages.pretrain import PretrainConfig, run_pretrain  # noqa: E402
+from stages.rewards import parse_reward_spec  # noqa: E402
+from stages.rollout import planned_nfe, policy_sigmas, run_rollout  # noqa: E402
+from stages.score import run_score  # noqa: E402
+from stages.support.outputs import atomic_output  # noqa: E402
+from stages.update import UpdateConfig, run_update  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stats  # noqa: E402  (this folder's statistics)
@@ -123,7 +125,7 @@ def load_params() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
 
 
 def prompts_file(out: Path) -> Path:
-    from stages import shapes
+    from stages.worlds import shapes
 
     path = out / "train-prompts.txt"
     path.write_text("\n".join(shapes.train_prompts()) + "\n")
@@ -137,7 +139,7 @@ def prompts_file(out: Path) -> Path:
 def evaluate(policy: Path, out: Path, settings: Settings) -> dict[str, Any]:
     """Validation and test figures of ``policy``, and the test split's per-image rewards (in a fixed
     order of prompts and seeds, the same for every method: what paired differences are taken over)."""
-    from stages import shapes
+    from stages.worlds import shapes
 
     row: dict[str, Any] = {}
     for half, per_task, images in (("val", settings.val_per_task, settings.val_images),
@@ -491,7 +493,7 @@ def main() -> None:
     work = out / "work"
     rollout_base, update_base, pretrain_params = load_params()
     pretrain = settings.pretrain or PretrainConfig(**pretrain_params)
-    from stages import shapes
+    from stages.worlds import shapes
 
     prompts = shapes.train_prompts()
     base = args.base

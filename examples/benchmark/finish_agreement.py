@@ -30,13 +30,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from stages import shapes  # noqa: E402
+from stages.artifacts.rollout_config import RolloutConfig  # noqa: E402
+from stages.artifacts.scores import read_scores  # noqa: E402
 from stages.flow import group_advantages  # noqa: E402
-from stages.policies import load_policy  # noqa: E402
+from stages.policies.base import load_policy  # noqa: E402
 from stages.rewards import parse_reward_spec  # noqa: E402
-from stages.rollout import RolloutConfig, run_rollout  # noqa: E402
+from stages.rollout import run_rollout  # noqa: E402
 from stages.score import run_score  # noqa: E402
-from stages.artifacts import read_scores  # noqa: E402
+from stages.worlds import shapes  # noqa: E402
 
 
 def ranks(values: np.ndarray) -> np.ndarray:

@@ -42,7 +42,12 @@ SMOKE = dict(sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_
 def build_base(folder: Path, config: dict, dtype: torch.dtype) -> None:
     """A StableDiffusion3Pipeline folder: the given transformer, toy CLIP-L/G and T5 whose widths give the
     transformer its 2048-wide pooled and 4096-wide token inputs, and a 16-channel VAE with factor 8."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     from stages.policies.tiny_pipelines import make_tokenizers
@@ -112,10 +117,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--smoke", action="store_true", help="toy shape on the CPU, to check the script runs")
     args = parser.parse_args()
-    from stages.policies import PolicyRecord, load_policy, save_policy
+    from stages.artifacts.policy import PolicyRecord
+    from stages.artifacts.rollout_config import RolloutConfig
+    from stages.policies.base import load_policy, save_policy
     from stages.policies.pipeline import init_from
-    from stages.rollout import RolloutConfig, run_rollout
     from stages.rewards import parse_reward_spec
+    from stages.rollout import run_rollout
     from stages.score import run_score
     from stages.update import UpdateConfig, run_update
 

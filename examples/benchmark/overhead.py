@@ -39,9 +39,12 @@ sys.path.insert(0, str(ROOT))
 
 import stages.rollout  # noqa: E402
 import stages.update  # noqa: E402
-from stages.policies import build_policy, index_cond, load_policy, model_config, save_policy, PolicyRecord  # noqa: E402
+from stages.artifacts.policy import PolicyRecord  # noqa: E402
+from stages.artifacts.rollout_config import RolloutConfig  # noqa: E402
+from stages.policies.base import index_cond, load_policy, save_policy  # noqa: E402
+from stages.policies.tiny import build_policy, model_config  # noqa: E402
 from stages.rewards import parse_reward_spec  # noqa: E402
-from stages.rollout import RolloutConfig, run_rollout  # noqa: E402
+from stages.rollout import run_rollout  # noqa: E402
 from stages.score import run_score  # noqa: E402
 from stages.update import UpdateConfig, run_update  # noqa: E402
 
@@ -138,7 +141,7 @@ def update_sizes(metrics: dict[str, Any], config: UpdateConfig) -> list[int]:
 
 
 def measure(policy_dir: Path, work: Path, repeats: int) -> dict[str, Any]:
-    from stages import shapes
+    from stages.worlds import shapes
 
     rollout_base, update_base, _ = load_params()
     config = RolloutConfig(**{**rollout_base, "algo": "tempflow", "seeds_per_prompt": 2, "branches": 4,

@@ -28,11 +28,12 @@ sys.path.insert(0, str(ROOT))
 
 from base_spread import PARAMS, options  # noqa: E402  (this folder's)
 
-from stages import shapes  # noqa: E402
 from stages.evaluate import EvalConfig, sample_ode  # noqa: E402
-from stages.policies import build_policy, load_policy  # noqa: E402
-from stages.pretrain import PretrainConfig, _flow_phase, _flow_step  # noqa: E402
-from stages.rollout import derive_seed  # noqa: E402
+from stages.policies.base import load_policy  # noqa: E402
+from stages.policies.tiny import build_policy  # noqa: E402
+from stages.pretrain import PretrainConfig, flow_phase, flow_step  # noqa: E402
+from stages.support.seeds import derive_seed  # noqa: E402
+from stages.worlds import shapes  # noqa: E402
 
 
 def arguments() -> argparse.Namespace:
@@ -92,13 +93,13 @@ def main() -> None:
     config = recipe(args)
     folder = ROOT / "runs" / "base-spread" / f"base-s{args.seed if args.ae_seed is None else args.ae_seed}"
     policy = with_autoencoder_of(config, folder)
-    phase = _flow_phase(policy, config, [])
+    phase = flow_phase(policy, config, [])
     prompts = shapes.eval_prompts("validation", per_task=16, seed=PARAMS["eval"]["seed"])
     pairs = [(prompt, i) for prompt in prompts for i in range(4)]
     seeds = [derive_seed("eval", 0, i, prompt) for prompt, i in pairs]
     rows, began = [], time.perf_counter()
     for step in range(config.steps):
-        phase.losses.append(_flow_step(policy, config, step, phase))
+        phase.losses.append(flow_step(policy, config, step, phase))
         phase.step = step + 1
         if phase.step % args.every == 0:
             reward, strict = ema_reward(policy, phase, [p for p, _ in pairs], seeds)

@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "examples" / "benchmark"))
 
 import stats  # noqa: E402  (the image benchmark's statistics)
+
 from stages.recsys.data import PrepareConfig  # noqa: E402
 from stages.recsys.model import RecModelConfig  # noqa: E402
 from stages.recsys.stages import Run, run_eval, run_prepare, run_pretrain, run_train  # noqa: E402
@@ -76,7 +77,7 @@ def seed_runs(out: Path, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
             result = out / "eval" / f"{name}-s{seed}-{policy}.json"
             if not result.exists():
                 result.parent.mkdir(parents=True, exist_ok=True)
-                run_eval(data, path, result, "test")
+                run_eval(data, path, result)
             evals[name][policy] = json.loads(result.read_text())
     return evals
 

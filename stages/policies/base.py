@@ -2,23 +2,18 @@
 
 A policy encodes prompts, predicts the velocity at ``(x, sigma)``, and decodes a final state to
 images. It is stored as a folder laid out like a diffusers pipeline (``transformer/`` or ``unet/``,
-``text_encoder/``, ``tokenizer/``) plus tempflow's own ``config.json``:
-
-    {"format": "tempflow.policy/1", "kind": "tiny", "model": {...}, "step": 0, "reference": null}
-
-``kind`` selects the class in :data:`POLICY_KINDS`; ``step`` counts the updates applied; ``reference``
-names the policy the KL term is measured against (``null``: the policy is its own reference).
+``text_encoder/``, ``tokenizer/``) plus tempflow's own ``config.json``, whose schema is
+:mod:`stages.artifacts.policy`'s: :func:`save_policy` writes the weights and that record,
+:func:`load_policy` reads both and checks that they agree.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
-import re
+import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -26,25 +21,24 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.errors import TempflowError
+from stages.artifacts.policy import POLICY_KINDS, PolicyRecord, read_policy_record, write_policy_record
+from stages.flow import make_sigmas
+from stages.support.errors import TempflowError
 
-POLICY_FORMAT = "tempflow.policy/1"
-POLICY_KINDS = {  # kind -> its class, imported when a policy of that kind is loaded
-    "tiny": "stages.policies.tiny:TinyPolicy",
-    "sd3": "stages.policies.sd3:SD3Policy",
-    "flux": "stages.policies.flux:FluxPolicy",
-}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# diffusers and transformers are imported where they are used, for start-up time.
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The torch dtype of each of :data:`stages.support.dtypes.DTYPES`."""
 
 
-def quiet_hub_libraries() -> None:
-    """diffusers and transformers draw their own tqdm bars on save/load; progress is the CLI's job."""
+def hide_library_progress() -> None:
+    """diffusers and transformers draw their own tqdm bars on save/load; progress is the CLI's job.
+    (Their log lines are the CLI's to silence too: it does, unless --debug.)"""
     import diffusers.utils.logging
     import transformers.utils.logging
 
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
 
 Cond = dict[str, Tensor]  # prompt conditioning, every tensor batch-first
 
@@ -184,8 +178,6 @@ class Policy(ABC):
 
     def sigmas(self, num_steps: int, shift: float) -> Tensor:
         """The sampling schedule (SD3's static shift; FLUX overrides it with its resolution-dependent one)."""
-        from stages.flow import make_sigmas
-
         return make_sigmas(num_steps, shift)
 
     def input_folders(self) -> tuple[Path, ...]:
@@ -212,21 +204,6 @@ class Policy(ABC):
 # Policy folders
 
 
-@dataclass
-class PolicyRecord:
-    """The bookkeeping in a policy folder's config.json, beside the weights."""
-
-    kind: str
-    model: dict[str, Any]
-    step: int = 0
-    """Number of GRPO updates applied since ``init``."""
-    reference: dict[str, str] | None = None
-    """``{"path": ..., "identity": ...}`` of the KL reference policy, the path relative to this
-    policy folder; ``None``: this policy itself."""
-    identity: str = ""
-    """Hash of the weights when saved (recomputed and checked on load)."""
-
-
 def save_policy(policy: Policy, path: Path, record: PolicyRecord) -> None:
     """Write weights and config.json into ``path`` (an empty folder: callers make it atomic); a
     non-finite weight is refused, naming it, before anything is written."""
@@ -236,50 +213,7 @@ def save_policy(policy: Policy, path: Path, record: PolicyRecord) -> None:
     path.mkdir(parents=True, exist_ok=True)
     policy.save_weights(path)
     record.identity = policy.identity()
-    config = {"format": POLICY_FORMAT, **asdict(record)}
-    (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-_IDENTITY = re.compile(r"^[0-9a-f]{64}$")
-
-
-def read_policy_record(path: Path) -> PolicyRecord:
-    """The bookkeeping of a policy folder, each field checked: a folder whose config.json was edited
-    into another shape is refused, never guessed at."""
-    from stages.artifacts import read_json
-
-    config_path = Path(path) / "config.json"
-    if not config_path.is_file():
-        raise TempflowError(f"{path}: not a policy folder (no config.json); create one with `tempflow init`")
-    config = read_json(config_path, "a policy config.json written by tempflow")
-    if not isinstance(config, dict) or config.get("format") != POLICY_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else type(config).__name__
-        raise TempflowError(f"{config_path}: policy format {found!r}, this tempflow reads {POLICY_FORMAT!r}")
-    if config.get("kind") not in POLICY_KINDS:
-        raise TempflowError(f"{config_path}: unknown policy kind {config.get('kind')!r}; known: {', '.join(POLICY_KINDS)}")
-    config.pop("format")
-    try:
-        record = PolicyRecord(**config)
-    except TypeError as err:
-        raise TempflowError(f"{config_path}: unexpected policy fields ({err}); the policy folder is damaged") from None
-    problem = _record_problem(record)
-    if problem:
-        raise TempflowError(f"{config_path}: {problem}; the policy folder is damaged")
-    return record
-
-
-def _record_problem(record: PolicyRecord) -> str | None:
-    if not isinstance(record.identity, str) or not _IDENTITY.match(record.identity):
-        return f"identity {record.identity!r} is not the sha256 of its weights (every policy folder records one)"
-    if not isinstance(record.step, int) or isinstance(record.step, bool) or record.step < 0:
-        return f"step {record.step!r} is not a count of updates"
-    if not isinstance(record.model, dict):
-        return "model is not an object"
-    ref = record.reference
-    if ref is not None and not (isinstance(ref, dict) and isinstance(ref.get("path"), str)
-                                and isinstance(ref.get("identity"), str) and _IDENTITY.match(ref["identity"])):
-        return f"reference {ref!r} is not {{path, identity}}"
-    return None
+    write_policy_record(path, record)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -297,27 +231,19 @@ def resolve_device(device: str) -> torch.device:
     return resolved
 
 
-def record_inputs(record: PolicyRecord) -> tuple[Path, ...]:
-    """The folders a policy folder refers to (:meth:`Policy.input_folders`), from its record alone."""
-    base = record.model.get("base") if isinstance(record.model, dict) else None
-    return (Path(base["path"]),) if isinstance(base, dict) and isinstance(base.get("path"), str) else ()
-
-
 def resolve_dtype(name: str) -> torch.dtype:
     """``fp32``/``bf16``/``fp16`` to a torch dtype, or a one-line error naming the choices."""
-    if name not in DTYPES:
-        raise TempflowError(f"--dtype {name!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in TORCH_DTYPES:
+        raise TempflowError(f"--dtype {name!r}: choose one of {', '.join(TORCH_DTYPES)}")
+    return TORCH_DTYPES[name]
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
+    return {v: k for k, v in TORCH_DTYPES.items()}[dtype]
 
 
 def policy_class(kind: str) -> type[Policy]:
     """The class of a policy kind, imported on demand (a kind's module loads only when it is used)."""
-    import importlib
-
     module, _, name = POLICY_KINDS[kind].partition(":")
     return getattr(importlib.import_module(module), name)
 

@@ -15,9 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from stages.errors import TempflowError
 from stages.policies.base import Cond
-from stages.policies.pipeline import PipelinePolicy
+from stages.policies.pipeline import PipelinePolicy, loading
+from stages.support.errors import TempflowError
+
+# diffusers is imported where a model is built, for start-up time.
 
 DEFAULT_GUIDANCE = 3.5  # FLUX.1-dev's pipeline default
 
@@ -87,7 +89,6 @@ class FluxPolicy(PipelinePolicy):
         from diffusers import FlowMatchEulerDiscreteScheduler
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 
-        from stages.policies.pipeline import loading
 
         with loading(self.base, "scheduler"):
             scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(self.base, subfolder="scheduler",

@@ -16,33 +16,42 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stages.errors import TempflowError
+from stages.support.errors import TempflowError
+from stages.support.rules import Rules
+
+# peft and safetensors are imported where an adapter is made, saved or read, for start-up time.
 
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"
 METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 PREFIX = "transformer"
 
-SD3_TARGETS = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-               "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"]
-FLUX_TARGETS = SD3_TARGETS + ["ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"]
-DEFAULT_TARGETS = {"sd3": SD3_TARGETS, "flux": FLUX_TARGETS}  # Flow-GRPO's choice per kind (DESIGN §6)
+DEFAULT_TARGETS = {  # Flow-GRPO's choice per kind (DESIGN §6); a literal, so that `init --help` lists it
+    "sd3": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out"],
+    "flux": ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+             "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"],
+}
 
 
 @dataclass
-class LoraSpec:
-    """What the adapter is: rank, alpha (scale alpha / rank) and the module-name suffixes it wraps."""
+class LoraSpec(Rules):
+    """What the adapter is: rank, alpha (scale alpha / rank) and the module-name suffixes it wraps
+    (`tempflow init`'s --lora-* options, or a policy's recorded adapter)."""
+
+    command = "init"
+    option_prefix = "lora-"
 
     rank: int = 32
     alpha: float = 64.0
-    targets: list[str] = field(default_factory=lambda: list(SD3_TARGETS))
+    targets: list[str] = field(default_factory=lambda: list(DEFAULT_TARGETS["sd3"]))
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.rank, int) and 1 <= self.rank <= 1024):
-            raise TempflowError(f"--lora-rank {self.rank!r} must be an integer in 1..1024 (Flow-GRPO uses 32 on SD3, 64 on FLUX)")
-        if not (isinstance(self.alpha, (int, float)) and 0 < self.alpha <= 1e4):
-            raise TempflowError(f"--lora-alpha {self.alpha!r} must be a number in (0, 1e4] (default: twice the rank)")
-        if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
-            raise TempflowError("--lora-targets must name at least one module, e.g. attn.to_q,attn.to_v")
+        self.at_least(1, "rank")
+        self.at_most("rank", 1024, "Flow-GRPO uses 32 on SD3, 64 on FLUX")
+        self.within("alpha", 0.0, 1e4, low_open=True)  # default: twice the rank
+        self.require(bool(self.targets) and all(isinstance(t, str) and t for t in self.targets), "targets",
+                     "at least one module name, e.g. attn.to_q,attn.to_v")
 
     def peft_config(self):
         from peft import LoraConfig

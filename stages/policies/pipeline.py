@@ -23,9 +23,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.errors import TempflowError
-from stages.policies.base import Cond, Policy, quiet_hub_libraries, tensors_digest
+from stages.artifacts.codecs import read_json
+from stages.policies.base import Cond, Policy, hide_library_progress, policy_class, resolve_dtype, tensors_digest
 from stages.policies.lora import (
+    DEFAULT_TARGETS,
     LoraSpec,
     adapter_state,
     add_adapter,
@@ -34,6 +35,9 @@ from stages.policies.lora import (
     save_adapter,
     spec_record,
 )
+from stages.support.errors import TempflowError
+
+# diffusers and transformers are imported where they are used, for start-up time.
 
 PIPELINES = {"StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux"}
 """The pipeline classes tempflow trains, by the ``_class_name`` in ``model_index.json``."""
@@ -57,8 +61,6 @@ def _file_digest(path: Path) -> str:
 
 def read_model_index(folder: Path) -> dict[str, Any]:
     """``folder/model_index.json``, checked to be a diffusers pipeline tempflow can train."""
-    from stages.artifacts import read_json
-
     folder = Path(folder)
     if not folder.is_dir():
         raise TempflowError(f"--from {folder}: no such folder (a diffusers pipeline folder, e.g. a local copy of "
@@ -201,7 +203,7 @@ class PipelinePolicy(Policy):
     @classmethod
     def _build(cls, model: dict[str, Any], path: Path | None, dtype: torch.dtype,
                own_transformer: bool = False) -> PipelinePolicy:
-        quiet_hub_libraries()
+        hide_library_progress()
         source = path if own_transformer else Path(model["base"]["path"])
         # full fine-tuning keeps float32 master weights and computes under autocast
         weights_dtype = dtype if model.get("lora") else torch.float32
@@ -343,7 +345,7 @@ class PipelinePolicy(Policy):
     def text_pipeline(self) -> Any:
         """The pipeline with its tokenizers and text encoders only (no transformer, no VAE)."""
         if self._text is None:
-            quiet_hub_libraries()
+            hide_library_progress()
             with quiet_loading(), loading(self.base, "text encoders"):
                 absent = {name: None for name in self.optional_components
                           if name not in self.model["base"]["components"]}
@@ -387,8 +389,6 @@ def check_tokenizers(folder: Path, index: dict[str, Any], pairs: tuple[tuple[str
     its encoder's config: :func:`check_tokenizer`, before any model is loaded."""
     import transformers
 
-    from stages.artifacts import read_json
-
     for tok_name, enc_name in pairs:
         if index.get(tok_name) in (None, [None, None]) or index.get(enc_name) in (None, [None, None]):
             continue
@@ -410,20 +410,12 @@ def check_tokenizers(folder: Path, index: dict[str, Any], pairs: tuple[tuple[str
 def init_from(folder: Path, seed: int, lora: tuple[int, float | None, str | None] | None,
               max_sequence_length: int = 0, dtype: str = "fp32") -> PipelinePolicy:
     """A fresh policy on the diffusers folder ``folder``: its kind from model_index.json, a LoRA
-    adapter ``(rank, alpha or 2 * rank, targets or the kind's)`` or full fine-tuning (``lora=None``)."""
-    from stages.limits import check_at_most, check_seed
-    from stages.policies.base import policy_class, resolve_dtype
-    from stages.policies.lora import DEFAULT_TARGETS
-
+    adapter ``(rank, alpha or 2 * rank, targets or the kind's)`` or full fine-tuning (``lora=None``).
+    The options are `tempflow init`'s, checked by its config."""
     index = read_model_index(folder)
     kind = PIPELINES[index["_class_name"]]
     cls = policy_class(kind)
     check_tokenizers(Path(folder), index, cls.text_components)
-    check_seed("seed", seed)
-    check_at_most("max-sequence-length", max_sequence_length, 512, "the diffusers SD3 and FLUX pipelines refuse "
-                  "longer T5 prompts, so an adapter trained on them would not reproduce in yours")
-    if max_sequence_length < 0:
-        raise TempflowError(f"--max-sequence-length must be >= 0, 0 meaning the pipeline's (got {max_sequence_length})")
     spec = None
     if lora is not None:
         rank, alpha, targets = lora

@@ -14,9 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stages.errors import TempflowError
 from stages.policies.base import Cond
 from stages.policies.pipeline import PipelinePolicy
+from stages.support.errors import TempflowError
+
+# diffusers is imported where a model is built, for start-up time.
 
 DEFAULT_GUIDANCE = 4.5  # Flow-GRPO's on SD3.5
 

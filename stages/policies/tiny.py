@@ -14,9 +14,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stages.errors import TempflowError
-from stages.limits import check_at_most, check_seed, gib
-from stages.policies.base import Cond, Policy, quiet_hub_libraries, tensor_hash
+from stages.artifacts.prompts import read_prompts
+from stages.policies.base import Cond, Policy, hide_library_progress, tensor_hash
+from stages.support.errors import TempflowError
+from stages.support.limits import gib
+from stages.support.rules import Rules
+
+# diffusers, transformers and tokenizers are imported where the models are built, for start-up time.
 
 # latents + small CLIP text encoder + word-level tokenizer.
 
@@ -25,8 +29,13 @@ DEFAULT_WORDS = ["a", "an", "the", "and", "of", "with", "on", "in", "left", "rig
 
 
 @dataclass
-class TinyConfig:
-    """Architecture of the tiny policies: a flow model on pixels or latents, small enough for a CPU."""
+class TinyConfig(Rules):
+    """Architecture of the tiny policies: a flow model on pixels or latents, small enough for a CPU.
+    Built from a preset (with `init`'s or `pretrain`'s --image-size) or read from a policy's config.json,
+    so its refusals name its fields, not options."""
+
+    command = "tiny model"
+    flag = ""
 
     image_size: int = 32
     """Side of the square RGB image, in pixels (the state: ``(3, image_size, image_size)`` in pixel space,
@@ -74,42 +83,32 @@ class TinyConfig:
         return self.latent_channels or 3
 
     def __post_init__(self) -> None:
-        if self.denoiser not in DENOISERS:
-            raise TempflowError(f"tiny model: unknown denoiser {self.denoiser!r}; choose one of {', '.join(DENOISERS)}")
-        if self.latent_channels < 0:
-            raise TempflowError(f"tiny model: latent_channels must be >= 0 (0: pixel space), got {self.latent_channels}")
+        self.choice("denoiser", DENOISERS)
+        self.at_least(1, "image_size", "patch_size", "num_layers", "num_attention_heads", "attention_head_dim",
+                      "text_hidden_size", "text_layers", "max_prompt_tokens")
+        self.at_least(0, "latent_channels")  # 0: pixel space
+        self.require(isinstance(self.pooled_text, bool), "pooled_text", "true or false")
         if self.latent_channels:
-            _check_levels("vae_channels", self.vae_channels, self.image_size, "image_size")
-        if not isinstance(self.pooled_text, bool):
-            raise TempflowError(f"tiny model: pooled_text must be true or false, got {self.pooled_text!r}")
+            self._check_levels("vae_channels", self.image_size, "the image side")
         if self.denoiser == "unet":
-            _check_levels("unet_channels", self.unet_channels, self.state_size, "the state's side")
-        elif not self.pooled_text:
-            raise TempflowError("tiny model: pooled_text false needs denoiser unet; the sd3 transformer always "
-                                "takes the pooled text")
-        if self.state_size % self.patch_size:
-            raise TempflowError(
-                f"the state's side {self.state_size} is not a multiple of patch_size {self.patch_size}; "
-                "pick sizes such as 32 and 2"
-            )
-        for name in ("image_size", "patch_size", "num_layers", "num_attention_heads", "attention_head_dim",
-                     "text_hidden_size", "text_layers", "max_prompt_tokens"):
-            if getattr(self, name) < 1:
-                raise TempflowError(f"tiny model: {name} must be >= 1, got {getattr(self, name)}")
-        check_at_most("image-size", self.image_size, MAX_TINY_IMAGE_SIZE,
-                      f"the tiny presets are CPU models; one {self.image_size}x{self.image_size} state alone takes "
-                      f"{gib(4 * self.state_channels * self.state_size ** 2)} and a batch far more")
+            self._check_levels("unet_channels", self.state_size, "the state's side")
+        else:
+            self.require(self.pooled_text, "pooled_text", "true with denoiser sd3 (the transformer always takes the "
+                         "pooled text)")
+        self.require(self.state_size % self.patch_size == 0, "patch_size",
+                     f"a divisor of the state's side {self.state_size} (sizes such as 32 and 2)")
+        self.at_most("image_size", MAX_TINY_IMAGE_SIZE,
+                     f"the tiny presets are CPU models; one {self.image_size}x{self.image_size} state alone takes "
+                     f"{gib(4 * self.state_channels * self.state_size ** 2)} and a batch far more")
 
-
-def _check_levels(name: str, channels: list[int], side: int, what: str) -> None:
-    """A diffusers UNet or autoencoder: >= 2 levels, group-norm friendly widths, a side it can halve."""
-    levels = len(channels)
-    if levels < 2 or any(c < 8 or c % 8 for c in channels):
-        raise TempflowError(f"tiny model: {name} {channels} needs >= 2 levels, each a multiple of 8 "
-                            "(the group-norm groups)")
-    if side % 2 ** (levels - 1):
-        raise TempflowError(f"tiny model: {what} {side} is not divisible by {2 ** (levels - 1)}, "
-                            f"which the {levels} levels of {name} need")
+    def _check_levels(self, name: str, side: int, what: str) -> None:
+        """A diffusers UNet or autoencoder: >= 2 levels, group-norm friendly widths, a side it can halve."""
+        channels = getattr(self, name)
+        self.require(len(channels) >= 2 and all(c >= 8 and c % 8 == 0 for c in channels), name,
+                     ">= 2 levels, each a multiple of 8 (the group-norm groups)")
+        self.require(side % 2 ** (len(channels) - 1) == 0, name,
+                     f"levels that halve {what} {side} evenly ({len(channels)} levels need a multiple of "
+                     f"{2 ** (len(channels) - 1)})")
 
 
 MAX_TINY_IMAGE_SIZE = 512
@@ -212,7 +211,7 @@ class TinyPolicy(Policy):
     def __init__(self, config: TinyConfig, denoiser=None, text_encoder=None, tokenizer=None, autoencoder=None) -> None:
         from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-        quiet_hub_libraries()
+        hide_library_progress()
         self.config = config
         self.device = torch.device("cpu")
         self.tokenizer = tokenizer or build_word_tokenizer(config.vocab, config.max_prompt_tokens)
@@ -326,7 +325,7 @@ class TinyPolicy(Policy):
         from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
         from transformers import CLIPTextModelWithProjection, PreTrainedTokenizerFast
 
-        quiet_hub_libraries()
+        hide_library_progress()
         config = TinyConfig(**model_config)
         model_class = UNet2DConditionModel if config.denoiser == "unet" else SD3Transformer2DModel
         # safetensors only: a policy folder never makes tempflow read a pickle-based weights file
@@ -341,13 +340,15 @@ class TinyPolicy(Policy):
         return cls(config, denoiser=denoiser, text_encoder=text_encoder, tokenizer=tokenizer, autoencoder=autoencoder)
 
 
-PRESETS: dict[str, str] = {
+PRESETS = {
     "tiny": "random tiny pixel-space SD3 transformer + CLIP text encoder, built from a config",
-    "shapes": "the shapes world's model: a UNet (channels 32/64, text cross-attention at its coarsest "
-              "level, no pooled text) on the 4x8x8 latents of a small AutoencoderKL; `tempflow pretrain` "
-              "trains both",
+    "shapes": "the shapes world's model: a UNet (channels 32/64; the prompt enters through cross-attention "
+              "at its coarsest level only, no pooled text) on the 4x8x8 latents of a small AutoencoderKL; "
+              "`tempflow pretrain` trains both",
 }
-PRESET_MODELS: dict[str, dict[str, Any]] = {
+"""The models `tempflow init` and `tempflow pretrain` build from a config (their architectures:
+``stages.policies.tiny.PRESET_MODELS``)."""
+PRESET_MODELS: dict[str, dict[str, Any]] = {  # the architecture of each of PRESETS
     "tiny": {},
     # Measured on 2 CPU cores: the SD3 transformer at patch 4 (1.3M parameters, 0.23 s per batch-64
     # step) still drew shapes as scattered 4x4 fragments after 2,000 steps (held-out strict accuracy 0);
@@ -365,15 +366,19 @@ PRESET_MODELS: dict[str, dict[str, Any]] = {
 }
 
 
-
-
 def build_policy(preset: str, seed: int, model_overrides: dict[str, Any] | None = None) -> TinyPolicy:
-    """A freshly initialised policy of a preset (weights drawn with ``torch.manual_seed(seed)``)."""
-    if preset not in PRESETS:
-        raise TempflowError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    check_seed("seed", seed)
+    """A freshly initialised policy of a preset (weights drawn with ``torch.manual_seed(seed)``; the
+    preset and the seed are checked by the config that names them)."""
     torch.manual_seed(seed)
     return TinyPolicy(TinyConfig(**{**PRESET_MODELS[preset], **(model_overrides or {})}))
+
+
+def preset_policy(preset: str, seed: int, image_size: int, vocab_from: Path | None) -> TinyPolicy:
+    """`tempflow init`'s preset policy: its words are :data:`DEFAULT_WORDS` and those of ``vocab_from``."""
+    words = list(DEFAULT_WORDS)
+    if vocab_from is not None:
+        words += prompt_words(read_prompts(vocab_from))
+    return build_policy(preset, seed, {"image_size": image_size, "vocab": list(dict.fromkeys(words))})
 
 
 def model_config(policy: TinyPolicy) -> dict[str, Any]:

@@ -12,11 +12,14 @@ from __future__ import annotations
 import io
 import json
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from stages.policies.base import quiet_hub_libraries
+from stages.policies.base import hide_library_progress
+
+# diffusers, transformers and sentencepiece are imported where a folder is written, for start-up time.
 
 KINDS = {
     "sd3": "StableDiffusion3Pipeline, SD3.5-shaped: joint blocks with dual attention and RMS qk-norm, CLIP-L, "
@@ -49,8 +52,6 @@ def _bytes_to_unicode() -> dict[int, str]:
 def clip_tokenizer_files(folder: Path, merges: int = 120) -> None:
     """``vocab.json`` and ``merges.txt`` in CLIP's format (``</w>`` marks a word's end), learned by
     counting pair frequencies over a small corpus; every byte is in the vocabulary, so any text encodes."""
-    from collections import Counter
-
     byte_chars = list(_bytes_to_unicode().values())
     vocab = byte_chars + [c + "</w>" for c in byte_chars]
     words = Counter(w for line in _CORPUS for w in line.lower().split())
@@ -170,7 +171,7 @@ def build_flux(clip, t5, guidance: bool):
 
 def make_tiny_pipeline(kind: str, out: Path, seed: int = 0) -> Path:
     """Write a toy diffusers folder of ``kind`` (see :data:`KINDS`) into ``out`` (which must not exist)."""
-    quiet_hub_libraries()
+    hide_library_progress()
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as scratch:
         clip, t5 = make_tokenizers(Path(scratch))

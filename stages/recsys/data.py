@@ -29,12 +29,16 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stages.errors import TempflowError
+from stages.artifacts.sessions import SPLIT_CODES, Sessions
+from stages.recsys.simulate import simulate_logs, simulator_config
+from stages.support.errors import TempflowError
+from stages.support.rules import Rules
 
 SOURCES = {
     "movielens": "MovieLens-100k as the recbole wheel ships it (943 users, 1,682 items, 100,000 ratings)",
@@ -44,15 +48,16 @@ SOURCES = {
 }
 SPLITS = {"user": "leave-last-out per session (last event test, the one before validation)",
           "time": "whole sessions by start time, 80 % train, 10 % validation, 10 % test"}
-SPLIT_CODES = {"train": 0, "validation": 1, "test": 2}
 RETAILROCKET_HEADER = ["timestamp", "visitorid", "event", "itemid", "transactionid"]
 RETAILROCKET_EVENTS = {"view": 0, "addtocart": 0, "transaction": 1}
 """RetailRocket's event types and their kind (0 click, 1 purchase)."""
 
 
 @dataclass
-class PrepareConfig:
+class PrepareConfig(Rules):
     """How logged events become sessions. Every field is also a ``tempflow rec prepare`` option."""
+
+    command = "rec prepare"
 
     source: str = "movielens"
     """Where the events come from: movielens, retailrocket or yoochoose."""
@@ -75,19 +80,36 @@ class PrepareConfig:
     """simulator: seed of the world and of its logged sessions."""
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise TempflowError(f"unknown source {self.source!r}; choose one of {', '.join(SOURCES)}")
-        if self.split not in SPLITS:
-            raise TempflowError(f"unknown split {self.split!r}; choose one of {', '.join(SPLITS)}")
+        self.choice("source", SOURCES)
+        self.choice("split", SPLITS)
         for name in ("click_reward", "purchase_reward", "purchase_rating", "session_gap_minutes"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and 0 <= value <= 1e6):
-                raise TempflowError(f"--{name.replace('_', '-')} must be a finite number in [0, 1e6] (got {value})")
-        if self.sim_users < 1 or self.sim_seed < 0:
-            raise TempflowError("--sim-users must be >= 1 and --sim-seed >= 0")
-        if self.min_session_length < 1 or (self.split == "user" and self.min_session_length < 3):
-            raise TempflowError("--min-session-length must be >= 1, and >= 3 with --split user (a train, a "
-                                f"validation and a test event; got {self.min_session_length})")
+            self.within(name, 0.0, 1e6)
+        self.at_least(1, "sim_users")
+        self.seeds("sim_seed")
+        self.at_least(1, "min_session_length")
+        self.require(self.split != "user" or self.min_session_length >= 3, "min_session_length",
+                     ">= 3 with --split user (a train, a validation and a test event)")
+
+
+@dataclass
+class PrepareFiles(Rules):
+    """The files `tempflow rec prepare` reads: exactly those its source needs."""
+
+    command = "rec prepare"
+
+    source: str = "movielens"
+    events: Path | None = None
+    clicks: Path | None = None
+    buys: Path | None = None
+
+    NEEDS = {"movielens": (), "simulator": (), "retailrocket": ("events",), "yoochoose": ("clicks", "buys")}
+
+    def __post_init__(self) -> None:
+        self.choice("source", SOURCES)
+        for name in ("events", "clicks", "buys"):
+            needed = name in self.NEEDS[self.source]
+            self.require((getattr(self, name) is not None) == needed, name,
+                         f"{'given' if needed else 'left out'} with --source {self.source}")
 
 
 @dataclass
@@ -104,37 +126,6 @@ class Events:
         self.item.append(item)
         self.purchase.append(purchase)
         self.time.append(time)
-
-
-@dataclass
-class Sessions:
-    """Prepared sessions, one row per event, sorted by session then position. Items are 1..n_items
-    (0 is reserved for padding and the start token); ``split`` holds :data:`SPLIT_CODES`."""
-
-    session: np.ndarray  # int64
-    position: np.ndarray  # int32
-    item: np.ndarray  # int32
-    purchase: np.ndarray  # bool
-    reward: np.ndarray  # float32
-    time: np.ndarray  # float64
-    split: np.ndarray  # int8
-    item_ids: list[str]  # item_ids[i - 1] is item i's id in the source
-    info: dict[str, Any]
-
-    @property
-    def n_items(self) -> int:
-        return len(self.item_ids)
-
-    def items_digest(self) -> str:
-        """sha256 of the item ids in index order: what a model's item embeddings are tied to."""
-        import hashlib
-
-        return hashlib.sha256("\n".join(self.item_ids).encode()).hexdigest()
-
-    def bounds(self) -> np.ndarray:
-        """Row offsets where each session starts, and the end: ``rows[b[i]:b[i+1]]`` is session i."""
-        starts = np.flatnonzero(np.r_[True, self.session[1:] != self.session[:-1]])
-        return np.r_[starts, len(self.session)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,8 +168,6 @@ def read_movielens(config: PrepareConfig, text: str | None = None, where: str = 
 
 
 def _movielens_text() -> str:
-    from importlib import resources
-
     try:
         return (resources.files("recbole") / "dataset_example" / "ml-100k" / "ml-100k.inter").read_text()
     except (ModuleNotFoundError, FileNotFoundError) as err:
@@ -336,20 +325,15 @@ def _split_labels(length: int, index: int, total: int, split: str) -> list[int]:
     return [code] * length
 
 
-def read_events(config: PrepareConfig, events: Path | None = None, clicks: Path | None = None,
-                buys: Path | None = None) -> Events:
-    """The events of ``config.source``, with the files that source needs (and no others)."""
-    given = {"--events": events, "--clicks": clicks, "--buys": buys}
-    needs = {"movielens": (), "simulator": (), "retailrocket": ("--events",), "yoochoose": ("--clicks", "--buys")}[config.source]
-    for option, value in given.items():
-        if (value is None) == (option in needs):
-            raise TempflowError(f"--source {config.source} {'needs' if value is None else 'takes no'} {option}")
+def read_events(config: PrepareConfig, files: PrepareFiles = PrepareFiles()) -> Events:
+    """The events of ``config.source``, from the ``files`` it needs."""
     if config.source == "movielens":
         return read_movielens(config)
     if config.source == "simulator":
-        from stages.recsys.simulate import simulate_logs, simulator_config
-
-        return simulate_logs(simulator_config(config))
+        events = Events()
+        for event in simulate_logs(simulator_config(config)):
+            events.add(*event)
+        return events
     if config.source == "retailrocket":
-        return read_retailrocket(Path(events), config)  # type: ignore[arg-type]
-    return read_yoochoose(Path(clicks), Path(buys))  # type: ignore[arg-type]
+        return read_retailrocket(Path(files.events), config)
+    return read_yoochoose(Path(files.clicks), Path(files.buys))

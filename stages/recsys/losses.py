@@ -34,9 +34,11 @@ ALGOS = {
     "sqn": "Xin et al.'s SQN: cross-entropy + a double-Q loss on the Q head",
     "sa2c": "Xin et al.'s SA2C: SQN's loss, then the cross-entropy weighted by a clipped sampled advantage",
 }
-WEIGHTS = ("binary", "exp")
+WEIGHTS = {"binary": "1[A > 0]", "exp": "min(exp(A / beta), 20)"}
+"""CRR's f of the advantage."""
+BASELINES = {"mean": "E_pi Q", "max": "max_a Q"}
+"""CRR's advantage baseline."""
 SA2C_NEGATIVES, SA2C_CLIP = 10, (0.0, 10.0)
-BASELINES = ("mean", "max")
 
 
 def expected_value(probs: Tensor, q: Tensor) -> Tensor:

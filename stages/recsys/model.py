@@ -17,12 +17,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from stages.errors import TempflowError
+from stages.support.errors import TempflowError
+from stages.support.rules import Rules
+
+# transformers is imported where the GPT-2 blocks are built, for start-up time.
 
 
 @dataclass
-class RecModelConfig:
+class RecModelConfig(Rules):
     """The transformer's shape. Every field is also a ``tempflow rec pretrain`` option."""
+
+    command = "rec pretrain"
 
     layers: int = 6
     """Transformer blocks (DistilGPT2: 6)."""
@@ -36,15 +41,10 @@ class RecModelConfig:
     """Dropout of embeddings, attention and residuals (GPT-2's 0.1)."""
 
     def __post_init__(self) -> None:
-        for name in ("layers", "heads", "width", "context"):
-            if getattr(self, name) < 1:
-                raise TempflowError(f"--{name} must be >= 1 (got {getattr(self, name)})")
-        if self.width % self.heads:
-            raise TempflowError(f"--width {self.width} must be a multiple of --heads {self.heads}")
-        if self.context > 1024:
-            raise TempflowError(f"--context {self.context} is above GPT-2's 1024 positions")
-        if not (math.isfinite(self.dropout) and 0 <= self.dropout < 1):
-            raise TempflowError(f"--dropout must lie in [0, 1) (got {self.dropout})")
+        self.at_least(1, "layers", "heads", "width", "context")
+        self.require(self.width % self.heads == 0, "width", f"a multiple of --heads {self.heads}")
+        self.at_most("context", 1024, "GPT-2 has 1024 positions")
+        self.within("dropout", 0.0, 1.0, high_open=True)
 
 
 class RecTransformer(nn.Module):

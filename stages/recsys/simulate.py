@@ -24,13 +24,20 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import TempflowError
-from stages.recsys.data import Events
+from stages.support.errors import TempflowError
+from stages.support.rules import Rules
+
+# torch is imported only to score a model online: preparing the simulator's logs needs numpy alone,
+# for start-up time.
 
 
 @dataclass
-class SimulatorConfig:
-    """The simulated world. Every field is also a ``tempflow rec prepare --source simulator`` option."""
+class SimulatorConfig(Rules):
+    """The simulated world: ``rec prepare --source simulator`` records it in the sessions it writes
+    (its users and seed from the options, the rest these defaults)."""
+
+    command = "simulator"
+    flag = ""
 
     sim_items: int = 20
     """Items in the catalogue."""
@@ -56,11 +63,11 @@ class SimulatorConfig:
     """Seed of the world (tastes, items) and of the logged sessions."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.sim_gateways < self.sim_items or self.sim_users < 1 or self.horizon < 2:
-            raise TempflowError("simulator: need 1 <= --sim-gateways < --sim-items, --sim-users >= 1, --horizon >= 2")
+        self.at_least(1, "sim_gateways", "sim_users")
+        self.at_least(2, "horizon")
+        self.require(self.sim_gateways < self.sim_items, "sim_gateways", f"fewer than sim_items ({self.sim_items})")
         for name in ("leave_base", "leave_per_miss", "epsilon"):
-            if not 0 <= getattr(self, name) <= 1:
-                raise TempflowError(f"simulator: --{name.replace('_', '-')} must lie in [0, 1]")
+            self.within(name, 0.0, 1.0)
 
 
 class World:
@@ -125,16 +132,17 @@ def simulator_config(prepare: "Any") -> SimulatorConfig:
     return SimulatorConfig(sim_users=prepare.sim_users, sim_seed=prepare.sim_seed)
 
 
-def simulate_logs(config: SimulatorConfig) -> Events:
-    """``sim_users`` sessions of the behaviour policy, as logged events (item ids ``i0 .. iN``)."""
+def simulate_logs(config: SimulatorConfig) -> list[tuple[int, str, bool, float]]:
+    """``sim_users`` sessions of the behaviour policy, as logged events ``(session, item id, purchase,
+    time)`` in order (item ids ``i0 .. iN``)."""
     world = World(config)
     rng = np.random.default_rng(config.sim_seed + 1)
-    events = Events()
+    events = []
     for user in range(config.sim_users):
         taste = world.taste(rng)
         for step, (item, purchase) in enumerate(world.session(taste, world.behaviour(taste, rng), rng)):
-            events.add(user, f"i{item}", purchase, float(step))
-    if not events.item:
+            events.append((user, f"i{item}", purchase, float(step)))
+    if not events:
         raise TempflowError("the simulated behaviour produced no clicks; raise the items' appeal")
     return events
 

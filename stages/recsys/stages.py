@@ -3,41 +3,36 @@ model folder (``model.safetensors``, ``config.json``, ``metrics.json``), evaluat
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from stages.artifacts import atomic_output, check_out_free, read_sessions, sha256_file, write_json, write_sessions
-from stages.checkpoints import default_checkpoint
-from stages.errors import TempflowError
-from stages.progress import Progress, no_progress
-from stages.recsys.data import PrepareConfig, build_sessions, read_events
+from stages.artifacts.checkpoints import default_checkpoint
+from stages.artifacts.codecs import sha256_file
+from stages.artifacts.rec_checkpoint import RecTrainCheckpoint
+from stages.artifacts.rec_model import MODEL_FILE, write_rec_eval
+from stages.artifacts.sessions import read_sessions, write_sessions
+from stages.recsys.data import PrepareConfig, PrepareFiles, build_sessions, read_events
 from stages.recsys.model import RecModelConfig, RecTransformer, init_from_gpt2
-from stages.recsys.train import (
-    METRICS_FILE,
-    MODEL_FILE,
-    TrainCheckpoint,
-    TrainConfig,
-    evaluate,
-    fit,
-    load_model,
-    save_model,
-    timed,
-    train_windows,
-)
+from stages.recsys.simulate import SimulatorConfig, online_return, policy_scores, simulator_config
+from stages.recsys.train import TrainConfig, evaluate, fit, load_model, save_model, timed, train_windows
+from stages.support.errors import TempflowError
+from stages.support.outputs import atomic_output, check_out_free
+from stages.support.progress import Progress, no_progress
+from stages.support.rules import Rules
 
 
-def run_prepare(config: PrepareConfig, out: Path, events: Path | None = None, clicks: Path | None = None,
-                buys: Path | None = None, overwrite: bool = False) -> dict[str, Any]:
-    """Read ``config.source``'s events, build sessions and splits, write ``out`` (parquet)."""
-    inputs = tuple(p for p in (events, clicks, buys) if p is not None)
+def run_prepare(config: PrepareConfig, out: Path, files: PrepareFiles = PrepareFiles(),
+                overwrite: bool = False) -> dict[str, Any]:
+    """Read ``config.source``'s events (from the ``files`` it needs), build sessions and splits,
+    write ``out`` (parquet)."""
+    inputs = tuple(p for p in (files.events, files.clicks, files.buys) if p is not None)
     check_out_free(out, overwrite, inputs, kind="file")
-    sessions = build_sessions(read_events(config, events, clicks, buys), config)
+    sessions = build_sessions(read_events(config, files), config)
     if config.source == "simulator":  # its world, so that `rec eval` can measure a policy online in it
-        from stages.recsys.simulate import simulator_config
-
         sessions.info["simulator"] = asdict(simulator_config(config))
     with atomic_output(out, overwrite=overwrite, inputs=inputs, kind="file") as tmp:
         write_sessions(tmp, sessions, {"config": asdict(config), "files": [str(p) for p in inputs]})
@@ -65,8 +60,8 @@ class Run:
     checkpoint: Path | None = None
     overwrite: bool = False
 
-    def checkpoint_folder(self) -> TrainCheckpoint:
-        return TrainCheckpoint(self.checkpoint or default_checkpoint(self.out))
+    def checkpoint_folder(self) -> RecTrainCheckpoint:
+        return RecTrainCheckpoint(self.checkpoint or default_checkpoint(self.out))
 
 
 def _train_and_save(model: RecTransformer, sessions: Any, run: Run, algo: str, config: TrainConfig, record: dict,
@@ -79,8 +74,7 @@ def _train_and_save(model: RecTransformer, sessions: Any, run: Run, algo: str, c
     metrics = {**record, "windows": len(windows["items"]), "epochs": history, "seconds": seconds,
                "validation": evaluate(model, sessions, "validation", device)}
     with atomic_output(run.out, overwrite=run.overwrite, inputs=inputs) as tmp:
-        save_model(model.cpu(), tmp, record)
-        write_json(tmp / METRICS_FILE, metrics)
+        save_model(model.cpu(), tmp, record, metrics)
     ckpt.remove()
     return metrics
 
@@ -107,8 +101,6 @@ def run_pretrain(data: Path, run: Run, model_config: RecModelConfig, config: Tra
 
 def _folder_digest(folder: Path) -> str:
     """The sha256 of a folder's files' hashes, so that a checkpoint of another init is never resumed."""
-    import hashlib
-
     files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
     return hashlib.sha256("".join(f"{p.relative_to(folder)}:{sha256_file(p)}\n" for p in files).encode()).hexdigest()
 
@@ -125,11 +117,29 @@ def run_train(data: Path, policy_dir: Path, run: Run, algo: str, config: TrainCo
                            device, progress, (data, policy_dir), start=sha256_file(Path(policy_dir) / MODEL_FILE))
 
 
-def run_eval(data: Path, policy_dir: Path, out: Path, split: str, device: str = "cpu",
-             overwrite: bool = False, online_users: int = 500) -> dict[str, Any]:
-    """Full-ranking metrics of ``split``'s events under ``policy_dir``'s model, written to ``out``;
-    for sessions of the simulator also the model's return online in its world (``online_users``
-    seeded users, the same for every model)."""
+@dataclass
+class RecEvalConfig(Rules):
+    """What `tempflow rec eval` measures. Every field is also one of its options."""
+
+    command = "rec eval"
+
+    split: str = "test"
+    """Which held-out events to rank (choose settings on validation, report test)."""
+    online_users: int = 500
+    """Sessions of the simulator (its data only) to measure the policy's return online in."""
+
+    def __post_init__(self) -> None:
+        self.choice("split", ("validation", "test"))
+        self.at_least(2, "online_users")
+        self.at_most("online_users", 10**6, "each user is a simulated session of the policy")
+
+
+def run_eval(data: Path, policy_dir: Path, out: Path, config: RecEvalConfig = RecEvalConfig(), device: str = "cpu",
+             overwrite: bool = False) -> dict[str, Any]:
+    """Full-ranking metrics of ``config.split``'s events under ``policy_dir``'s model, written to
+    ``out``; for sessions of the simulator also the model's return online in its world
+    (``config.online_users`` seeded users, the same for every model)."""
+    split = config.split
     check_out_free(out, overwrite, (data, policy_dir), kind="file")
     sessions = read_sessions(data)
     model, record = load_model(policy_dir)
@@ -137,11 +147,9 @@ def run_eval(data: Path, policy_dir: Path, out: Path, split: str, device: str = 
     metrics = {"policy": str(policy_dir), "algo": record.get("algo"), "split": split,
                **evaluate(model.to(device), sessions, split, device)}
     if "simulator" in sessions.info:
-        from stages.recsys.simulate import SimulatorConfig, online_return, policy_scores
-
         world = SimulatorConfig(**sessions.info["simulator"])
         scores = policy_scores(model.cpu(), sessions.item_ids, world.sim_items)
-        metrics["online"] = online_return(world, scores, users=online_users)
+        metrics["online"] = online_return(world, scores, users=config.online_users)
     with atomic_output(out, overwrite=overwrite, inputs=(data, policy_dir), kind="file") as tmp:
-        write_json(tmp, metrics)
+        write_rec_eval(tmp, metrics)
     return metrics

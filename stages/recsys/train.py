@@ -10,7 +10,6 @@ terminal. A state sees the items of its window (at most ``context``); evaluation
 from __future__ import annotations
 
 import copy
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -20,20 +19,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.checkpoints import CheckpointFolder
-from stages.errors import TempflowError
-from stages.progress import Progress, no_progress
-from stages.recsys.data import SPLIT_CODES, Sessions
+from stages.artifacts.rec_checkpoint import RecTrainCheckpoint
+from stages.artifacts.rec_model import read_rec_model, write_rec_model
+from stages.artifacts.sessions import SPLIT_CODES, Sessions
 from stages.recsys.losses import ALGOS, BASELINES, SA2C_NEGATIVES, WEIGHTS, Batch, Objective, objective
 from stages.recsys.metrics import rank_targets, summarise
 from stages.recsys.model import RecModelConfig, RecTransformer, polyak
-
-MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
+from stages.support.errors import TempflowError
+from stages.support.progress import Progress, no_progress
+from stages.support.rules import Rules
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(Rules):
     """How to train. Every field is also a ``tempflow rec pretrain`` / ``rec train`` option."""
+
+    command = "rec train"
 
     epochs: int = 10
     """Passes over the train windows."""
@@ -59,16 +60,14 @@ class TrainConfig:
     """Write the resumable checkpoint every this many steps (0: never)."""
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("batch_size", 1), ("sa2c_warmup", 0), ("checkpoint_every", 0)):
-            if getattr(self, name) < low:
-                raise TempflowError(f"--{name.replace('_', '-')} must be >= {low} (got {getattr(self, name)})")
-        checks = {"learning_rate": (0, 1), "gamma": (0, 1), "tau": (0, 1), "beta": (0, 1e6)}
-        for name, (low, high) in checks.items():
-            value = getattr(self, name)
-            if not (math.isfinite(value) and low < value <= high) and not (name == "gamma" and value == 0):
-                raise TempflowError(f"--{name.replace('_', '-')} must lie in ({low}, {high}] (got {value})")
-        if self.weight not in WEIGHTS or self.baseline not in BASELINES:
-            raise TempflowError(f"--weight must be one of {', '.join(WEIGHTS)} and --baseline one of {', '.join(BASELINES)}")
+        self.at_least(1, "epochs", "batch_size")
+        self.at_least(0, "sa2c_warmup", "checkpoint_every")
+        self.within("gamma", 0.0, 1.0)
+        for name, high in (("learning_rate", 1.0), ("tau", 1.0), ("beta", 1e6)):
+            self.within(name, 0.0, high, low_open=True)
+        self.choice("weight", WEIGHTS)
+        self.choice("baseline", BASELINES)
+        self.seeds("seed")
 
 
 def train_windows(sessions: Sessions, context: int) -> dict[str, torch.Tensor]:
@@ -116,17 +115,6 @@ def _batch(model: RecTransformer, target_model: RecTransformer | None, w: dict[s
     return Batch(logits=at_s[0], q=at_s[1], action=w["target"][valid], reward=w["reward"][valid],
                  done=w["done"][valid], next_logits=next_logits, next_q=next_q, next_q_target=next_q_target,
                  negatives=drawn)
-
-
-class TrainCheckpoint(CheckpointFolder):
-    """A fit's whole state (weights, target network, Adam's moments, both random generators, where
-    in which epoch it stands, the losses so far), so that a resumed fit ends with the same weights
-    as one that never stopped."""
-
-    FORMAT = "tempflow.recsys-checkpoint/1"
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, "tempflow.recsys-checkpoint/", "recommender training")
 
 
 class _Fit:
@@ -180,7 +168,7 @@ class _Fit:
 
 
 def fit(model: RecTransformer, windows: dict[str, torch.Tensor], algo: str, config: TrainConfig,
-        progress: Progress = no_progress, checkpoint: TrainCheckpoint | None = None,
+        progress: Progress = no_progress, checkpoint: RecTrainCheckpoint | None = None,
         key: dict[str, Any] | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place by ``algo`` (:data:`~stages.recsys.losses.ALGOS`); one row of mean
     losses per epoch. With a ``checkpoint``, the state is saved every ``config.checkpoint_every``
@@ -190,8 +178,8 @@ def fit(model: RecTransformer, windows: dict[str, torch.Tensor], algo: str, conf
     run = _Fit(model, algo, config)
     key = {**(key or {}), "algo": algo, "train": {**asdict(config), "checkpoint_every": None},
            "windows": len(windows["items"])}
-    saved = checkpoint.read() if checkpoint is not None else None
-    if saved is not None and saved[0].get("format") == TrainCheckpoint.FORMAT and saved[0].get("key") == key:
+    saved = checkpoint.load(key) if checkpoint is not None else None
+    if saved is not None:
         run.restore(saved[0], saved[1], checkpoint.path)
     settings = Objective(algo=algo, gamma=config.gamma, weight=config.weight, beta=config.beta, baseline=config.baseline)
     n = len(windows["items"])
@@ -214,7 +202,7 @@ def fit(model: RecTransformer, windows: dict[str, torch.Tensor], algo: str, conf
             if finished:  # before a checkpoint, so that one at an epoch's end resumes at the next epoch
                 _end_epoch(run, batches)
             if checkpoint is not None and config.checkpoint_every and run.step % config.checkpoint_every == 0:
-                checkpoint.write(run.tensors(), {"format": TrainCheckpoint.FORMAT, "key": key, **run.info()})
+                checkpoint.save(key, run.tensors(), run.info())
             progress("train", 1, steps)
     model.eval()
     return run.history
@@ -266,31 +254,26 @@ def evaluate(model: RecTransformer, sessions: Sessions, split: str, device: str 
 
 
 # --------------------------------------------------------------------------------------------
-# Model folders
+# Model folders (their schema: stages.artifacts.rec_model)
 
 
-def save_model(model: RecTransformer, out: Path, record: dict[str, Any]) -> None:
-    from safetensors.torch import save_file
-
-    out.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / MODEL_FILE))
-    config = {"schema": "tempflow.recsys.model/1", "n_items": model.n_items, "model": asdict(model.config), **record}
-    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+def save_model(model: RecTransformer, out: Path, record: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """A new model folder ``out``: the weights, what they are (``record``) and the training's ``metrics``."""
+    write_rec_model(out, model.state_dict(), model.n_items, asdict(model.config), record, metrics)
 
 
 def load_model(folder: Path) -> tuple[RecTransformer, dict[str, Any]]:
-    from stages.artifacts import load_safetensors, read_json
-
-    record = read_json(Path(folder) / CONFIG_FILE, "the config.json of a `tempflow rec` model")
-    if not isinstance(record, dict) or record.get("schema") != "tempflow.recsys.model/1":
-        raise TempflowError(f"{folder}: not a `tempflow rec` model folder (config.json schema)")
+    """The model of a folder and its record; a config that does not build the model its weights
+    fit is refused as damaged."""
+    record, weights = read_rec_model(folder)
     try:
-        model = RecTransformer(int(record["n_items"]), RecModelConfig(**record["model"]))
-        model.load_state_dict(load_safetensors(Path(folder) / MODEL_FILE))
-    except TempflowError:
-        raise
-    except Exception as err:  # a damaged config.json: wrong keys, types or shapes
-        raise TempflowError(f"{folder}: its weights do not fit its config.json ({type(err).__name__}: {err})") from None
+        model = RecTransformer(record["n_items"], RecModelConfig(**record["model"]))
+        model.load_state_dict(weights)
+    except TempflowError as err:
+        raise TempflowError(f"{folder}/config.json: {err}; the model folder is damaged") from None
+    except (TypeError, RuntimeError) as err:  # wrong config keys, or weights of other shapes
+        raise TempflowError(f"{folder}: its weights do not fit its config.json ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0]})") from None
     return model.eval(), record
 
 

@@ -22,9 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from stages.artifacts import MAX_REWARD_WEIGHT, check_rewards, reward_column
-from stages.errors import TempflowError
+from stages.artifacts.scores import MAX_REWARD_WEIGHT, check_rewards, reward_column
+
+# The model and remote kinds are imported when such a reward is asked for, for start-up time: the CLI
+# reads this module to parse --reward, and those kinds load transformers or an HTTP client.
 from stages.rewards.builtin import REWARDS, RewardFn, jpeg_compressibility, jpeg_incompressibility, jpeg_size_kb
+from stages.support.dtypes import DTYPES
+from stages.support.errors import TempflowError
+from stages.support.rules import Rules
 
 __all__ = ["MODEL_REWARDS", "REWARDS", "RewardFn", "RewardRuntime", "RewardSpec", "score_batch", "call_reward", "jpeg_compressibility",
            "jpeg_incompressibility", "jpeg_size_kb", "load_rewards", "parse_reward_spec", "parse_source",
@@ -40,14 +45,24 @@ MODEL_REWARDS: dict[str, str] = {
 
 
 @dataclass(frozen=True)
-class RewardRuntime:
+class RewardRuntime(Rules):
     """How model and remote rewards run: model rewards on ``device`` in ``dtype``; a remote reward
-    waits ``timeout`` seconds a try and tries ``retries`` more times."""
+    waits ``timeout`` seconds a try and tries ``retries`` more times (score's and eval's
+    ``--reward-*`` options)."""
+
+    command = "score"
+    option_prefix = "reward-"
 
     device: str = "cpu"
     dtype: str = "fp32"
     timeout: float = 120.0
     retries: int = 3
+
+    def __post_init__(self) -> None:
+        self.choice("dtype", DTYPES)
+        self.positive("timeout")
+        self.at_least(0, "retries")
+        self.at_most("retries", 20, "each retry waits twice as long as the one before, up to a minute")
 
 
 @dataclass(frozen=True)

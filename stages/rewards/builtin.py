@@ -7,7 +7,9 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from stages.shapes import shapes_reward, shapes_strict
+from stages.worlds.shapes import shapes_reward, shapes_strict
+
+# PIL is imported where a JPEG is encoded, for start-up time.
 
 RewardFn = Callable[[np.ndarray, list[str]], Sequence[float]]
 
@@ -37,6 +39,6 @@ def jpeg_incompressibility(images: np.ndarray, prompts: list[str]) -> np.ndarray
 REWARDS: dict[str, RewardFn] = {
     "jpeg_compressibility": jpeg_compressibility,
     "jpeg_incompressibility": jpeg_incompressibility,
-    "shapes": shapes_reward,  # fraction of GenEval-style requirements met (stages.shapes)
+    "shapes": shapes_reward,  # fraction of GenEval-style requirements met (stages.worlds.shapes)
     "shapes_strict": shapes_strict,  # 1 when all are met
 }

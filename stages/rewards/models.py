@@ -26,7 +26,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.errors import TempflowError
+from stages.policies.base import resolve_device, resolve_dtype
+from stages.support.errors import TempflowError
+
+# transformers and safetensors are imported where a model is loaded, for start-up time.
 
 CONTEXT = 77
 """Tokens a CLIP text encoder reads (prompts are truncated there)."""
@@ -44,10 +47,8 @@ class ClipModel:
         from transformers import AutoTokenizer, CLIPModel
         from transformers.models.clip import CLIPImageProcessorPil
 
-        from stages.policies.base import resolve_device, resolve_dtype
 
-        transformers.utils.logging.disable_progress_bar()  # progress is the CLI's job
-        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()  # progress is the CLI's job (and its log lines, but with --debug)
         self.reward, self.folder = reward, folder
         config = self._read_config()
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)

@@ -30,7 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from stages.errors import TempflowError
+from stages.support.errors import TempflowError
+
+# PIL is imported where images are encoded, for start-up time.
 
 MAX_WAIT = 60.0
 """Seconds of the longest wait between two tries."""

@@ -10,6 +10,11 @@ from pathlib import Path
 
 import torch
 
+from stages.policies.tiny_pipelines import clip_tokenizer_files
+from stages.rewards.models import mlp_head_weights
+
+# transformers and safetensors are imported where a folder is written, for start-up time.
+
 KINDS = {
     "clip": "CLIPModel with tokenizer and image processor: the layout of PickScore_v1, CLIP ViT-H/14 or a "
             "converted HPSv2 folder (for --reward-model pickscore/clipscore/hpsv2=DIR)",
@@ -47,7 +52,6 @@ def save_clip_parts(out: Path, image: int = IMAGE) -> int:
     from transformers import CLIPTokenizer
     from transformers.models.clip import CLIPImageProcessorPil
 
-    from stages.policies.tiny_pipelines import clip_tokenizer_files
 
     with tempfile.TemporaryDirectory() as scratch:
         clip_tokenizer_files(Path(scratch))
@@ -70,7 +74,6 @@ def make_tiny_reward(kind: str, out: Path, seed: int = 0) -> Path:
     if kind == "aesthetic":
         from safetensors.torch import save_file
 
-        from stages.rewards.models import mlp_head_weights
 
         save_file(mlp_head_weights([EMBED, 64, 32, 16, 8, 1]), str(out / "aesthetic_head.safetensors"))
     return out

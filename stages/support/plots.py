@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+# PIL and matplotlib are imported where something is drawn, for start-up time.
+
 
 def image_grid(images: np.ndarray, captions: Sequence[str], columns: int = 6, scale: int = 4,
                caption_lines: int = 3) -> PIL.Image.Image:  # noqa: F821

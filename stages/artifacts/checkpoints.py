@@ -1,9 +1,11 @@
-"""Resumable checkpoint folders: ``DIR/state.safetensors`` (tensors) + ``DIR/state.json`` (the rest),
-written atomically beside a stage's output and deleted once that output is complete.
+"""Resumable checkpoint folders: ``DIR/state.safetensors`` (tensors) + ``DIR/state.json`` (the rest,
+with its schema), written atomically beside a stage's output and deleted once that output is
+complete. The folder is common to both kinds; what each holds is its own module's:
+:mod:`~stages.artifacts.pretrain_checkpoint` and :mod:`~stages.artifacts.rec_checkpoint`.
 
 A checkpoint folder is tempflow's only when it holds nothing but those two files and its
-``state.json`` names a format of the stage's own prefix: a folder that is not is never replaced
-or deleted. `tempflow pretrain` and `tempflow rec pretrain|train` keep theirs this way.
+``state.json`` names a schema of the stage's own prefix: a folder that is not is never replaced
+or deleted. A checkpoint of another schema, config or model is stale: the run starts afresh.
 """
 
 from __future__ import annotations
@@ -14,8 +16,11 @@ from typing import Any
 
 from torch import Tensor
 
-from stages.artifacts import atomic_output, check_out_free, load_safetensors, loads_json, read_json, within, write_json
-from stages.errors import TempflowError
+from stages.artifacts.codecs import load_safetensors, loads_json, read_json, version_of, versioned, write_json
+from stages.support.errors import TempflowError
+from stages.support.outputs import atomic_output, check_out_free, within
+
+# safetensors' writer is imported where a checkpoint is written, for start-up time.
 
 
 def default_checkpoint(out: Path) -> Path:
@@ -25,7 +30,7 @@ def default_checkpoint(out: Path) -> Path:
 
 
 class CheckpointFolder:
-    """One stage's checkpoint folder; ``prefix`` is its formats' common start (e.g.
+    """One stage's checkpoint folder; ``prefix`` is its schemas' common start (e.g.
     ``tempflow.pretrain-checkpoint/``) and ``what`` names it in messages (e.g. ``pretraining``)."""
 
     FILES = frozenset({"state.json", "state.safetensors"})
@@ -49,7 +54,7 @@ class CheckpointFolder:
             )
 
     def is_ours(self) -> bool:
-        """A real folder holding only a checkpoint's files, its state.json naming one of our formats."""
+        """A real folder holding only a checkpoint's files, its state.json naming one of our schemas."""
         if self.path.is_symlink() or not self.path.is_dir():
             return False
         if not {p.name for p in self.path.iterdir()} <= self.FILES or not (self.path / "state.json").is_file():
@@ -58,7 +63,7 @@ class CheckpointFolder:
             info = loads_json((self.path / "state.json").read_bytes())
         except (ValueError, OSError):
             return False
-        return isinstance(info, dict) and str(info.get("format", "")).startswith(self.prefix)
+        return str(version_of(info) or "").startswith(self.prefix)
 
     def remove(self) -> None:
         """Delete the checkpoint once its run is complete; anything that is not one stays."""
@@ -68,8 +73,8 @@ class CheckpointFolder:
             with contextlib.suppress(OSError):  # something was put there meanwhile: it stays
                 self.path.rmdir()
 
-    def write(self, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
-        """Replace the checkpoint by ``tensors`` and ``info`` (which names its format), atomically."""
+    def write(self, schema: str, tensors: dict[str, Tensor], info: dict[str, Any]) -> None:
+        """Replace the checkpoint by ``tensors`` and ``info`` under ``schema``, atomically."""
         from safetensors.torch import save_file
 
         if self.path.exists() and not self.is_ours():
@@ -78,7 +83,7 @@ class CheckpointFolder:
         with atomic_output(self.path, overwrite=True) as tmp:
             tmp.mkdir()
             save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp / "state.safetensors")
-            write_json(tmp / "state.json", info)
+            write_json(tmp / "state.json", versioned(schema, info))
 
     def read(self) -> tuple[dict[str, Any], dict[str, Tensor]] | None:
         """``(info, tensors)``, or None when there is no checkpoint; a damaged one is an error."""

@@ -19,14 +19,13 @@ components of one colour are objects, and each component's shape is read off its
 from __future__ import annotations
 
 from collections import Counter
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cache, lru_cache
 
 import numpy as np
 
-from stages.errors import TempflowError
+from stages.support.errors import TempflowError
 
 # --------------------------------------------------------------------------------------------
 # Grammar
@@ -336,8 +335,6 @@ def eval_prompts(split: str = "heldout", per_task: int = 16, seed: int = 0) -> l
     tests both.
     """
     _check_split(split, SPLITS + HELDOUT_HALVES)
-    if per_task < 1:
-        raise TempflowError(f"per-task must be >= 1 (got {per_task})")
     picked = []
     for t, task in enumerate(TASKS):
         groups: dict[str, list[Scene]] = {}
@@ -857,3 +854,46 @@ def shapes_reward(images: np.ndarray, prompts: list[str]) -> np.ndarray:
 def shapes_strict(images: np.ndarray, prompts: list[str]) -> np.ndarray:
     """1.0 where an image meets every requirement of its prompt, else 0.0."""
     return np.array([float(v.strict) for v in verdicts(images, prompts)], dtype=np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# The hooks `tempflow pretrain` and `tempflow eval` call (stages.worlds)
+
+WORLD_REWARDS = ("shapes", "shapes_strict")
+"""The rewards of this world: with one of them, prompts must follow its grammar and the verdicts
+(strict accuracy, per task, per requirement) are written too."""
+EVAL_SPLITS = {
+    "heldout": "pairings and compositions never trained on",
+    "validation": "half of the held-out prompts, for choosing settings",
+    "test": "the other half, for reporting at the chosen settings",
+    "train": "the training split",
+}
+"""The splits `tempflow eval --split` draws prompts from (:func:`eval_prompts`)."""
+
+
+def training_batch(rng: np.random.Generator, batch_size: int, size: int, codec: bool) -> tuple[list[str], np.ndarray]:
+    """Prompts and rendered images ``(B, size, size, 3)`` uint8 of a pretraining step: scenes of the
+    train split for the text-to-image mapping, of both splits for an image codec (``codec``, see
+    :data:`ANY_SPLIT`)."""
+    scenes = [sample_scene(rng, ANY_SPLIT if codec else "train") for _ in range(batch_size)]
+    return [scene.prompt for scene in scenes], render_batch(scenes, rng, size)
+
+
+def parse_prompts(prompts: Sequence[str], source: str = "") -> list[Scene]:
+    """Every prompt's scene; one outside the grammar is refused, naming its line and ``source``."""
+    scenes = []
+    for line, prompt in enumerate(prompts, 1):
+        try:
+            scenes.append(parse_prompt(prompt))
+        except TempflowError as err:
+            raise TempflowError(f"{source + ': ' if source else ''}prompt {line}: {err}; the shapes reward scores the "
+                                "shapes world's prompts only, so name another reward for these (e.g. --reward pickscore)") from None
+    return scenes
+
+
+def image_verdict(image: np.ndarray, scene: Scene) -> dict[str, object]:
+    """What an evaluation records of one image: its task, the fraction of requirements met, the share
+    of what it drew that was asked for, whether all are met (strict), and each requirement's verdict."""
+    verdict = check(image, scene)
+    return {"task": scene.task, "met": verdict.score, "clean": verdict.clean, "strict": bool(verdict.strict),
+            "requirements": dict(zip(requirements(scene), map(bool, verdict.met)))}

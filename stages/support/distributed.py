@@ -4,20 +4,19 @@ torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK`` in each process's envi
 stage is one process (rank 0 of 1) and nothing here imports ``torch.distributed``. A stage that
 shards its work asks :func:`join` for its :class:`Ranks` (which starts the process group: gloo on
 the CPU, nccl on GPUs), takes its share with :meth:`Ranks.share`, and writes its output through
-:func:`shared_output`: rank 0 holds the one output slot and renames it into place after every rank
+:func:`stages.support.outputs.shared_output`: rank 0 holds the one output slot and renames it into place after every rank
 has written into it, so no two processes race with temporaries of their own.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
-from stages.errors import TempflowError
+from stages.support.errors import TempflowError
+
+# torch.distributed is imported only when several processes run, for start-up time.
 
 T = TypeVar("T")
 
@@ -92,19 +91,3 @@ def gather(obj: Any, here: Ranks) -> list[Any]:
     out: list[Any] = [None] * here.world
     dist.all_gather_object(out, obj)
     return out
-
-
-@contextmanager
-def shared_output(path: Path, here: Ranks, overwrite: bool, inputs: tuple[Path | str, ...]) -> Iterator[Path]:
-    """An output folder every rank writes into: :func:`stages.artifacts.atomic_output` on rank 0,
-    whose temporary folder (created here) the other ranks are told. The caller gathers from every
-    rank before leaving the block, so rank 0 commits only what all have finished."""
-    from stages.artifacts import atomic_output
-
-    if not here.main:
-        yield Path(broadcast(None, here))
-        return
-    with atomic_output(path, overwrite=overwrite, inputs=inputs) as tmp:
-        tmp.mkdir()
-        broadcast(str(tmp), here)
-        yield tmp

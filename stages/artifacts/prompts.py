@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from stages.errors import TempflowError
+from stages.support.errors import TempflowError
 
 
 def read_prompts(path: Path | str) -> list[str]:
