@@ -1,5 +1,6 @@
 """A policy folder's record (stages.artifacts.policy): written with its schema, read back checked; a
-record of the days its version key was ``format`` still reads."""
+record of the days its version key was ``format`` still reads; a missing, damaged or foreign
+config.json and a policy without identity refused."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 from stages.artifacts.policy import POLICY_SCHEMA, PolicyRecord, read_policy_record, write_policy_record
 from stages.policies.base import load_policy
 from stages.support.errors import TempflowError
+from tests.conftest import _one_error, invoke
 
 IDENTITY = "ab" * 32
 
@@ -42,3 +44,21 @@ def test_a_record_of_another_shape_is_refused(tmp_path, edit, says):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(TempflowError, match=says):
         read_policy_record(tmp_path)
+
+
+def test_a_policy_without_identity_is_refused(policy_dir, prompts_file, tmp_path):
+    config = json.loads((policy_dir / "config.json").read_text())
+    config["identity"] = ""
+    (policy_dir / "config.json").write_text(json.dumps(config))
+    _one_error(invoke("rollout", "--policy", policy_dir, "--prompts", prompts_file, "--out", tmp_path / "r"), "identity")
+
+
+def test_damaged_or_foreign_config_is_refused(policy_dir, tmp_path):
+    with pytest.raises(TempflowError, match="not a policy folder"):
+        load_policy(tmp_path)
+    (policy_dir / "config.json").write_text("{not json")
+    with pytest.raises(TempflowError, match="not valid JSON"):
+        load_policy(policy_dir)
+    (policy_dir / "config.json").write_text(json.dumps({"format": "tempflow.policy/99", "kind": "tiny"}))
+    with pytest.raises(TempflowError, match="schema 'tempflow.policy/99', this tempflow reads 'tempflow.policy/1'"):
+        load_policy(policy_dir)

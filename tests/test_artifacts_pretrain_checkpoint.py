@@ -1,5 +1,6 @@
 """Pretraining's checkpoint (stages.artifacts.pretrain_checkpoint): saved with its schema and read
-back; one written when the version key was ``format`` resumes; another run's is stale."""
+back; one written when the version key was ``format`` resumes; another run's is stale; one holding a
+weight the model lacks is damaged."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import pytest
 import torch
 
 from stages.artifacts.pretrain_checkpoint import PRETRAIN_SCHEMA, PretrainCheckpoint, PretrainState
+from stages.pretrain import default_checkpoint, run_pretrain
+from stages.support.errors import TempflowError
+from tests.conftest import interrupt_at, tiny_pretrain
 
 MODEL, CONFIG = {"image_size": 16}, {"steps": 4}
 
@@ -48,3 +52,16 @@ def test_another_runs_checkpoint_is_stale_and_a_foreign_folder_is_not_ours(tmp_p
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.md").write_text("mine")
     assert not PretrainCheckpoint(tmp_path / "mine", MODEL, CONFIG).is_ours()
+
+
+def test_checkpoint_with_a_weight_the_model_lacks_is_refused_as_damaged(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "base"
+    with pytest.raises(KeyboardInterrupt):
+        run_pretrain(tiny_pretrain(), out, progress=interrupt_at("pretrain", 3))
+    tensors_path = default_checkpoint(out) / "state.safetensors"
+    tensors = load_file(tensors_path)
+    save_file({**tensors, "param/unet.class_embedding.linear_1.weight": torch.zeros(2, 2)}, tensors_path)
+    with pytest.raises(TempflowError, match="damaged .*class_embedding.linear_1.weight is not a weight of this model"):
+        run_pretrain(tiny_pretrain(), out)

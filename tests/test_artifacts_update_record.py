@@ -1,5 +1,6 @@
 """An update's metrics.json and update.json (stages.artifacts.update_record): written with their
-schema, read back checked; metrics written before they carried one still read."""
+schema, read back checked; metrics written before they carried one still read; the measured reward
+spread read back for the next rollout."""
 
 from __future__ import annotations
 
@@ -50,3 +51,14 @@ def test_a_metrics_file_of_one_update_is_what_its_policy_folder_holds(tmp_path):
     (tmp_path / "policy").mkdir()
     write_update(tmp_path / "policy", ROW, {})
     assert (tmp_path / "copy.json").read_bytes() == (tmp_path / "policy" / "metrics.json").read_bytes()
+
+
+def test_read_step_spread_refuses_damaged_metrics_and_ignores_another_schedule(tmp_path):
+    (tmp_path / "metrics.json").write_text(json.dumps({"step_reward_spread": [0.1, None, 0.2]}))
+    assert read_step_spread(tmp_path, 4) == [0.1, None, 0.2]
+    assert read_step_spread(tmp_path, 6) is None  # measured on a 4-step schedule: not this one's
+    assert read_step_spread(tmp_path / "nothing", 4) is None and read_step_spread(None, 4) is None
+    for damaged in ({"step_reward_spread": [0.1, -1.0, 0.2]}, {"step_reward_spread": "wide"}, [0.1, 0.2, 0.3]):
+        (tmp_path / "metrics.json").write_text(json.dumps(damaged))
+        with pytest.raises(TempflowError, match="damaged"):
+            read_step_spread(tmp_path, 4)

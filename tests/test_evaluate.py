@@ -1,4 +1,6 @@
-"""tempflow eval for any policy kind and any reward, and the report's trained and held-out rewards."""
+"""The eval stage (stages.evaluate): deterministic evaluation in the shapes world, prompts outside
+its grammar refused, any policy kind (sd3 included) with any reward, and two processes under torchrun
+that give the one-process evaluation."""
 
 from __future__ import annotations
 
@@ -9,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from stages.evaluate import EvalConfig, run_eval
 from stages.policies.tiny_pipelines import make_tiny_pipeline
-from stages.report import write_report
 from stages.rewards.models import load_model_reward
 from stages.rewards.tiny import make_tiny_reward
-from tests.conftest import invoke, write_updates
+from tests.conftest import _ok, _torchrun, invoke
 
 PROMPTS = ["a red cat on a chair", "two blue dogs", "a green tree above a house"]
 SMALL = ["--num-steps", "3", "--images-per-prompt", "2", "--resolution", "32"]
@@ -94,52 +96,67 @@ def test_a_shapes_policy_scored_with_a_held_out_reward_too(policy_dir, clip, tmp
         assert values["reward"] == pytest.approx(np.mean([r["met"] for r in rows if r["task"] == task]))
 
 
-def _eval_metrics(folder: Path, step: int, components: dict[str, tuple[float, float]]) -> Path:
-    folder.mkdir(parents=True)
-    rewards = {c: {"name": c, "weight": 1.0, "mean": m, "std": s, "se": s / 10} for c, (m, s) in components.items()}
-    (folder / "metrics.json").write_text(json.dumps({
-        "reward": components["pickscore"][0], "policy": {"step": step, "identity": f"id{step}"}, "rewards": rewards}))
-    return folder
+def test_two_process_eval_gives_the_one_process_evaluation(policy_dir, tmp_path):
+    """Each rank samples and scores whole batches of the (prompt, seed) pairs; rank 0 writes: the
+    same per-image results, metrics (but the seconds) and grid as one process."""
+    import torch
+
+    torch.set_num_threads(1)
+    options = ["--policy", str(policy_dir), "--per-task", "2", "--images-per-prompt", "2", "--num-steps", "3",
+               "--batch-size", "3"]
+    one = invoke("eval", *options, "--out", tmp_path / "one")
+    assert one.exit_code == 0, one.output
+    two = _torchrun("eval", *options, "--out", str(tmp_path / "two"), cwd=tmp_path)
+    assert two.returncode == 0, two.stdout + two.stderr
+    a, b = tmp_path / "one", tmp_path / "two"
+    assert (a / "results.jsonl").read_bytes() == (b / "results.jsonl").read_bytes()
+    assert (a / "grid.png").read_bytes() == (b / "grid.png").read_bytes()
+    m1, m2 = (json.loads((folder / "metrics.json").read_text()) for folder in (a, b))
+    for m in (m1, m2):
+        m.pop("sampling_seconds")
+        m["policy"].pop("path", None)
+    assert m1 == m2 and m1["images"] % 3 != 0  # a last, short batch
 
 
-def test_report_draws_trained_and_held_out_rewards(tmp_path, monkeypatch):
-    """pickscore trained, aesthetic held out: each drawn as its change in units of the first
-    evaluation's image std, labelled; evals.json carries every component."""
-    metrics = write_updates(tmp_path / "metrics", [0.1, 0.2])
-    for path in metrics.glob("*.json"):
-        path.write_text(json.dumps({**json.loads(path.read_text()), "trained_rewards": ["pickscore"]}))
-    evals = {"base": _eval_metrics(tmp_path / "e0", 0, {"pickscore": (20.0, 2.0), "aesthetic": (5.0, 0.5)}),
-             "final": _eval_metrics(tmp_path / "e2", 2, {"pickscore": (21.0, 2.0), "aesthetic": (4.5, 0.4)})}
-    drawn = {}
-
-    def capture(path, series, **labels):
-        drawn[Path(path).name] = series
-
-    monkeypatch.setattr("stages.report.line_chart", capture)
-    summary = write_report(metrics, tmp_path / "report", evals=evals)
-    series = drawn["rewards.png"]
-    assert series["pickscore (trained)"][1] == [0.0, 0.5]  # (21 - 20) / 2
-    assert series["aesthetic (held out)"][1] == [0.0, -1.0]  # (4.5 - 5) / 0.5
-    assert series["pickscore (trained)"][0] == [0, 200]  # the NFE spent before each policy
-    points = json.loads((tmp_path / "report" / "evals.json").read_text())
-    assert points[1]["reward_aesthetic"] == 4.5 and "strict" not in points[1]
-    assert summary["reward_gain"] == 1.0 and "strict_gain" not in summary
+def test_eval_takes_a_real_policy_on_the_worlds_prompts(pipelines, tmp_path):
+    """Any policy kind is evaluated: an sd3 policy on the shapes world's held-out prompts, with its
+    reward and strict accuracy (tests/test_evaluate.py covers other prompts and rewards)."""
+    _ok("init", "--from", pipelines["sd3"], "--out", tmp_path / "p0", "--lora-rank", "2")
+    _ok("eval", "--policy", tmp_path / "p0", "--out", tmp_path / "e", "--per-task", "1", "--num-steps", "2",
+        "--images-per-prompt", "1")
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["policy"]["kind"] == "sd3" and 0 <= metrics["strict"] <= 1 and metrics["per_task"]
 
 
-def test_report_without_evaluations_still_draws_rewards_png(tmp_path):
-    """dvc.yaml declares the file: it is always written."""
-    write_report(write_updates(tmp_path / "metrics", [0.1]), tmp_path / "report")
-    assert Image.open(tmp_path / "report" / "rewards.png").format == "PNG"
+def test_eval_is_deterministic_and_writes_its_report(pretrained, tmp_path):
+    prompts = ["a red circle", "two blue squares", "a green triangle and a white circle",
+               "a cyan square left of a yellow circle"]
+    config = EvalConfig(num_steps=4, images_per_prompt=2, grid_prompts=4)
+    first = run_eval(pretrained, prompts, tmp_path / "e1", config).metrics
+    second = run_eval(pretrained, prompts, tmp_path / "e2", config).metrics
+    assert first["reward"] == second["reward"] and first["per_task"] == second["per_task"]
+    assert set(first["per_task"]) == {"single", "counting", "two_objects", "position"}
+    assert first["images"] == 8 and first["nfe"] == 32 and 0 <= first["strict"] <= first["reward"] <= 1
+    rows = [json.loads(line) for line in (tmp_path / "e1" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 8 and rows[0]["requirements"]
+    assert np.mean([r["reward"] for r in rows]) == pytest.approx(first["reward"])
+    grid = Image.open(tmp_path / "e1" / "grid.png")
+    assert grid.width > 4 * 16 and grid.height > 16 * 4  # four enlarged images with captions under them
 
 
-def test_update_metrics_name_the_rewards_trained_toward(policy_dir, tmp_path):
-    """Not a component of weight 0: one scored only to be watched."""
-    from tests.conftest import make_rollout
+def test_eval_cli_refuses_a_prompt_outside_the_grammar(pretrained, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\na purple circle\n")
+    result = invoke("eval", "--policy", pretrained, "--prompts", prompts, "--out", tmp_path / "e")
+    assert result.exit_code == 1
+    assert result.stderr.count("\n") == 1 and "prompt 2" in result.stderr and "purple" in result.stderr
+    assert not (tmp_path / "e").exists()
 
-    rollout = make_rollout(policy_dir, tmp_path / "r")
-    assert invoke("score", "--rollout", rollout, "--reward", "jpeg_compressibility", "--reward", "shapes:0",
-                  "--out", tmp_path / "s.parquet").exit_code == 0
-    r = invoke("update", "--policy", policy_dir, "--rollout", rollout, "--rewards", tmp_path / "s.parquet",
-               "--out", tmp_path / "new")
-    assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "new" / "metrics.json").read_text())["trained_rewards"] == ["jpeg_compressibility"]
+
+def test_eval_cli_on_the_held_out_split(pretrained, tmp_path):
+    result = invoke("eval", "--policy", pretrained, "--out", tmp_path / "e", "--per-task", 1, "--num-steps", 2,
+                    "--images-per-prompt", 1)
+    assert result.exit_code == 0, result.stderr
+    metrics = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert metrics["prompts"] == 4 and metrics["prompts_source"] == "shapes:heldout:1-per-task"
+    assert "strict accuracy" in result.stdout

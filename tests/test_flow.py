@@ -2,13 +2,17 @@
 
 Each test checks one formula against an independent reference: diffusers'
 FlowMatchEulerDiscreteScheduler, or a value computed by hand with plain ``math`` following
-DESIGN.md literally. Everything is tiny; the whole file runs in a few seconds on CPU.
+DESIGN.md literally; the draw of branch steps (inclusion chances, systematic sampling, spread
+weights) against hand-computed values and their frequencies. Everything is tiny; the whole file runs
+in a few seconds on CPU.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import statistics
+from collections import Counter
 
 import pytest
 import torch
@@ -17,12 +21,15 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from stages.flow import (
     group_advantages,
     grpo_loss,
+    inclusion_probabilities,
     kl_scale,
     kl_to_reference,
     make_sigmas,
     noise_aware_weights,
     ode_step,
     sde_step,
+    spread_weights,
+    systematic_sample,
 )
 from stages.update import group_label
 
@@ -440,3 +447,35 @@ def test_constant_group_gives_exact_zero_despite_mean_rounding():
     adv = group_advantages(rewards, ["a"] * 3 + ["b"] * 3 + ["c"] * 2)
     assert torch.equal(adv[:6], torch.zeros(6, dtype=torch.float64))
     assert adv[6] < 0 < adv[7]
+
+
+def test_inclusion_probabilities_hand_computed():
+    """pi = n w / sum w where none exceeds 1; a step that would is certain and the rest share the remainder."""
+    assert inclusion_probabilities([1.0, 1.0, 2.0], 2) == pytest.approx([0.5, 0.5, 1.0])
+    assert inclusion_probabilities([10.0, 1.0, 1.0], 2) == pytest.approx([1.0, 0.5, 0.5])
+    assert inclusion_probabilities([3.0, 1.0], 1) == pytest.approx([0.75, 0.25])
+    assert inclusion_probabilities([5.0, 4.0, 1.0, 1.0], 3) == pytest.approx([1.0, 1.0, 0.5, 0.5])
+    with pytest.raises(ValueError):
+        inclusion_probabilities([1.0, 0.0], 1)
+    with pytest.raises(ValueError):
+        inclusion_probabilities([1.0, 1.0], 3)
+
+
+def test_systematic_sample_draws_n_steps_with_their_chances():
+    """Exactly n distinct steps per draw; over many draws each step's frequency is its pi."""
+    pi = inclusion_probabilities(noise_aware_weights(make_sigmas(10, 3.0), 0.7).tolist(), 3)
+    rng, counts, draws = random.Random(0), Counter(), 20000
+    for _ in range(draws):
+        steps = systematic_sample(pi, rng.random())
+        assert len(steps) == 3 == len(set(steps)) and steps == sorted(steps)
+        counts.update(steps)
+    for k, p in enumerate(pi):
+        assert counts[k] / draws == pytest.approx(p, abs=4 * math.sqrt(p * (1 - p) / draws))
+    assert systematic_sample([0.5, 0.5, 1.0], 0.25) == [0, 2]  # points 0.25 and 1.25
+    assert systematic_sample([0.5, 0.5, 1.0], 0.75) == [1, 2]
+
+
+def test_spread_weights_hand_computed():
+    """An unmeasured step takes the measured mean; none falls below 5 % of the largest."""
+    assert spread_weights([0.2, None, 0.0, 0.1]) == pytest.approx([0.2, 0.1, 0.01, 0.1])
+    assert spread_weights([None, None]) is None and spread_weights([0.0, None]) is None

@@ -183,17 +183,6 @@ def test_score_says_when_the_server_is_down(policy_dir, tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "s.parquet").exists()
 
 
-@pytest.mark.parametrize("args, needle", [
-    (["--reward", "judge"], "--reward-url judge=URL"),
-    (["--reward", "judge", "--reward-url", "judge=ftp://x"], "must start with http://"),
-    (["--reward", "shapes", "--reward-url", "shapes=http://x"], "not as a built-in"),
-    (["--reward", "shapes", "--reward-url", "judge=http://x"], "names no --reward"),
-])
-def test_remote_option_mistakes(args, needle, tmp_path):
-    r = invoke("score", "--rollout", tmp_path, "--out", tmp_path / "s.parquet", *args)
-    assert r.exit_code == 2 and needle in r.stderr, r.stderr
-
-
 def test_the_example_server_serves_the_example_plugin(policy_dir, tmp_path):
     """examples/rewards/server.py behind --reward-url gives what the plugin gives in-process."""
     import subprocess

@@ -1,5 +1,5 @@
-"""The background threads of the rollout's writer and the update's prefetch: order kept, errors
-raised in the caller's thread, nothing left running."""
+"""The background threads of the rollout's writer and the update's prefetch (stages.support.threads):
+order kept, errors raised in the caller's thread, nothing left running."""
 
 from __future__ import annotations
 

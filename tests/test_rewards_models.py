@@ -17,18 +17,12 @@ import pytest
 import torch
 
 from stages.rewards.models import load_model_reward, open_clip_to_transformers
-from stages.rewards.tiny import make_tiny_reward, save_clip_parts, tiny_clip_config
+from stages.rewards.tiny import save_clip_parts, tiny_clip_config
 from stages.support.errors import TempflowError
 from tests.conftest import invoke, make_rollout
 
 PROMPTS = ["a red circle", "two blue squares", "a green triangle above a yellow circle", "a photo of a cat",
            "an orange square left of a purple circle"]
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("rewards")
-    return {kind: make_tiny_reward(kind, root / kind, seed=3) for kind in ("clip", "aesthetic")}
 
 
 @pytest.fixture(scope="module")
@@ -314,35 +308,3 @@ def test_score_with_model_rewards_records_their_folders(policy_dir, folders, tmp
                   "--batch-size", "64", "--out", again).exit_code == 0
     np.testing.assert_allclose(pq.read_table(again).column("reward_pickscore").to_numpy(), cols["reward_pickscore"],
                                rtol=1e-5)  # batch size 3 or 64: the same scores
-
-
-@pytest.mark.parametrize("args, needle", [
-    (["--reward", "pickscore"], "--reward-model pickscore=DIR"),
-    (["--reward", "shapes", "--reward-model", "pickscore=/x"], "names no --reward"),
-    (["--reward", "shapes", "--reward-model", "imagereward=/x"], "not a model reward"),
-    (["--reward", "pickscore", "--reward-model", "pickscore"], "expected NAME=DIR"),
-    (["--reward", "pickscore", "--reward-model", "pickscore=/a", "--reward-model", "pickscore=/b"], "given twice"),
-])
-def test_reward_option_mistakes_fail_at_parse_time(args, needle, tmp_path):
-    r = invoke("score", "--rollout", tmp_path, "--out", tmp_path / "s.parquet", *args)
-    assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    r = invoke("check", "score", *args)
-    assert r.exit_code == 2 and needle in r.stderr
-
-
-def test_a_model_folder_under_home_is_found(folders, monkeypatch, tmp_path):
-    from stages.rewards import plan_rewards
-
-    monkeypatch.setenv("HOME", str(folders["clip"].parent))
-    (spec,) = plan_rewards(["pickscore"], {"pickscore": "~/clip"})
-    assert spec.source == str(folders["clip"])
-
-
-def test_make_tiny_writes_reward_folders_that_score(policy_dir, tmp_path):
-    for kind, reward in (("clip", "hpsv2"), ("aesthetic", "aesthetic")):
-        r = invoke("make-tiny", kind, "--out", tmp_path / kind)
-        assert r.exit_code == 0, r.output
-        rollout = make_rollout(policy_dir, tmp_path / f"r-{kind}")
-        r = invoke("score", "--rollout", rollout, "--reward", reward, "--reward-model", f"{reward}={tmp_path / kind}",
-                   "--out", tmp_path / f"{kind}.parquet")
-        assert r.exit_code == 0, r.output

@@ -1,63 +1,16 @@
-"""Policy folders: save/load round trip, identity checks, the tokenizer, the velocity interface."""
+"""The tiny and shapes presets (stages.policies.tiny): the word-level tokenizer, decoding to uint8,
+the UNet denoiser and the latent autoencoder saved and loaded back, the latent scaling in the
+identity, and bad model configs explained."""
 
 from __future__ import annotations
-
-import json
 
 import numpy as np
 import pytest
 import torch
 
-from stages.policies.base import load_policy, tensor_hash
+from stages.policies.base import load_policy
 from stages.policies.tiny import build_policy
 from stages.support.errors import TempflowError
-
-
-def test_round_trip_keeps_the_function(policy_dir):
-    """A loaded policy computes exactly what the saved one did, and its identity matches config.json."""
-    policy, record = load_policy(policy_dir)
-    again, _ = load_policy(policy_dir)
-    assert policy.identity() == record.identity == json.loads((policy_dir / "config.json").read_text())["identity"]
-    x = torch.randn(3, *policy.sample_shape)
-    cond = policy.encode(["a red circle", "two blue squares", "a cat"])
-    with torch.no_grad():
-        v1 = policy.velocity(x, torch.tensor([1.0, 0.5, 0.1]), cond)
-        v2 = again.velocity(x, torch.tensor([1.0, 0.5, 0.1]), again.encode(["a red circle", "two blue squares", "a cat"]))
-    assert v1.shape == x.shape and v1.dtype == torch.float32
-    assert torch.equal(v1, v2)
-
-
-def test_modified_weights_are_refused(policy_dir):
-    """Weights edited after saving no longer match the recorded identity."""
-    from safetensors.torch import load_file, save_file
-
-    path = policy_dir / "transformer" / "diffusion_pytorch_model.safetensors"
-    weights = load_file(path)
-    name = sorted(weights)[0]
-    weights[name] = weights[name] + 1.0
-    save_file(weights, path, metadata={"format": "pt"})
-    with pytest.raises(TempflowError, match="identity"):
-        load_policy(policy_dir)
-
-
-def test_damaged_or_foreign_config_is_refused(policy_dir, tmp_path):
-    with pytest.raises(TempflowError, match="not a policy folder"):
-        load_policy(tmp_path)
-    (policy_dir / "config.json").write_text("{not json")
-    with pytest.raises(TempflowError, match="not valid JSON"):
-        load_policy(policy_dir)
-    (policy_dir / "config.json").write_text(json.dumps({"format": "tempflow.policy/99", "kind": "tiny"}))
-    with pytest.raises(TempflowError, match="schema 'tempflow.policy/99', this tempflow reads 'tempflow.policy/1'"):
-        load_policy(policy_dir)
-
-
-def test_identity_depends_on_every_weight():
-    a = build_policy("tiny", seed=0, model_overrides={"image_size": 16})
-    b = build_policy("tiny", seed=0, model_overrides={"image_size": 16})
-    assert a.identity() == b.identity()  # seeded init is reproducible
-    with torch.no_grad():
-        next(b.denoiser.parameters()).view(-1)[0] += 1e-6
-    assert tensor_hash(a.modules()) != tensor_hash(b.modules())
 
 
 def test_tokenizer_is_word_level_with_unknowns_and_eos(policy_dir):
