@@ -5,7 +5,7 @@ into one line on stderr, and the options several commands take.
 
 The stages are imported inside the functions that run them, never at the top of a CLI module: that is
 for start-up time, so that ``--help`` and option errors answer without importing torch (only the light
-support modules of :mod:`stages.support` are imported here).
+support modules of :mod:`stages.support` are imported here, and the I/O layer only when a command runs).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from typing import Any
 import click
 
 from stages.support.errors import TempflowError, os_error_line
-from stages.support.outputs import check_out_free, committed_outputs, protected_inputs
 from stages.support.rules import Rules, naming
 from tempflow_cli.options import literal, pop_config
 
@@ -111,6 +110,8 @@ class StageCommand(click.Command):
         return {**params, **built}
 
     def invoke(self, ctx: click.Context) -> Any:
+        from stages.support.outputs import check_out_free, protected_inputs
+
         paths = {p.name: ctx.params.get(p.name) for p in self.params if isinstance(p.type, click.Path)}
         inputs = tuple(v for name, v in paths.items() if v is not None and name not in OUTPUT_OPTIONS)
         outputs = {paths[name]: kind for name, kind in self.outputs.items() if paths.get(name) is not None}
@@ -137,9 +138,23 @@ class Interrupted(KeyboardInterrupt):
 
 class CommandGroup(click.Group):
     """A group of stage commands: user errors end in one line on stderr and a non-zero exit
-    (``--debug`` keeps the traceback); Ctrl-C and SIGTERM say what was written."""
+    (``--debug`` keeps the traceback); Ctrl-C and SIGTERM say what was written. A sub-group named in
+    ``lazy`` (``tempflow rec``) is made when first asked for, so that no other command reads its
+    options."""
 
     command_class = StageCommand
+
+    def __init__(self, *args: Any, lazy: dict[str, Callable[[], click.Command]] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})  # name -> its maker: made when first asked for, for start-up time
+
+    def list_commands(self, ctx: click.Context | None) -> list[str]:
+        return sorted({*self.commands, *self.lazy})
+
+    def get_command(self, ctx: click.Context | None, name: str) -> click.Command | None:
+        if name not in self.commands and name in self.lazy:
+            self.add_command(self.lazy[name](), name)
+        return super().get_command(ctx, name)
 
     def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:
         extra.pop("standalone_mode", None)
@@ -165,7 +180,7 @@ class CommandGroup(click.Group):
         sys.exit(code if isinstance(code, int) else 0)
 
     def invoke(self, ctx: click.Context) -> Any:
-        committed = len(committed_outputs())
+        committed = len(_committed_outputs())
         debug = bool(ctx.find_root().params.get("debug"))
         _quiet_libraries(debug)
         try:
@@ -182,7 +197,7 @@ class CommandGroup(click.Group):
                        "--dtype bf16", err=True)
             ctx.exit(1)
         except KeyboardInterrupt as err:
-            kept = committed_outputs()[committed:]
+            kept = _committed_outputs()[committed:]
             done = f"{', '.join(map(str, kept))} was written, the rest was not" if kept else "the stage's output was not written"
             click.echo(f"interrupted: {done}; run it again", err=True)
             ctx.exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT))
@@ -198,6 +213,13 @@ def _quiet_libraries(debug: bool) -> None:
         os.environ.setdefault(variable, "critical")
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module=r"(stages|tempflow_cli)(\.|$)")
+
+
+def _committed_outputs() -> list[Path]:
+    """The outputs the I/O layer has moved into place so far; none before it is imported (importing it
+    here would add it to every --help)."""
+    outputs = sys.modules.get("stages.support.outputs")
+    return outputs.committed_outputs() if outputs is not None else []
 
 
 def _error_line(err: BaseException) -> str:

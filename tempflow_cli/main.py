@@ -26,12 +26,18 @@ import click
 
 from stages.support.errors import TempflowError
 from tempflow_cli.command import DEVICE, OVERWRITE, THREADS, CommandGroup, config, dtype_option, size_of
-from tempflow_cli.options import config_options, literal, literal_keys
-from tempflow_cli.rec import rec
+from tempflow_cli.options import config_options, literal, literal_keys, save_readings
 from tempflow_cli.ui import comparison, progress_bars, summary
 
 
-@click.group(cls=CommandGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _rec() -> click.Command:
+    from tempflow_cli.rec import rec  # made when asked for, for start-up time: no image command reads its options
+
+    return rec
+
+
+@click.group(cls=CommandGroup, lazy={"rec": _rec},
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors, and the libraries' own log lines.")
 @click.version_option(package_name="tempflow")
 def cli(debug: bool) -> None:
@@ -45,8 +51,6 @@ def cli(debug: bool) -> None:
     rendered shapes, eval scores a policy on prompts it never trained on.
     """
 
-
-cli.add_command(rec)
 
 
 # --------------------------------------------------------------------------------------------
@@ -468,6 +472,9 @@ def _check_command(ctx: click.Context, args: list[str]) -> str:
     with command.make_context(name, options, parent=ctx) as sub:
         command.build_configs(sub, dict(sub.params))
     return name
+
+
+save_readings()  # what the options above read from the stages' sources, for the next start
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -8,15 +8,20 @@ The dataclass is read from its module's source, not imported: ``tempflow --help`
 ``tempflow CMD --help`` and option errors never import torch (the stage modules do), so they
 answer at once. Field defaults and the registries named as ``"module:NAME"`` must therefore be
 literals; :func:`config_fields` refuses anything else, and a test compares what it reads with the
-imported dataclasses.
+imported dataclasses. What is read is kept beside the bytecode, as Python keeps a ``.pyc``
+(``__pycache__/tempflow-options.json``, by each source file's size and modification time), so that
+a command reads the sources it needs once, not at every start.
 """
 
 from __future__ import annotations
 
 import ast
+import bisect
 import dataclasses
 import functools
 import importlib.util
+import json
+import os
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -35,12 +40,14 @@ class Field:
 
 
 _TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+_KINDS = {kind.__name__: kind for kind in (int, float, str, bool, list, tuple, dict)}
+"""The types a field's option may take, by name (a kept reading names them)."""
 
 
 @functools.cache
-def _source_lines(module: str) -> tuple[str, ...]:
-    """The source of ``module``, found on disk below its top-level package: no package of the path
-    is imported (``stages/__init__.py`` is empty; the others may load numpy or torch)."""
+def _module_file(module: str) -> Path:
+    """The file of ``module``, found on disk below its top-level package: no package of the path is
+    imported (``stages/__init__.py`` holds a docstring; the others may load numpy or torch)."""
     top, _, rest = module.partition(".")
     spec = importlib.util.find_spec(top)
     if spec is None or (rest and not spec.submodule_search_locations):
@@ -52,7 +59,12 @@ def _source_lines(module: str) -> tuple[str, ...]:
         path = Path(spec.origin or "")
     if not path.is_file():
         raise ImportError(f"no module {module}")
-    return tuple(path.read_text(encoding="utf-8").splitlines())
+    return path
+
+
+@functools.cache
+def _source_lines(module: str) -> tuple[str, ...]:
+    return tuple(_module_file(module).read_text(encoding="utf-8").splitlines())
 
 
 def _defines(node: ast.stmt, name: str) -> bool:
@@ -62,6 +74,28 @@ def _defines(node: ast.stmt, name: str) -> bool:
     return any(isinstance(t, ast.Name) and t.id == name for t in targets)
 
 
+_HEAD = re.compile(r"(class\s+(\w+)\b)|((\w+)\s*[:=])")
+"""A line that may start a top-level ``class NAME`` or ``NAME =`` / ``NAME:`` statement."""
+
+
+@functools.cache
+def _heads(module: str) -> tuple[dict[tuple[bool, str], list[int]], tuple[int, ...]]:
+    """Where each name's class or assignment may start (``(is_class, name) -> line indices``), and
+    every line that starts in column 0 (where a statement may end): one scan of the module."""
+    heads: dict[tuple[bool, str], list[int]] = {}
+    column_0 = []
+    for i, line in enumerate(_source_lines(module)):
+        if line[:1] in ("", " ", "\t", "#"):
+            continue
+        column_0.append(i)
+        found = _HEAD.match(line)
+        if found:
+            key = (True, found.group(2)) if found.group(2) else (False, found.group(4))
+            heads.setdefault(key, []).append(i)
+    return heads, tuple(column_0)
+
+
+@functools.cache
 def _statement(module: str, name: str, kinds: tuple[type[ast.stmt], ...]) -> ast.stmt | None:
     """The module's top-level statement of one of ``kinds`` that defines ``name``. When exactly one
     line starts like that statement (``class name`` or ``name =`` / ``name:`` in column 0), that
@@ -71,12 +105,11 @@ def _statement(module: str, name: str, kinds: tuple[type[ast.stmt], ...]) -> ast
     plain (several such lines, e.g. an example in a docstring, or none, e.g. ``A = name = ...``)
     falls back to parsing the whole module."""
     lines = _source_lines(module)
-    word = re.escape(name)
-    head = re.compile(rf"class {word}\b" if kinds == (ast.ClassDef,) else rf"{word}\s*(:|=)")
-    starts = [i for i, line in enumerate(lines) if head.match(line)]
+    heads, column_0 = _heads(module)
+    starts = heads.get((kinds == (ast.ClassDef,), name), [])
     if len(starts) == 1:
-        ends = [j for j in range(starts[0] + 1, len(lines)) if lines[j][:1] not in ("", " ", "\t", "#")]
-        for end in (ends + [len(lines)])[:20]:
+        after = bisect.bisect_right(column_0, starts[0])
+        for end in (list(column_0[after:after + 20]) + [len(lines)])[:20]:
             try:
                 body = ast.parse("\n".join(lines[starts[0]:end])).body
             except SyntaxError:
@@ -95,9 +128,75 @@ def _split(ref: str) -> tuple[str, str]:
     return module, name
 
 
-def config_fields(ref: str) -> list[Field]:
-    """The fields of the dataclass ``ref`` (``"stages.artifacts.rollout_config:RolloutConfig"``), in order, read from
-    its source: name, literal default, type and the string literal that follows each field."""
+CACHE_FILE = Path(__file__).parent / "__pycache__" / "tempflow-options.json"
+"""Where what was read from the sources is kept (a test points it elsewhere)."""
+_CACHE_VERSION = 1
+
+
+@functools.cache
+def _cache() -> dict[str, Any]:
+    """The kept readings: ``{module: {"stamp": [mtime_ns, size], "read": {what: value}}}``."""
+    try:
+        kept = json.loads(CACHE_FILE.read_text())
+    except (OSError, ValueError):
+        return {"version": _CACHE_VERSION, "modules": {}, "dirty": False}
+    if not isinstance(kept, dict) or kept.get("version") != _CACHE_VERSION or not isinstance(kept.get("modules"), dict):
+        return {"version": _CACHE_VERSION, "modules": {}, "dirty": False}
+    return {**kept, "dirty": False}
+
+
+def _stamp(module: str) -> list[int]:
+    status = os.stat(_module_file(module))
+    return [status.st_mtime_ns, status.st_size]
+
+
+def _kept(what: str, ref: str, read: Callable[[], Any]) -> Any:
+    """``read()`` of ``ref`` (``"module:NAME"``), from the kept readings when the module's file is
+    the one they were taken from; a new reading is kept (when it survives JSON unchanged)."""
+    module = _split(ref)[0]
+    cache, stamp, key = _cache(), _stamp(module), f"{what}:{ref}"
+    entry = cache["modules"].get(module)
+    if not isinstance(entry, dict) or entry.get("stamp") != stamp:
+        entry = cache["modules"][module] = {"stamp": stamp, "read": {}}
+    if key in entry["read"]:
+        return entry["read"][key]
+    value = read()
+    try:
+        survives = json.loads(json.dumps(value)) == value
+    except (TypeError, ValueError):  # a field without a default, say
+        survives = False
+    if survives:
+        entry["read"][key], cache["dirty"] = value, True
+    return value
+
+
+def save_readings() -> None:
+    """Write what was read, if anything new was (atomically; a folder the process may not write in
+    keeps nothing, and the sources are read again next time)."""
+    cache = _cache()
+    if not cache["dirty"]:
+        return
+    kept = {"version": _CACHE_VERSION, "modules": cache["modules"]}
+    try:
+        CACHE_FILE.parent.mkdir(exist_ok=True)
+        partial = CACHE_FILE.with_name(f"{CACHE_FILE.name}.{os.getpid()}")
+        partial.write_text(json.dumps(kept))
+        os.replace(partial, CACHE_FILE)
+        cache["dirty"] = False
+    except OSError:
+        pass
+
+
+@functools.cache
+def config_fields(ref: str) -> tuple[Field, ...]:
+    """The fields of the dataclass ``ref`` (``"stages.artifacts.rollout_config:RolloutConfig"``), in
+    order, read from its source: name, literal default, type and the string literal that follows
+    each field."""
+    rows = _kept("fields", ref, lambda: [[f.name, f.default, f.doc, f.kind.__name__] for f in _read_fields(ref)])
+    return tuple(Field(name, default, doc, _KINDS[kind]) for name, default, doc, kind in rows)
+
+
+def _read_fields(ref: str) -> list[Field]:
     module, name = _split(ref)
     node = _statement(module, name, (ast.ClassDef,))
     if node is None:
@@ -128,8 +227,13 @@ def _annotated_type(ref: str, name: str, annotation: ast.expr, default: Any) -> 
     raise TypeError(f"{ref}.{name}: annotation {text} is not one the CLI can parse (int, float, str, bool, or one of them | None)")
 
 
+@functools.cache
 def literal(ref: str) -> Any:
     """The literal value a module assigns to a name at its top level (``"stages.artifacts.rollout_config:ALGORITHMS"``)."""
+    return _kept("literal", ref, lambda: _read_literal(ref))
+
+
+def _read_literal(ref: str) -> Any:
     module, name = _split(ref)
     node = _statement(module, name, (ast.Assign, ast.AnnAssign))
     if node is not None and node.value is not None:
@@ -137,9 +241,14 @@ def literal(ref: str) -> Any:
     raise ImportError(f"{module} assigns no literal {name}")
 
 
-def literal_keys(ref: str) -> list[str]:
+@functools.cache
+def literal_keys(ref: str) -> tuple[str, ...]:
     """The string keys of a dict a module assigns to a name at its top level, whatever its values
     (``"stages.rewards.builtin:REWARDS"``, whose values are functions)."""
+    return tuple(_kept("keys", ref, lambda: _read_keys(ref)))
+
+
+def _read_keys(ref: str) -> list[str]:
     module, name = _split(ref)
     node = _statement(module, name, (ast.Assign, ast.AnnAssign))
     if node is not None and isinstance(node.value, ast.Dict):

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from tempflow_cli.command import DEVICE, OVERWRITE, THREADS, CommandGroup, config
-from tempflow_cli.options import config_options, literal
+from tempflow_cli.options import config_options, literal, save_readings
 from tempflow_cli.ui import progress_bars, summary
 
 
@@ -138,3 +138,6 @@ def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
             **{f"final {k}": v for k, v in last.items() if k != "epoch"},
             "validation purchase hr@10": metrics["validation"].get("purchase_hr@10"),
             "validation click hr@10": metrics["validation"].get("click_hr@10"), "seconds": round(metrics["seconds"], 1)}
+
+
+save_readings()  # what the options above read from the stages' sources, for the next start

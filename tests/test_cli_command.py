@@ -113,7 +113,7 @@ def test_threads_sets_torchs_threads_for_every_compute_stage(policy_dir, tmp_pat
     assert calls == [3]  # without it, torch keeps its own
     r = invoke("score", "--rollout", rollout, "--reward", "shapes", "--out", tmp_path / "u.parquet", "--threads", "0")
     assert r.exit_code == 1 and "score: --threads must be >= 1, got 0" in r.output
-    commands = [*cli.commands.values(), *cli.commands["rec"].commands.values()]
+    commands = [*(cli.get_command(None, n) for n in cli.list_commands(None)), *cli.get_command(None, "rec").commands.values()]
     with_device = [c for c in commands if any(p.name == "device" for p in c.params)]
     with_threads = [c for c in commands if any(p.name == "threads" for p in c.params)]
     assert with_device == with_threads and len(with_device) == 8  # rollout score update pretrain eval; rec's 3

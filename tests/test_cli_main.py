@@ -59,7 +59,7 @@ def test_help_and_option_errors_never_import_torch():
 
     from tempflow_cli.main import cli
 
-    commands = [[name] for name in cli.commands if name != "rec"] + [["rec", name] for name in cli.commands["rec"].commands]
+    commands = [[name] for name in cli.list_commands(None) if name != "rec"] + [["rec", name] for name in cli.get_command(None, "rec").commands]
     calls = [["--help"], ["rec", "--help"], *[[*c, "--help"] for c in commands], ["rollout", "--num-steps", "x"],
              ["update", "--kl-form", "nope"], ["rec", "train", "--algo", "nope"], ["no-such-command"]]
     done = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH, json.dumps(calls)], capture_output=True, text=True,

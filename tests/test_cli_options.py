@@ -62,7 +62,23 @@ class ConfigAfter:
 '''
 
 
-def test_options_find_one_statement_among_column_0_strings_brackets_and_comments(tmp_path, monkeypatch):
+@pytest.fixture
+def fresh_readings(tmp_path, monkeypatch):
+    """The options module reading sources afresh, its kept readings in a file of this test's."""
+    from tempflow_cli import options
+
+    def clear():
+        for cached in (options._cache, options._module_file, options._source_lines, options._heads,
+                       options._statement, options.config_fields, options.literal, options.literal_keys):
+            cached.cache_clear()
+
+    monkeypatch.setattr(options, "CACHE_FILE", tmp_path / "kept" / "tempflow-options.json")
+    clear()
+    yield clear
+    clear()
+
+
+def test_options_find_one_statement_among_column_0_strings_brackets_and_comments(tmp_path, monkeypatch, fresh_readings):
     """Lines of a string, of brackets or comments starting in column 0 do not end a statement; prose
     or an example in a docstring is not taken for the class; a chained assignment is found."""
     from tempflow_cli import options
@@ -80,6 +96,31 @@ def test_options_find_one_statement_among_column_0_strings_brackets_and_comments
         options.config_fields("tricky_config:Missing")
     with pytest.raises(ImportError, match="no literal ConfigAfter"):
         options.literal("tricky_config:ConfigAfter")
+
+
+def test_what_is_read_is_kept_and_read_again_when_its_source_changes(tmp_path, monkeypatch, fresh_readings):
+    """A second start takes the fields from the kept readings, without parsing the source; an edited
+    source (another size or time) is read again, as Python does with a .pyc."""
+    from tempflow_cli import options
+
+    source = tmp_path / "kept_config.py"
+    source.write_text('import dataclasses\n\n\n@dataclasses.dataclass\nclass C:\n    n: int = 1\n    """One."""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert [(f.name, f.default, f.doc, f.kind) for f in options.config_fields("kept_config:C")] == [("n", 1, "One.", int)]
+    options.save_readings()
+    assert options.CACHE_FILE.is_file()
+    fresh_readings()
+
+    def no_parsing(*args):
+        raise AssertionError("the source was parsed although its reading was kept")
+
+    parse = options._statement
+    monkeypatch.setattr(options, "_statement", no_parsing)
+    assert [(f.name, f.default) for f in options.config_fields("kept_config:C")] == [("n", 1)]
+    monkeypatch.setattr(options, "_statement", parse)
+    source.write_text(source.read_text().replace("n: int = 1", "n: int = 22"))
+    fresh_readings()
+    assert [(f.name, f.default) for f in options.config_fields("kept_config:C")] == [("n", 22)]
 
 
 def test_choices_read_from_source_are_the_registries():
@@ -109,4 +150,4 @@ def test_choices_read_from_source_are_the_registries():
                         "stages.policies.tiny_pipelines:KINDS": PIPELINE_KINDS, "stages.rewards.tiny:KINDS": REWARD_KINDS,
                         }.items():
         assert literal(name) == value, name
-    assert literal_keys("stages.rewards.builtin:REWARDS") == list(REWARDS)
+    assert literal_keys("stages.rewards.builtin:REWARDS") == tuple(REWARDS)

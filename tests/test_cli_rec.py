@@ -30,3 +30,16 @@ def test_rec_bad_options_in_one_line(args, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("rec", *args)
     assert result.exit_code != 0 and needle in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_a_file_output_is_replaced_by_overwrite(tmp_path):
+    """`rec prepare` and `rec eval` write a file: --overwrite replaces an existing one (the command
+    names its outputs' kind; it once took every --out for a folder and refused the file)."""
+    out = tmp_path / "sim.parquet"
+    args = ("rec", "prepare", "--source", "simulator", "--sim-users", "40", "--split", "time",
+            "--min-session-length", "2", "--out", out)
+    assert invoke(*args).exit_code == 0
+    again = invoke(*args, "--overwrite")
+    assert again.exit_code == 0, again.output
+    refused = invoke(*args)
+    assert refused.exit_code == 1 and "already exists" in refused.stderr

@@ -253,7 +253,12 @@ def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
     assert second_metrics["optimizer_resumed"] is True  # AdamW moments carried across iterations
     second = run("dvc", "repro")
     assert "Running stage" not in second and "up to date" in second
+    losses = work / "stages" / "recsys" / "losses.py"  # the recommender's code is none of the loop's
+    losses.write_text(losses.read_text() + "\n# changed\n")
+    assert "up to date" in run("dvc", "status", "dvc.yaml")
     (work / "stages" / "flow.py").write_text((work / "stages" / "flow.py").read_text() + "\n# changed\n")
+    changed = run("dvc", "status", "dvc.yaml")
+    assert "rollout@0" in changed and "pretrain" in changed  # every stage whose library imports the math
     assert "Running stage 'rollout@0'" in run("dvc", "repro", "rollout@0")  # code is a dependency
     shown = run("dvc", "metrics", "show")
     assert "final_reward" in shown and "reward_mean" not in shown  # the summary only; iterations are plots

@@ -99,8 +99,8 @@ def main() -> None:
     args = parser.parse_args()
     from tempflow_cli.main import cli
 
-    helps = [["--help"]] + [[name, "--help"] for name in cli.commands if name != "rec"]
-    helps += [["rec", name, "--help"] for name in cli.commands["rec"].commands]
+    helps = [["--help"]] + [[name, "--help"] for name in cli.list_commands(None) if name != "rec"]
+    helps += [["rec", name, "--help"] for name in cli.get_command(None, "rec").commands]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         stages = {} if args.helps_only else build_inputs(work)

@@ -21,7 +21,6 @@ import errno
 import fcntl
 import functools
 import os
-import secrets
 import shutil
 import signal
 import threading
@@ -151,7 +150,7 @@ class _Slot:
 
     def __init__(self, path: Path) -> None:
         for _ in range(3):  # a cleaner may remove a slot in the instant between its mkdir and its lock
-            self.folder = path.parent / PARTIALS / f"{os.getpid()}-{secrets.token_hex(4)}"
+            self.folder = path.parent / PARTIALS / f"{os.getpid()}-{os.urandom(4).hex()}"
             self.folder.mkdir(parents=True)
             self.fd = _lock(self.folder)
             with contextlib.suppress(FileNotFoundError):
