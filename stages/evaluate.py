@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from stages.artifacts.evaluation import GRID_FILE, write_eval
-from stages.artifacts.policy import read_policy_record
+from stages.artifacts.policy import PolicyRecord, read_policy_record
 from stages.artifacts.prompts import read_prompts
 from stages.artifacts.rollout_config import check_sampling
 from stages.flow import ode_step
@@ -151,10 +151,12 @@ class EvalResult:
 def run_eval(policy_dir: Path, prompts: list[str], out: Path, config: EvalConfig, device: str = "cpu",
              progress: Progress = no_progress, overwrite: bool = False, source: str = "",
              rewards: list[RewardSpec | str] | None = None, runtime: RewardRuntime | None = None,
-             dtype: str = "fp32", save_images: bool = False) -> EvalResult:
+             dtype: str = "fp32", save_images: bool = False, held: tuple[Policy, PolicyRecord] | None = None,
+             fns: list | None = None) -> EvalResult:
     """Sample ``prompts`` with the policy at ``policy_dir``, score them with ``rewards`` (default: the
     shapes world's), write ``out/`` (metrics.json, results.jsonl, grid.png, and images/ with
-    ``save_images``)."""
+    ``save_images``). A caller that holds the models passes them: ``held``, ``policy_dir``'s
+    ``(policy, record)`` loaded in ``dtype`` on ``device``; ``fns``, the rewards loaded for ``rewards``."""
     out = Path(out)
     check_out_free(out, overwrite, (policy_dir,))
     specs = plan_rewards(rewards or ["shapes"])
@@ -162,8 +164,9 @@ def run_eval(policy_dir: Path, prompts: list[str], out: Path, config: EvalConfig
     scenes = judged.parse_prompts(prompts, source) if judged else None  # refuses prompts outside it, before sampling
     read_policy_record(policy_dir)
     here, device = join(device), rank_device(device)
-    fns = load_rewards(specs, runtime or RewardRuntime(device=device))  # a bad reward folder fails before sampling
-    policy, record = load_policy(policy_dir, device, dtype)
+    if fns is None:
+        fns = load_rewards(specs, runtime or RewardRuntime(device=device))  # a bad reward folder fails before sampling
+    policy, record = held if held is not None else load_policy(policy_dir, device, dtype)
     sampling = policy.configure_sampling(config.resolution, config.guidance_scale, config.negative_prompt)
     pairs = [(p, i) for p in range(len(prompts)) for i in range(config.images_per_prompt)]
     seeds = [derive_seed("eval", config.seed, i, prompts[p]) for p, i in pairs]

@@ -46,18 +46,21 @@ def run_score(
     progress: Progress = no_progress,
     overwrite: bool = False,
     runtime: RewardRuntime = RewardRuntime(),
+    fns: list | None = None,
 ) -> ScoreResult:
     """Score every image of ``rollout`` with each reward of ``specs``; write ``out`` (parquet) atomically.
 
     Samples that share a trajectory's image (``image_key`` in their meta) get that image's rewards.
-    ``runtime`` says where model rewards run and how long a remote one may take.
+    ``runtime`` says where model rewards run and how long a remote one may take; ``fns``, the rewards
+    already loaded for ``specs`` (by :func:`~stages.rewards.load_rewards`), if a caller holds them.
     """
     check_out_free(out, overwrite, inputs=(rollout,), kind="file")
     specs = plan_rewards(specs)
     rollout = Path(rollout)
     here = join(runtime.device)
     with Rollout(rollout) as opened:
-        fns = load_rewards(specs, replace(runtime, device=rank_device(runtime.device)))
+        if fns is None:
+            fns = load_rewards(specs, replace(runtime, device=rank_device(runtime.device)))
         keys, image_of, scored = _score_images(opened, specs, fns, config.batch_size, progress, here)
         manifest_sha256 = opened.manifest_sha256
     scored = {key: value for part in gather(scored, here) for key, value in part.items()}  # every rank's images

@@ -458,9 +458,11 @@ def merge_stats(parts: list[Stats]) -> Stats:
 @dataclass
 class UpdateResult:
     metrics: dict[str, Any]
+    record: PolicyRecord | None = None
+    """The new policy's record (its identity): rank 0's; other ranks write nothing."""
 
 
-def _resolve_reference(policy_dir: Path, record: PolicyRecord, reference_dir: Path | None) -> tuple[Path, str]:
+def resolve_reference(policy_dir: Path, record: PolicyRecord, reference_dir: Path | None) -> tuple[Path, str]:
     """The KL reference's folder and identity: ``--reference``; else the one recorded in the policy
     (its path relative to the policy folder); else the policy itself (the run's first update)."""
     if reference_dir is not None:
@@ -497,7 +499,7 @@ def rollout_conditioning(policy: Policy, rollout: Rollout) -> Cond:
     return with_negative(cond, negative)
 
 
-def _load_reference(ref_path: Path, ref_identity: str, policy_dir: Path, device: str, dtype: str = "fp32") -> Policy:
+def load_reference(ref_path: Path, ref_identity: str, policy_dir: Path, device: str, dtype: str = "fp32") -> Policy:
     """The frozen KL reference, refused when missing or no longer the policy the run started from."""
     if not (ref_path / "config.json").is_file():
         raise TempflowError(
@@ -565,16 +567,22 @@ def run_update(
     progress: Progress = no_progress,
     overwrite: bool = False,
     prefetch: bool = True,
+    held_policy: Policy | None = None,
+    held_reference: Policy | None = None,
 ) -> UpdateResult:
     """Train ``policy_dir`` on ``rollout`` scored by ``scores``; write the new policy folder ``out``.
     The models run in the dtype the rollout sampled with: in any other, the first-step ratio would
     differ from 1 by less than its tolerance while biasing every step. With ``prefetch`` the next
-    batches are read on a thread while one trains; the trained weights are the same either way."""
+    batches are read on a thread while one trains; the trained weights are the same either way.
+
+    A caller that holds the models passes them instead of their folders being loaded:
+    ``held_policy``, ``policy_dir``'s weights in the rollout's dtype on ``device`` (trained in place),
+    and ``held_reference``, the KL reference :func:`load_reference` gave (never the same object)."""
     began = time.perf_counter()
     here, device = join(device), rank_device(device)
     policy_dir, rollout, scores, out = Path(policy_dir), Path(rollout), Path(scores), Path(out)
     own_record = read_policy_record(policy_dir)
-    ref_path, ref_identity = _resolve_reference(policy_dir, own_record, reference_dir)
+    ref_path, ref_identity = resolve_reference(policy_dir, own_record, reference_dir)
     # the recorded KL reference is read too, and a real kind's base model folder
     inputs = (policy_dir, rollout, scores, ref_path, *record_inputs(own_record))
     check_out_free(out, overwrite, inputs)
@@ -583,7 +591,7 @@ def run_update(
     with Rollout(rollout) as opened:
         manifest = opened.manifest
         run_dtype = manifest["dtype"]
-        policy, record = load_policy(policy_dir, device, run_dtype)
+        policy, record = (held_policy, own_record) if held_policy is not None else load_policy(policy_dir, device, run_dtype)
         _check_sampled_by(opened, record, policy_dir)
         buffered = config.shuffle_buffer + 2 * config.batch_size  # and two prefetched batches
         check_memory(f"--shuffle-buffer {config.shuffle_buffer}",
@@ -595,7 +603,7 @@ def run_update(
         reference = None
         builtin = policy.builtin_reference() is not None
         if config.beta > 0 and not builtin:
-            reference = _load_reference(ref_path, ref_identity, policy_dir, device, run_dtype)
+            reference = held_reference or load_reference(ref_path, ref_identity, policy_dir, device, run_dtype)
             sample_as_recorded(reference, opened)
         elif builtin and reference_dir is not None and read_policy_record(reference_dir).step != 0:
             raise TempflowError(f"--reference {reference_dir} is a trained policy; a LoRA policy's KL reference is its "
@@ -627,7 +635,7 @@ def run_update(
     if metrics_path is not None:
         with atomic_output(metrics_path, overwrite=overwrite, inputs=inputs, kind="file") as tmp:
             write_metrics(tmp, metrics)
-    return UpdateResult(metrics=metrics)
+    return UpdateResult(metrics=metrics, record=new_record)
 
 
 def _plan_metrics(plan: Plan, manifest: dict[str, Any], config: UpdateConfig) -> dict[str, Any]:

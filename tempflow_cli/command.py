@@ -92,7 +92,8 @@ class StageCommand(click.Command):
     validating itself; ``configs`` maps a callback argument to its builder), applies ``--threads``,
     and protects every path the command reads: an output that would replace, or lie inside, any
     input (whatever option names it) is refused before any work, and again when it is written.
-    ``outputs`` says which options name a file rather than a folder."""
+    ``outputs`` says which options name a file rather than a folder, or a folder the command continues
+    (``resumable``: it may exist)."""
 
     def __init__(self, *args: Any, configs: dict[str, Builder] | None = None,
                  outputs: dict[str, str] | None = None, **kwargs: Any) -> None:
@@ -116,8 +117,10 @@ class StageCommand(click.Command):
         inputs = tuple(v for name, v in paths.items() if v is not None and name not in OUTPUT_OPTIONS)
         outputs = {paths[name]: kind for name, kind in self.outputs.items() if paths.get(name) is not None}
         for path, kind in outputs.items():
-            folders = tuple(other for other, k in outputs.items() if other != path and k == "dir")
-            check_out_free(path, bool(ctx.params.get("overwrite")), inputs, kind, outputs=folders)
+            folders = tuple(other for other, k in outputs.items() if other != path and k != "file")
+            # a resumable folder may exist (the command continues it); it is still kept off the inputs
+            replaceable = kind == "resumable" or bool(ctx.params.get("overwrite"))
+            check_out_free(path, replaceable, inputs, "dir" if kind == "resumable" else kind, outputs=folders)
         ctx.params = self.build_configs(ctx, dict(ctx.params))
         run = ctx.params.pop("_run", None)
         if run is not None and run.threads is not None:

@@ -27,7 +27,7 @@ import click
 from stages.support.errors import TempflowError
 from tempflow_cli.command import DEVICE, OVERWRITE, THREADS, CommandGroup, config, dtype_option, size_of
 from tempflow_cli.options import config_options, literal, literal_keys, save_readings
-from tempflow_cli.ui import comparison, progress_bars, summary
+from tempflow_cli.ui import comparison, iteration_line, progress_bars, summary
 
 
 def _rec() -> click.Command:
@@ -421,7 +421,7 @@ def eval_(policy_dir: Path, prompts: Path | None, out: Path, device: str, overwr
 # check
 
 
-CHECKED = ("init", "make-tiny", "pretrain", "rollout", "score", "update", "eval")
+CHECKED = ("init", "make-tiny", "pretrain", "rollout", "score", "update", "eval", "loop")
 """The commands `tempflow check` checks: it builds each one's configs from its options, as the command would."""
 
 
@@ -434,7 +434,7 @@ CHECKED = ("init", "make-tiny", "pretrain", "rollout", "score", "update", "eval"
 def check(out: Path | None, overwrite: bool, commands: tuple[str, ...]) -> None:
     """Check stage options without running anything: COMMAND OPTIONS... [+ COMMAND OPTIONS...].
 
-    Each COMMAND (init, make-tiny, pretrain, rollout, score, update, eval) parses its OPTIONS and
+    Each COMMAND (init, make-tiny, pretrain, rollout, score, update, eval, loop) parses its OPTIONS and
     builds its configs as it would when run, so that a value it would refuse fails here, with the
     error it would give. Paths it needs but is not given are left unchecked, as are conflicts
     between commands (an update option that does not suit the rollout's algorithm). The default DVC
@@ -445,10 +445,7 @@ def check(out: Path | None, overwrite: bool, commands: tuple[str, ...]) -> None:
     """
     from stages.support.outputs import atomic_output
 
-    parts: list[list[str]] = [[]]
-    for arg in commands:
-        parts.append([]) if arg == "+" else parts[-1].append(arg)
-    checked = [_check_command(click.get_current_context(), part) for part in parts]
+    checked = [_check_command(click.get_current_context(), part) for part in _split_commands(commands)]
     if out is not None:
         with atomic_output(out, overwrite=overwrite, kind="file") as tmp:
             tmp.write_text(f"options valid: {' '.join(checked)}\n")  # the same text for any valid values
@@ -460,18 +457,118 @@ def _check_command(ctx: click.Context, args: list[str]) -> str:
     if not args or args[0] not in CHECKED:
         raise click.UsageError(f"expected one of {', '.join(CHECKED)} before its options, got "
                                f"{args[0] if args else 'nothing'!r} (separate commands with +)", ctx)
-    name, options = args[0], args[1:]
+    _command_configs(ctx, args[0], args[1:], "check runs nothing")
+    return args[0]
+
+
+def _split_commands(args: tuple[str, ...]) -> list[list[str]]:
+    """``COMMAND OPTIONS... + COMMAND OPTIONS...`` as one list per command."""
+    parts: list[list[str]] = [[]]
+    for arg in args:
+        parts.append([]) if arg == "+" else parts[-1].append(arg)
+    return parts
+
+
+def _command_configs(ctx: click.Context, name: str, options: list[str], why: str,
+                     owned: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Parse ``options`` as command ``name`` would and build its configs: its parameters, configs built.
+    Required paths it is not given get placeholders (never opened); ``owned`` options (the caller's
+    own) may not be given."""
     command = cli.get_command(ctx, name)
     if any(opt in ("-h", "--help") for opt in options):
-        raise click.UsageError(f"{name} --help: check runs nothing; see `tempflow {name} --help`", ctx)
+        raise click.UsageError(f"{name} --help: {why}; see `tempflow {name} --help`", ctx)
     given = {opt.split("=", 1)[0] for opt in options if opt.startswith("--")}
+    taken = [opt for param in command.params if param.name in owned for opt in param.opts if opt in given]
+    if taken:
+        raise click.UsageError(f"{name} {taken[0]}: {why}", ctx)
     needed = [param for param in command.params  # required paths and arguments it is not given: placeholders, never opened
               if param.required and not given & set(param.opts) and isinstance(param, click.Option)
               and isinstance(param.type, click.Path)]
     options = [arg for param in needed for arg in (param.opts[0], "-")] + options
     with command.make_context(name, options, parent=ctx) as sub:
-        command.build_configs(sub, dict(sub.params))
-    return name
+        return command.build_configs(sub, dict(sub.params))
+
+
+# --------------------------------------------------------------------------------------------
+# loop
+
+
+LOOP_STAGES = ("rollout", "score", "update", "eval")
+_RUN = ("out", "device", "threads", "dtype", "overwrite")
+LOOP_OWNED = {"rollout": ("policy_dir", "prompts", "seed", *_RUN), "score": ("rollout_dir", *_RUN),
+              "update": ("policy_dir", "rollout_dir", "scores", "reference", "metrics_path", "seed", *_RUN),
+              "eval": ("policy_dir", *_RUN)}
+"""Options of each stage that the loop gives itself (eval keeps its --seed and --prompts)."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_interspersed_args": False},
+             configs={"loop": config("stages.loop:LoopConfig")}, outputs={"out": "resumable"})
+@click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True, help="Policy to start from.")
+@click.option("--prompts", type=click.Path(path_type=Path), required=True, help="Text file, one prompt per line ('#' comments).")
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="Loop folder: created, or continued when it holds the same run (more --iterations extend it).")
+@config_options("stages.loop:LoopConfig")
+@DEVICE
+@THREADS
+@dtype_option("dtype the models compute in, as for rollout (the updates run in it too).")
+@OVERWRITE
+@click.argument("stages", nargs=-1, type=click.UNPROCESSED)
+def loop(policy_dir: Path, prompts: Path, out: Path, device: str, dtype: str, overwrite: bool, stages: tuple,
+         loop: Any) -> None:
+    """Run GRPO iterations in one process: rollout OPTIONS + score OPTIONS + update OPTIONS [+ eval OPTIONS].
+
+    Each iteration writes what `tempflow rollout`, `score` and `update` would (and every
+    --eval-every iterations, `eval`), byte for byte but for wall-clock seconds, with the models loaded
+    once. Each stage takes its own command's options, but for the paths, seeds, device, threads and
+    dtype, which are the loop's. Iteration i samples with the policy before it and seed --seed + i.
+
+    \b
+        tempflow loop --policy runs/base --prompts p.txt --out runs/loop \\
+            --iterations 100 --eval-every 10 --keep-every 10 \\
+            rollout --branches 4 + score --reward shapes + update --beta 0.04 + eval --split test
+
+    A rerun continues the folder: after a kill, from the last iteration that landed; with more
+    --iterations, from where it ended. Different settings are another run: refused, or started afresh
+    with --overwrite. Rollouts and scores are deleted once their update has landed (but the last
+    --keep-rollouts), policies but every --keep-every-th and the last; every update's metrics stay, and
+    curve.json holds the reward curve so far.
+    """
+    from stages.artifacts.prompts import read_prompts
+    from stages.evaluate import read_eval_prompts
+    from stages.loop import EvalPlan, LoopPlan, run_loop
+
+    ctx = click.get_current_context()
+    groups = [part for part in _split_commands(stages) if part]
+    names = [part[0] for part in groups]
+    if [n for n in names if n in LOOP_STAGES] != names or len(set(names)) != len(names) \
+            or names[:3] != list(LOOP_STAGES[:3]):
+        raise click.UsageError(f"expected rollout OPTIONS + score OPTIONS + update OPTIONS [+ eval OPTIONS] after the "
+                               f"loop's own options, got {' '.join(names) or 'none'}", ctx)
+    parsed = {part[0]: _command_configs(ctx, part[0], part[1:], "the loop sets it", LOOP_OWNED[part[0]])
+              for part in groups}
+    if loop.eval_every and "eval" not in parsed:
+        raise click.UsageError("--eval-every needs `+ eval OPTIONS` (`+ eval` for its defaults)", ctx)
+    evaluation = None
+    if "eval" in parsed:
+        e = parsed["eval"]
+        eval_prompts, source = read_eval_prompts(e["prompts"], e["choice"], e["config"].seed)
+        evaluation = EvalPlan(e["config"], eval_prompts, source, e["rewards"], _on_device(e["runtime"], device),
+                              e["save_images"])
+    score_parsed = parsed["score"]
+    plan = LoopPlan(policy=policy_dir, prompts=read_prompts(prompts), rollout=parsed["rollout"]["config"],
+                    rewards=score_parsed["rewards"], score=score_parsed["config"],
+                    runtime=_on_device(score_parsed["runtime"], device), update=parsed["update"]["config"],
+                    dtype=dtype, device=device, eval=evaluation)
+    with progress_bars("") as progress:
+        result = run_loop(loop, plan, out, progress=progress, on_iteration=iteration_line, overwrite=overwrite)
+    summary(f"loop {out}", {"iterations": result.done, "resumed after": result.resumed_from or "-",
+                            "policies kept": ", ".join(result.kept), "folder size": size_of(out)})
+
+
+def _on_device(runtime: Any, device: str) -> Any:
+    from dataclasses import replace
+
+    return replace(runtime, device=device)
 
 
 save_readings()  # what the options above read from the stages' sources, for the next start

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -28,9 +30,19 @@ def consoles() -> tuple[Console, Console]:
     return Console(quiet=quiet), Console(stderr=True, quiet=quiet)
 
 
+PROGRESS_SECONDS = float(os.environ.get("TEMPFLOW_PROGRESS_SECONDS", "30"))
+"""When stderr is no terminal (a log file, CI, `nohup`): at most one progress line per task this often."""
+
+
 @contextlib.contextmanager
 def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
-    """A progress callback that draws one bar per task name on stderr (hidden when not a terminal)."""
+    """A progress callback: on a terminal one bar per task name on stderr; otherwise a plain line per
+    task every :data:`PROGRESS_SECONDS` and when it ends. A task that has ended and reports again (the
+    next iteration of a loop) starts over."""
+    err_console = consoles()[1]
+    if not err_console.is_terminal:
+        yield PlainProgress(err_console, unit)
+        return
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -40,7 +52,6 @@ def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
         TimeRemainingColumn,
     )
 
-    err_console = consoles()[1]
     bars = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn(unit), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
@@ -53,6 +64,8 @@ def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
             bars.start()  # only once there is work: an early error leaves stderr with its one line
         if task not in tasks:
             tasks[task] = bars.add_task(task, total=total)
+        elif bars.tasks[tasks[task]].finished:
+            bars.reset(tasks[task], total=total)
         bars.update(tasks[task], advance=advance, total=total)
 
     try:
@@ -68,6 +81,57 @@ def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
     else:
         if tasks:
             bars.stop()
+
+
+class PlainProgress:
+    """Progress as plain lines, for a log: ``rollout: 1200/4800 NFE (25%), 41.3/s, 29 s, eta 87 s``, at
+    most one per task every ``every`` seconds, and one when the task ends."""
+
+    def __init__(self, console: Console, unit: str = "", every: float | None = None) -> None:
+        self.console, self.unit = console, f" {unit}" if unit else ""
+        self.every = PROGRESS_SECONDS if every is None else every
+        self.tasks: dict[str, list[float]] = {}  # task -> [done, total, started, last line]
+
+    def __call__(self, task: str, advance: int, total: int) -> None:
+        now = time.monotonic()
+        state = self.tasks.get(task)
+        if state is None or state[0] >= state[1]:  # new, or the next round of a finished one
+            state = self.tasks[task] = [0, total, now, now]
+        state[0] += advance
+        state[1] = total
+        if state[0] >= total or now - state[3] >= self.every:
+            state[3] = now
+            self.console.print(self.line(task, state, now), highlight=False, soft_wrap=True)
+
+    def line(self, task: str, state: list[float], now: float) -> str:
+        done, total, started = state[0], state[1], state[2]
+        elapsed = now - started
+        rate = done / elapsed if elapsed > 0 else 0.0
+        eta = f", eta {_duration((total - done) / rate)}" if rate > 0 and done < total else ""
+        percent = f" ({100 * done / total:.0f}%)" if total else ""
+        return (f"{task}: {done:g}/{total:g}{self.unit}{percent}, {rate:.3g}/s, {_duration(elapsed)}{eta}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+def iteration_line(report: Any) -> None:
+    """One line on stderr per loop iteration: the rollout's reward, the update's KL and clipped share,
+    the rollout's NFE, the seconds; and the evaluation's reward when it ran one."""
+    m = report.metrics
+    text = (f"iteration {report.iteration}/{report.iterations}: rollout reward {m['reward_mean']:.4f}, "
+            f"kl {m['kl']:.3g}, clip fraction {m['clip_fraction']:.3f}, NFE {m['rollout_nfe']}, "
+            f"{report.seconds:.1f} s")
+    if report.eval is not None:
+        strict = f", strict {report.eval['strict']:.3f}" if "strict" in report.eval else ""
+        text += f"; eval reward {report.eval['reward']:.4f}{strict}"
+    consoles()[1].print(text, highlight=False, soft_wrap=True)
 
 
 def summary(title: str, rows: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """The file formats artifacts are made of (stages.artifacts.codecs): the one version key, strict JSON,
-the headers of .npy arrays and PNG images checked before any data is read."""
+the headers of .npy arrays and PNG images checked before any data is read, safetensors metadata in
+one order."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from stages.artifacts.codecs import (
     npy_header,
     png_bytes,
     png_header,
+    sort_safetensors_metadata,
     version_of,
     versioned,
 )
@@ -86,3 +88,31 @@ def test_a_png_of_another_size_than_the_rollouts_is_refused():
     assert decode_png(png_bytes(image), "x", side=4).shape == (4, 4, 3)
     with pytest.raises(TempflowError, match="is 4x4, the rollout's images are 8x8"):
         png_header(png_bytes(image), "x", side=8)
+
+
+def test_safetensors_metadata_is_put_in_one_order_and_the_tensors_kept(tmp_path):
+    """The library writes metadata keys in an order that varies between processes; sorted, two files
+    of the same tensors and metadata are the same bytes."""
+    import json
+    import struct
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.int64)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, path, metadata={"zeta": "1", "alpha": "{\"x\": 2}", "mid": "m"})
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    unsorted = json.loads(raw[8:8 + size])
+    shuffled = {"__metadata__": dict(reversed(sorted(unsorted["__metadata__"].items()))),
+                **{k: v for k, v in unsorted.items() if k != "__metadata__"}}
+    header = json.dumps(shuffled, separators=(",", ":")).encode().ljust(size, b" ")
+    path.write_bytes(raw[:8] + header + raw[8 + size:])  # the order another process could have written
+    sort_safetensors_metadata(path)
+    fixed = path.read_bytes()
+    assert len(fixed) == len(raw) and fixed[8 + size:] == raw[8 + size:]
+    assert list(json.loads(fixed[8:8 + size])["__metadata__"]) == ["alpha", "mid", "zeta"]
+    assert all(torch.equal(load_file(path)[k], tensors[k]) for k in tensors)
+    sort_safetensors_metadata(path)  # already in order: untouched
+    assert path.read_bytes() == fixed

@@ -116,7 +116,7 @@ def test_threads_sets_torchs_threads_for_every_compute_stage(policy_dir, tmp_pat
     commands = [*(cli.get_command(None, n) for n in cli.list_commands(None)), *cli.get_command(None, "rec").commands.values()]
     with_device = [c for c in commands if any(p.name == "device" for p in c.params)]
     with_threads = [c for c in commands if any(p.name == "threads" for p in c.params)]
-    assert with_device == with_threads and len(with_device) == 8  # rollout score update pretrain eval; rec's 3
+    assert with_device == with_threads and len(with_device) == 9  # rollout score update pretrain eval loop; rec's 3
 
 
 def test_debug_shows_the_traceback(tmp_path, prompts_file):

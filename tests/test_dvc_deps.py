@@ -23,7 +23,7 @@ SHARED_CLI = ["tempflow_cli.entry", "tempflow_cli.command", "tempflow_cli.option
 KINDS = ["stages.policies.tiny", "stages.policies.sd3", "stages.policies.flux"]
 COMMANDS = {
     "check": ["stages.init", "stages.pretrain", "stages.artifacts.rollout_config", "stages.score", "stages.update",
-              "stages.evaluate", "stages.rewards"],
+              "stages.evaluate", "stages.rewards", "stages.loop"],
     "init": ["stages.init", *KINDS],
     "pretrain": ["stages.pretrain"],
     "rollout": ["stages.rollout", "stages.artifacts.prompts", *KINDS],
@@ -31,6 +31,7 @@ COMMANDS = {
     "update": ["stages.update", *KINDS],
     "eval": ["stages.evaluate", *KINDS],
     "report": ["stages.report"],
+    "loop": ["stages.loop", "stages.artifacts.prompts", *KINDS],
     "rec": ["stages.recsys.stages"],
 }
 """The library modules each command calls (the CLI imports them inside the command, when it runs)."""

@@ -124,3 +124,18 @@ def test_latent_scaling_is_part_of_the_identity():
 def test_latent_config_errors_name_the_field(overrides, match):
     with pytest.raises(TempflowError, match=match):
         build_policy("tiny", seed=0, model_overrides={"image_size": 16, **overrides})
+
+
+def test_encoding_prompts_leaves_the_tokenizer_and_the_identity_as_loaded(policy_dir, tmp_path):
+    """The tokenizer call sets truncation and padding on the tokenizer; they are put back, so a policy
+    that has encoded prompts (held by `tempflow loop`) hashes and saves as the folder it came from."""
+    from stages.artifacts.policy import PolicyRecord
+    from stages.policies.base import save_policy
+
+    policy, record = load_policy(policy_dir)
+    before = policy.tokenizer.backend_tokenizer.to_str()
+    policy.encode(["a red circle", "two blue squares"])
+    assert policy.tokenizer.backend_tokenizer.to_str() == before and policy.identity() == record.identity
+    save_policy(policy, tmp_path / "again", PolicyRecord(kind=record.kind, model=record.model))
+    assert (tmp_path / "again/tokenizer/tokenizer.json").read_bytes() == (policy_dir / "tokenizer/tokenizer.json").read_bytes()
+    assert load_policy(tmp_path / "again")[1].identity == record.identity

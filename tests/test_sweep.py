@@ -116,8 +116,8 @@ def check_command(tmp_path: Path, params: dict) -> list[str]:
 def test_check_covers_every_params_group_the_stages_take():
     text = (REPO / "dvc.yaml").read_text()
     check = dvc_stages()["stages"]["check"]["cmd"]
-    taken = set(re.findall(r"\$\{(\w+)\}", text)) - {"item", "key", "prompts", "loop", "evals"}
-    assert taken == set(re.findall(r"\$\{(\w+)\}", check)) == {"pretrain", "rollout", "score", "update", "eval"}
+    taken = set(re.findall(r"\$\{(\w+)\}", text)) - {"prompts"}
+    assert taken == set(re.findall(r"\$\{(\w+)\}", check)) == {"pretrain", "rollout", "score", "update", "eval", "loop"}
 
 
 def checked_groups(args: list[str]) -> list[str]:
@@ -133,7 +133,7 @@ def test_check_passes_the_default_params_and_records_the_same_line_for_any_valid
     result = invoke("check", "--out", out, *checked_groups(check_command(tmp_path / "a", params)))
     assert result.exit_code == 0, result.stderr
     record = out.read_text()
-    assert record == "options valid: pretrain rollout score update eval\n"
+    assert record == "options valid: pretrain rollout score update eval loop\n"
     assert params["update"]["beta"] != 0.004 and params["rollout"]["branches"] != 6  # other values
     params["update"]["beta"], params["rollout"]["branches"] = 0.004, 6
     again = invoke("check", "--out", out, "--overwrite", *checked_groups(check_command(tmp_path / "b", params)))
@@ -146,6 +146,7 @@ def test_check_passes_the_default_params_and_records_the_same_line_for_any_valid
     ("pretrain", "steps", 0, "error: pretrain: --steps must be >= 1, got 0"),
     ("eval", "num-steps", 0, "error: eval: --num-steps must be >= 1, got 0"),
     ("score", "batch-size", 0, "error: score: --batch-size must be >= 1, got 0"),
+    ("loop", "iterations", 0, "error: loop: --iterations must be >= 1, got 0"),
     ("pretrain", "stepz", 5, "error: No such option '--stepz'"),
 ])
 def test_check_refuses_a_bad_value_with_the_commands_error(tmp_path, group, key, value, says):
@@ -178,4 +179,4 @@ def test_check_leaves_its_own_options_and_help_out_of_the_commands(tmp_path):
 def test_check_needs_a_command_before_its_options():
     for args in (("--beta", "0.1"), ("rollout", "+", "--beta", "0.1")):
         result = invoke("check", *args)
-        assert result.exit_code == 2 and "expected one of init, make-tiny, pretrain, rollout, score, update, eval" in result.stderr
+        assert result.exit_code == 2 and "expected one of init, make-tiny, pretrain, rollout, score, update, eval, loop" in result.stderr

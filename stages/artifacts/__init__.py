@@ -9,6 +9,7 @@ built, read and validated only there, each with its version under one key (``sch
 * :mod:`~stages.artifacts.optimizer` — AdamW's state beside a policy's weights;
 * :mod:`~stages.artifacts.update_record` — an update's ``metrics.json`` and ``update.json``;
 * :mod:`~stages.artifacts.evaluation` — an evaluation's ``metrics.json`` and ``results.jsonl``;
+* :mod:`~stages.artifacts.loop_state` — a loop folder's ``loop.json``: its run and how far it got;
 * :mod:`~stages.artifacts.checkpoints` — the resumable checkpoint folder, of
   :mod:`~stages.artifacts.pretrain_checkpoint` (pretraining) and :mod:`~stages.artifacts.rec_checkpoint`;
 * :mod:`~stages.artifacts.sessions`, :mod:`~stages.artifacts.rec_model` — the recommender's;

@@ -155,6 +155,28 @@ def load_safetensors(path: Path) -> dict[str, Any]:
         raise TempflowError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from err
 
 
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a safetensors file's header with its ``__metadata__`` keys in order. The library writes
+    them in an order that changes from process to process; sorted, the same tensors and metadata make
+    the same bytes. A header this function would not write back exactly as it read is left alone."""
+    with open(path, "r+b") as f:
+        size = int.from_bytes(f.read(8), "little")
+        raw = f.read(size)
+        header = json.loads(raw, object_pairs_hook=dict)
+        metadata = header.get("__metadata__")
+        if not isinstance(metadata, dict) or list(metadata) == sorted(metadata):
+            return
+        if _compact(header) != raw.rstrip(b" "):
+            return  # not the compact form the library writes: nothing to reorder safely
+        header["__metadata__"] = dict(sorted(metadata.items()))
+        f.seek(8)
+        f.write(_compact(header).ljust(size, b" "))
+
+
+def _compact(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 # --------------------------------------------------------------------------------------------
 # Arrays (.npy)
 

@@ -66,6 +66,14 @@ def tensors_digest(digest: Any, tensors: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+def save_module(module: nn.Module, folder: Path) -> None:
+    """``module.save_pretrained(folder)`` in safetensors, its config naming no load path (diffusers
+    records where a model was loaded from): the same weights give the same files wherever they came from."""
+    if hasattr(module, "register_to_config"):
+        module.register_to_config(_name_or_path=folder.name)
+    module.save_pretrained(folder, safe_serialization=True)
+
+
 def tensor_hash(modules: dict[str, nn.Module], extra: bytes = b"") -> str:
     """sha256 over the names, dtypes, shapes and bytes of every parameter and buffer, in name order.
 
@@ -89,6 +97,9 @@ class Policy(ABC):
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     """What the models compute in; states, log-probs and the loss stay float32."""
+    keep_text_encoders: bool = False
+    """Keep the text encoders loaded after a rollout has encoded its prompts (a process that rolls out
+    again, `tempflow loop`, then never reloads them)."""
 
     @property
     @abstractmethod
@@ -186,7 +197,7 @@ class Policy(ABC):
         return ()
 
     def release_text_encoders(self) -> None:
-        """Free the text encoders once a rollout has encoded its prompts (they are not used again)."""
+        """Free the text encoders once a rollout has encoded its prompts, unless :attr:`keep_text_encoders`."""
 
     def builtin_reference(self) -> Any | None:
         """A context manager under which the policy computes its KL reference (a LoRA adapter

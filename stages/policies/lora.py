@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from stages.artifacts.codecs import sort_safetensors_metadata
 from stages.support.errors import TempflowError
 from stages.support.rules import Rules
 
@@ -91,8 +92,12 @@ def adapter_state(transformer: nn.Module) -> dict[str, Tensor]:
 def save_adapter(pipeline_class: Any, folder: Path, transformer: nn.Module, spec: LoraSpec) -> None:
     """Write the adapter with diffusers' own writer, its config (alpha!) in the file's metadata."""
     metadata = spec.peft_config().to_dict()
+    # peft keeps the targets as a set, whose order changes from process to process: sorted, the same
+    # adapter is the same file
+    metadata["target_modules"] = sorted(metadata["target_modules"])
     pipeline_class.save_lora_weights(folder, transformer_lora_layers=adapter_state(transformer),
                                      transformer_lora_adapter_metadata=metadata, safe_serialization=True)
+    sort_safetensors_metadata(Path(folder) / ADAPTER_FILE)
 
 
 def read_adapter(folder: Path) -> tuple[dict[str, Tensor], LoraSpec]:

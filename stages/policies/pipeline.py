@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.artifacts.codecs import read_json
-from stages.policies.base import Cond, Policy, hide_library_progress, policy_class, resolve_dtype, tensors_digest
+from stages.policies.base import Cond, Policy, hide_library_progress, policy_class, resolve_dtype, save_module, tensors_digest
 from stages.policies.lora import (
     DEFAULT_TARGETS,
     LoraSpec,
@@ -274,7 +274,7 @@ class PipelinePolicy(Policy):
         if self.lora is not None:
             save_adapter(self.diffusers_pipeline(), path, self.transformer, self.lora)
         elif self.owns_weights:
-            self.transformer.save_pretrained(path / "transformer", safe_serialization=True)
+            save_module(self.transformer, path / "transformer")
 
     def identity(self) -> str:
         """sha256 of the kind, the model record (the base's fingerprint included) and what training
@@ -295,6 +295,8 @@ class PipelinePolicy(Policy):
         return (self.base,)
 
     def release_text_encoders(self) -> None:
+        if self.keep_text_encoders:
+            return
         self._text = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()

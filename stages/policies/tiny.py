@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from stages.artifacts.prompts import read_prompts
-from stages.policies.base import Cond, Policy, hide_library_progress, tensor_hash
+from stages.policies.base import Cond, Policy, hide_library_progress, save_module, tensor_hash
 from stages.support.errors import TempflowError
 from stages.support.limits import gib
 from stages.support.rules import Rules
@@ -245,10 +245,16 @@ class TinyPolicy(Policy):
 
     def encode_with_grad(self, prompts: list[str]) -> Cond:
         """:meth:`encode` with autograd on, for pretraining, where the text encoder learns too."""
+        backend = self.tokenizer.backend_tokenizer
+        truncation, padding = backend.truncation, backend.padding
         batch = self.tokenizer(
             list(prompts), padding="max_length", truncation=True, max_length=self.config.max_prompt_tokens,
             return_tensors="pt",
         )
+        # the call leaves its truncation and padding set; the tokenizer is put back as it was, so that a
+        # policy that has encoded prompts saves and hashes as the one loaded (tempflow loop holds it)
+        backend.no_truncation() if truncation is None else backend.enable_truncation(**truncation)
+        backend.no_padding() if padding is None else backend.enable_padding(**padding)
         out = self.text_encoder(input_ids=batch.input_ids.to(self.device),
                                 attention_mask=batch.attention_mask.to(self.device))
         return {"hidden": out.last_hidden_state.float(), "pooled": out.text_embeds.float()}
@@ -314,7 +320,7 @@ class TinyPolicy(Policy):
 
     def save_weights(self, path: Path) -> None:
         for folder, module in self.modules().items():
-            module.save_pretrained(path / folder, safe_serialization=True)
+            save_module(module, path / folder)
         self.tokenizer.save_pretrained(path / "tokenizer")
 
     @classmethod
