@@ -44,6 +44,7 @@ from stages.report import build_curve
 from stages.rewards import RewardRuntime, RewardSpec, load_rewards
 from stages.rollout import run_rollout
 from stages.score import ScoreConfig, run_score
+from stages.support.distributed import ranks
 from stages.support.errors import TempflowError
 from stages.support.outputs import atomic_output, clean_partials
 from stages.support.progress import Progress, no_progress
@@ -210,6 +211,9 @@ def run_loop(loop: LoopConfig, plan: LoopPlan, out: Path, progress: Progress = n
              on_iteration: Callable[[IterationReport], None] = lambda report: None,
              overwrite: bool = False) -> LoopResult:
     """Run the loop into the folder ``out`` up to ``loop.iterations``, resuming what it holds."""
+    if ranks().world > 1:
+        raise TempflowError("tempflow loop runs in one process; under torchrun, run rollout, score and update "
+                            "(each takes several processes)")
     out, start = Path(out), Path(plan.policy)
     start_record = read_policy_record(start)
     run = plan.record(loop, start_record)

@@ -84,23 +84,24 @@ def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
 
 
 class PlainProgress:
-    """Progress as plain lines, for a log: ``rollout: 1200/4800 NFE (25%), 41.3/s, 29 s, eta 87 s``, at
-    most one per task every ``every`` seconds, and one when the task ends."""
+    """Progress as plain lines, for a log: ``rollout: 1200/4800 NFE (25%), 41.3/s, 29 s, eta 87 s``, one
+    per task every ``every`` seconds, and one when a task that has printed one ends. A task shorter
+    than that prints nothing (a stage that fails fast leaves its one error line alone on stderr)."""
 
     def __init__(self, console: Console, unit: str = "", every: float | None = None) -> None:
         self.console, self.unit = console, f" {unit}" if unit else ""
         self.every = PROGRESS_SECONDS if every is None else every
-        self.tasks: dict[str, list[float]] = {}  # task -> [done, total, started, last line]
+        self.tasks: dict[str, list] = {}  # task -> [done, total, started, last line, printed one]
 
     def __call__(self, task: str, advance: int, total: int) -> None:
         now = time.monotonic()
         state = self.tasks.get(task)
         if state is None or state[0] >= state[1]:  # new, or the next round of a finished one
-            state = self.tasks[task] = [0, total, now, now]
+            state = self.tasks[task] = [0, total, now, now, False]
         state[0] += advance
         state[1] = total
-        if state[0] >= total or now - state[3] >= self.every:
-            state[3] = now
+        if now - state[3] >= self.every or (state[0] >= total and state[4]):
+            state[3], state[4] = now, True
             self.console.print(self.line(task, state, now), highlight=False, soft_wrap=True)
 
     def line(self, task: str, state: list[float], now: float) -> str:
