@@ -5,11 +5,13 @@ model, and what loading SD3.5 Medium's transformer costs.
     python examples/benchmark/long_run.py overhead --out docs/long-run/overhead.json
     python examples/benchmark/long_run.py load --out docs/long-run/load.json
 
-disk: examples/sd3's DVC pipeline on a toy SD3.5 folder (`make-tiny sd3`, LoRA r4, 32 px), run to 20
-iterations, then extended to 100 and 200 (params.yaml edited, `dvc repro` again: the loop continues),
+disk: examples/sd3's DVC pipeline on a toy SD3.5 folder (`make-tiny sd3`, LoRA r4, 32 px, a rollout of
+2 prompts x 2 seeds with K = 2 at each of T = 4 steps), run to 20 iterations, then extended to 100 and 200 (params.yaml edited, `dvc repro` again: the loop continues),
 once with the example's retention (policies every 50th and the last, the last 2 rollouts) and once
 keeping everything (every policy and rollout). After each run: bytes of the workspace's runs/ and of
-.dvc/cache (file sizes; the cache is a copy where the file system has no reflinks).
+.dvc/cache (file sizes; the cache is a copy where the file system has no reflinks), then of the cache
+after `dvc gc --workspace` (each repro of a longer run commits the loop folder again, and the earlier
+versions stay in the cache until collected).
 
 overhead: on the same toy folder, one iteration as three processes (`tempflow rollout`, `score`,
 `update`; wall time of each, and the compute each records of itself) against an iteration inside
@@ -107,17 +109,30 @@ def set_iterations(work: Path, iterations: int) -> None:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+SMALL = {"num-steps": 4, "branches": 2, "prompts-per-rollout": 2}
+"""disk: a smaller rollout (2 prompts x 2 seeds, K = 2, T = 4), so that 200 iterations take minutes here."""
+
+
 def disk(args: argparse.Namespace, root: Path) -> dict:
+    import yaml
+
     settings = {"retention on (the example's)": {"keep-every": 50, "keep-rollouts": 2},
                 "retention off (everything kept)": {"keep-every": 1, "keep-rollouts": 10**6}}
     rows = []
     for label, loop in settings.items():
         work = sd3_project(root, label.split()[1], {**loop, "iterations": args.points[0]})
+        path = work / "examples/sd3/params.yaml"
+        params = yaml.safe_load(path.read_text())
+        params["rollout"].update(SMALL)
+        path.write_text(yaml.safe_dump(params, sort_keys=False))
         for iterations in args.points:
             set_iterations(work, iterations)
             seconds = run("dvc", "repro", "examples/sd3/dvc.yaml", cwd=work)
             runs, cache = size(work / "examples/sd3/runs"), size(work / ".dvc/cache")
+            run("dvc", "gc", "--workspace", "--force", cwd=work)  # the versions earlier repros committed
+            metrics = size(work / "examples/sd3/runs/loop/metrics") + size(work / "examples/sd3/runs/report")
             rows.append({"setting": label, "iterations": iterations, "workspace_bytes": runs, "cache_bytes": cache,
+                         "cache_bytes_after_gc": size(work / ".dvc/cache"), "metrics_and_report_bytes": metrics,
                          "total_bytes": runs + cache, "repro_seconds": seconds,
                          "kept_policies": sorted(p.name for p in (work / "examples/sd3/runs/loop/policies").iterdir())})
             print(json.dumps(rows[-1]), flush=True)
