@@ -183,7 +183,8 @@ def _plan_rewards(ctx: click.Context, param: click.Parameter, texts: tuple[str, 
     from stages.rewards import plan_rewards
 
     try:
-        return plan_rewards(texts, ctx.params.get("reward_models"), ctx.params.get("reward_urls"))
+        return plan_rewards(texts, ctx.params.get("reward_models"), ctx.params.get("reward_urls"),
+                            ctx.params.get("reward_processors"))
     except TempflowError as err:
         raise click.BadParameter(str(err), ctx, param) from None
 
@@ -203,6 +204,10 @@ def _reward_options(default: tuple[str, ...] = ()):
         click.option("--reward-model", "reward_models", metavar="NAME=DIR", multiple=True, is_eager=True,
                      callback=_sources, help="Local folder of a model reward, e.g. pickscore=~/models/PickScore_v1 "
                      "(a transformers CLIP folder; see README, Rewards); repeatable."),
+        click.option("--reward-processor", "reward_processors", metavar="NAME=DIR", multiple=True, is_eager=True,
+                     callback=_sources, help="Folder of a model reward's tokenizer and image processor when its own "
+                     "folder lacks them, e.g. pickscore=~/models/CLIP-ViT-H-14-laion2B-s32B-b79K (PickScore's "
+                     "release uses that CLIP's); repeatable."),
         click.option("--reward-url", "reward_urls", metavar="NAME=URL", multiple=True, is_eager=True,
                      callback=_sources, help="A reward server: NAME becomes a --reward that POSTs each batch to URL "
                      "(protocol in README, Rewards); repeatable."),
@@ -231,7 +236,7 @@ def _reward_options(default: tuple[str, ...] = ()):
 @THREADS
 @OVERWRITE
 def score(rollout_dir: Path, rewards: list, out: Path, device: str, overwrite: bool, reward_models: dict,
-          reward_urls: dict, config: Any, runtime: Any) -> None:
+          reward_urls: dict, reward_processors: dict, config: Any, runtime: Any) -> None:
     """Compute rewards for a rollout's images; one parquet row per sample.
 
     Model rewards load once from the folders --reward-model names and run on --device, in batches of
@@ -386,8 +391,8 @@ def pretrain(out: Path, checkpoint: Path | None, device: str, overwrite: bool, c
 @dtype_option("dtype the policy's models compute in, as for rollout.")
 @OVERWRITE
 def eval_(policy_dir: Path, prompts: Path | None, out: Path, device: str, overwrite: bool, rewards: list,
-          reward_models: dict, reward_urls: dict, save_images: bool, dtype: str, config: Any, choice: Any,
-          runtime: Any) -> None:
+          reward_models: dict, reward_urls: dict, reward_processors: dict, save_images: bool, dtype: str, config: Any,
+          choice: Any, runtime: Any) -> None:
     """Evaluate a policy: deterministic ODE samples of fixed seeds, scored by every --reward.
 
     In the shapes world (the default reward), also strict accuracy per task; prompts must then follow

@@ -154,7 +154,7 @@ def _break(folder: Path, how: str) -> None:
 
 @pytest.mark.parametrize("how, needle", [
     ("not clip", "holds a gpt2 model, not the CLIP model"),
-    ("no processor", "has no image processor"),
+    ("no processor", "has no image processor (preprocessor_config.json or processor_config.json)"),
     ("few tokens", "tokenizer of 4 tokens"),
     ("no config", "has no readable config.json"),
     ("null text config", "text_config is not an object"),
@@ -308,3 +308,56 @@ def test_score_with_model_rewards_records_their_folders(policy_dir, folders, tmp
                   "--batch-size", "64", "--out", again).exit_code == 0
     np.testing.assert_allclose(pq.read_table(again).column("reward_pickscore").to_numpy(), cols["reward_pickscore"],
                                rtol=1e-5)  # batch size 3 or 64: the same scores
+
+
+def _processor_layouts(clip: Path, tmp_path: Path) -> dict[str, tuple[Path, Path | None]]:
+    """The same CLIP model in the layouts users have: one folder with ``preprocessor_config.json``
+    (older releases); one with ``processor_config.json``, as today's ``CLIPProcessor.save_pretrained``
+    writes it; and PickScore's, weights alone with the tokenizer and processor in a second folder."""
+    from transformers import AutoTokenizer, CLIPProcessor
+    from transformers.models.clip import CLIPImageProcessorPil
+
+    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(clip),
+                              tokenizer=AutoTokenizer.from_pretrained(clip))
+    today = tmp_path / "today"
+    shutil.copytree(clip, today)
+    for name in ("preprocessor_config.json", "tokenizer.json", "tokenizer_config.json"):
+        (today / name).unlink()
+    processor.save_pretrained(today)
+    weights_only, processor_folder = tmp_path / "weights-only", tmp_path / "clip-vit-h"
+    weights_only.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(clip / name, weights_only / name)
+    processor.save_pretrained(processor_folder)
+    return {"older": (clip, None), "today": (today, None), "two folders": (weights_only, processor_folder)}
+
+
+def test_every_processor_layout_scores_the_same(folders, images, tmp_path):
+    layouts = _processor_layouts(folders["clip"], tmp_path)
+    assert (layouts["today"][0] / "processor_config.json").is_file()
+    assert not (layouts["today"][0] / "preprocessor_config.json").exists()
+    scores = {name: load_model_reward("pickscore", folder, processor=processor)(images, PROMPTS)
+              for name, (folder, processor) in layouts.items()}
+    assert np.array_equal(scores["older"], scores["today"]) and np.array_equal(scores["older"], scores["two folders"])
+    with pytest.raises(TempflowError, match="has no image processor .*--reward-processor pickscore=DIR"):
+        load_model_reward("pickscore", layouts["two folders"][0])
+
+
+def test_score_takes_a_processor_folder_and_records_it(policy_dir, folders, tmp_path):
+    import pyarrow.parquet as pq
+
+    (weights, processor) = _processor_layouts(folders["clip"], tmp_path)["two folders"]
+    rollout = make_rollout(policy_dir, tmp_path / "r")
+    two = invoke("score", "--rollout", rollout, "--reward", "pickscore", "--reward-model", f"pickscore={weights}",
+                 "--reward-processor", f"pickscore={processor}", "--out", tmp_path / "two.parquet")
+    assert two.exit_code == 0, two.output
+    one = invoke("score", "--rollout", rollout, "--reward", "pickscore", "--reward-model", f"pickscore={folders['clip']}",
+                 "--out", tmp_path / "one.parquet")
+    assert one.exit_code == 0
+    table = pq.read_table(tmp_path / "two.parquet")
+    assert json.loads(table.schema.metadata[b"tempflow"])["rewards"] == [
+        {"name": "pickscore", "weight": 1.0, "source": str(weights), "processor": str(processor)}]
+    assert np.array_equal(table.column("reward").to_numpy(), pq.read_table(tmp_path / "one.parquet").column("reward").to_numpy())
+    stray = invoke("score", "--rollout", rollout, "--reward", "jpeg_compressibility", "--reward-processor",
+                   f"pickscore={processor}", "--out", tmp_path / "x.parquet")
+    assert stray.exit_code == 2 and "goes with a model reward's --reward-model pickscore=DIR" in stray.stderr

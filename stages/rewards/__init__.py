@@ -73,6 +73,8 @@ class RewardSpec:
     name: str
     weight: float = 1.0
     source: str = ""
+    processor: str = ""
+    """A model reward's tokenizer and image processor folder, when they are not in its own folder."""
 
     @property
     def column(self) -> str:
@@ -81,7 +83,8 @@ class RewardSpec:
 
     def record(self) -> dict[str, Any]:
         """What the scores' metadata keeps of this component."""
-        return {"name": self.name, "weight": self.weight, **({"source": self.source} if self.source else {})}
+        return {"name": self.name, "weight": self.weight, **({"source": self.source} if self.source else {}),
+                **({"processor": self.processor} if self.processor else {})}
 
 
 _PLUGIN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
@@ -114,19 +117,25 @@ def parse_reward_spec(text: str, remote: Sequence[str] = ()) -> RewardSpec:
 
 
 def parse_source(text: str, option: str) -> tuple[str, str]:
-    """``NAME=VALUE`` of ``--reward-model`` or ``--reward-url``."""
+    """``NAME=VALUE`` of ``--reward-model``, ``--reward-processor`` or ``--reward-url``."""
     name, sep, value = text.partition("=")
     if not sep or not name or not value:
-        raise TempflowError(f"{option} {text!r}: expected NAME={'DIR' if option == '--reward-model' else 'URL'}")
+        raise TempflowError(f"{option} {text!r}: expected NAME={'URL' if option == '--reward-url' else 'DIR'}")
     return name, value
 
 
 def plan_rewards(texts: Sequence[str], models: Mapping[str, str] | None = None,
-                 urls: Mapping[str, str] | None = None) -> list[RewardSpec]:
-    """The reward components of ``--reward`` options, each with its folder or URL attached; refuses a
-    model reward without a folder, a folder or URL for no component, and a component given twice."""
+                 urls: Mapping[str, str] | None = None, processors: Mapping[str, str] | None = None) -> list[RewardSpec]:
+    """The reward components of ``--reward`` options, each with its folder or URL (and a model reward's
+    processor folder) attached; refuses a model reward without a folder, a folder, URL or processor for
+    no component, and a component given twice."""
     models = {name: str(Path(folder).expanduser()) for name, folder in (models or {}).items()}
+    processors = {name: str(Path(folder).expanduser()) for name, folder in (processors or {}).items()}
     urls = dict(urls or {})
+    for name in processors:
+        if name not in models:
+            raise TempflowError(f"--reward-processor {name}=...: a processor folder goes with a model reward's "
+                                f"--reward-model {name}=DIR")
     for name in models:
         if name not in MODEL_REWARDS:
             raise TempflowError(f"--reward-model {name}=...: {name!r} is not a model reward; "
@@ -149,7 +158,8 @@ def plan_rewards(texts: Sequence[str], models: Mapping[str, str] | None = None,
     missing = [s.name for s in specs if s.name in MODEL_REWARDS and s.name not in models and not s.source]
     if missing:
         raise TempflowError(f"reward {missing[0]} is a model: name its folder with --reward-model {missing[0]}=DIR")
-    return [replace(s, source=str(models.get(s.name) or urls.get(s.name) or s.source)) for s in specs]
+    return [replace(s, source=str(models.get(s.name) or urls.get(s.name) or s.source),
+                    processor=processors.get(s.name, s.processor)) for s in specs]
 
 
 def resolve_reward(spec: RewardSpec, runtime: RewardRuntime = RewardRuntime()) -> RewardFn:
@@ -163,7 +173,8 @@ def resolve_reward(spec: RewardSpec, runtime: RewardRuntime = RewardRuntime()) -
             raise TempflowError(f"reward {spec.name} is a model: name its folder with --reward-model {spec.name}=DIR")
         from stages.rewards.models import load_model_reward
 
-        return load_model_reward(spec.name, Path(spec.source), runtime.device, runtime.dtype)
+        return load_model_reward(spec.name, Path(spec.source), runtime.device, runtime.dtype,
+                                 Path(spec.processor) if spec.processor else None)
     if spec.source:
         from stages.rewards.remote import RemoteReward
 

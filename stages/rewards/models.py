@@ -1,8 +1,9 @@
 """Model rewards: CLIP-family scorers loaded once per stage from a local folder.
 
 Every folder is a transformers CLIP folder (``config.json`` of ``model_type`` clip, the weights, the
-tokenizer files and ``preprocessor_config.json``), as ``CLIPModel.save_pretrained`` and the hubs'
-releases lay it out, plus, for two kinds, one more file:
+tokenizer files and the image processor's config), as ``CLIPProcessor`` and ``CLIPModel.save_pretrained``
+and the hubs' releases lay it out, or with the tokenizer and processor in a second folder (PickScore's
+release); plus, for two kinds, one more file:
 
 - ``hpsv2``: the released open_clip checkpoint (``HPS_v2.1_compressed.pt``) beside the config,
   tokenizer and processor of the CLIP ViT-H/14 it was fine-tuned from
@@ -40,35 +41,55 @@ HEAD_LAYERS = (0, 2, 4, 6, 7)
 
 
 class ClipModel:
-    """A CLIP model, its tokenizer and its image processor from one folder, for scoring."""
+    """A CLIP model, its tokenizer and its image processor, for scoring: all three from ``folder``, or
+    the tokenizer and image processor from ``processor`` (PickScore's release uses those of the CLIP
+    ViT-H/14 it was fine-tuned from). They load through transformers' own loaders, which read the
+    processor as either file name releases use (``preprocessor_config.json``, or ``processor_config.json``
+    as today's ``CLIPProcessor.save_pretrained`` writes it)."""
 
-    def __init__(self, reward: str, folder: Path, device: str, dtype: str) -> None:
+    def __init__(self, reward: str, folder: Path, device: str, dtype: str, processor: Path | None = None) -> None:
         import transformers.utils.logging
-        from transformers import AutoTokenizer, CLIPModel
-        from transformers.models.clip import CLIPImageProcessorPil
-
+        from transformers import CLIPModel
 
         transformers.utils.logging.disable_progress_bar()  # progress is the CLI's job (and its log lines, but with --debug)
         self.reward, self.folder = reward, folder
         config = self._read_config()
         self.device, self.dtype = resolve_device(device), resolve_dtype(dtype)
-        if not (folder / "preprocessor_config.json").is_file():
-            raise self.error("has no image processor (preprocessor_config.json); copy it from the model's release")
-        try:
-            self.processor = CLIPImageProcessorPil.from_pretrained(folder)
-            self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        except Exception as err:  # transformers' many ways to fail on a damaged folder: one line
-            raise self.error(f"has no usable tokenizer or image processor ({type(err).__name__}: {err})") from err
+        source = Path(processor) if processor else folder
+        self.processor, self.tokenizer = self._load_processor(source)
         vocab = config["text_config"].get("vocab_size", 49408)
         if not vocab // 2 <= len(self.tokenizer) <= vocab:
             raise self.error(f"has a tokenizer of {len(self.tokenizer)} tokens for a text encoder of {vocab}; "
-                             "its tokenizer files are not this model's")
+                             f"its tokenizer files are not {folder}'s model's", source)
         self.model = self._load_model(CLIPModel, config)
         positions = config["text_config"].get("max_position_embeddings", CONTEXT)
         self.context = min(CONTEXT, positions)
 
-    def error(self, what: str) -> TempflowError:
-        return TempflowError(f"reward {self.reward}: {self.folder} {what}")
+    def error(self, what: str, folder: Path | None = None) -> TempflowError:
+        return TempflowError(f"reward {self.reward}: {folder or self.folder} {what}")
+
+    def _load_processor(self, source: Path) -> tuple[Any, Any]:
+        """The image processor and the tokenizer of ``source``."""
+        from transformers import AutoTokenizer
+        from transformers.models.clip import CLIPImageProcessorPil
+
+        hint = "" if source != self.folder else (
+            f"; a release without them takes another folder's: --reward-processor {self.reward}=DIR")
+        if not source.is_dir():
+            raise self.error("is not a folder", source)
+        try:
+            processor = CLIPImageProcessorPil.from_pretrained(source, local_files_only=True)
+        except OSError:
+            raise self.error(f"has no image processor (preprocessor_config.json or processor_config.json){hint}",
+                             source) from None
+        except Exception as err:  # transformers' many ways to fail on a damaged folder: one line
+            raise self.error(f"has no usable image processor ({type(err).__name__}: {err})", source) from err
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+        except Exception as err:
+            raise self.error(f"has no usable tokenizer ({type(err).__name__}: {str(err).splitlines()[0]}){hint}",
+                             source) from err
+        return processor, tokenizer
 
     def _read_config(self) -> dict[str, Any]:
         if not self.folder.is_dir():
@@ -143,8 +164,8 @@ class PickScore:
     about 18 to 23. Flow-GRPO trains on this divided by 26; give ``--reward pickscore:0.0385`` for
     that scale."""
 
-    def __init__(self, folder: Path, device: str, dtype: str) -> None:
-        self.clip = ClipModel("pickscore", folder, device, dtype)
+    def __init__(self, folder: Path, device: str, dtype: str, processor: Path | None = None) -> None:
+        self.clip = ClipModel("pickscore", folder, device, dtype, processor)
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         scale = self.clip.model.logit_scale.detach().float().exp()
@@ -158,8 +179,8 @@ class ClipScore:
 
     PREFIX = "A photo depicts "
 
-    def __init__(self, folder: Path, device: str, dtype: str) -> None:
-        self.clip = ClipModel("clipscore", folder, device, dtype)
+    def __init__(self, folder: Path, device: str, dtype: str, processor: Path | None = None) -> None:
+        self.clip = ClipModel("clipscore", folder, device, dtype, processor)
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         cos = self.clip.cosine(images, [self.PREFIX + p for p in prompts])
@@ -171,8 +192,8 @@ class HPSv2:
     diagonal of its reference scorer's ``image_features @ text_features.T``; typical images score
     about 0.2 to 0.3."""
 
-    def __init__(self, folder: Path, device: str, dtype: str) -> None:
-        self.clip = ClipModel("hpsv2", folder, device, dtype)
+    def __init__(self, folder: Path, device: str, dtype: str, processor: Path | None = None) -> None:
+        self.clip = ClipModel("hpsv2", folder, device, dtype, processor)
 
     def __call__(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
         return self.clip.cosine(images, prompts).cpu().numpy().astype(np.float64)
@@ -183,8 +204,8 @@ class Aesthetic:
     stack of five Linear layers without activations over CLIP ViT-L/14's projected image embedding,
     trained to predict mean human ratings on a 1-to-10 scale. The prompt is not used."""
 
-    def __init__(self, folder: Path, device: str, dtype: str) -> None:
-        self.clip = ClipModel("aesthetic", folder, device, dtype)
+    def __init__(self, folder: Path, device: str, dtype: str, processor: Path | None = None) -> None:
+        self.clip = ClipModel("aesthetic", folder, device, dtype, processor)
         self.head = self._load_head()
 
     def _load_head(self) -> torch.nn.Sequential:
@@ -219,9 +240,11 @@ class Aesthetic:
 MODELS = {"pickscore": PickScore, "clipscore": ClipScore, "hpsv2": HPSv2, "aesthetic": Aesthetic}
 
 
-def load_model_reward(name: str, folder: Path, device: str = "cpu", dtype: str = "fp32") -> Any:
-    """The scorer of model reward ``name`` with its model loaded from ``folder``."""
-    return MODELS[name](Path(folder), device, dtype)
+def load_model_reward(name: str, folder: Path, device: str = "cpu", dtype: str = "fp32",
+                      processor: Path | None = None) -> Any:
+    """The scorer of model reward ``name`` with its model loaded from ``folder`` (and its tokenizer and
+    image processor from ``processor``, when given)."""
+    return MODELS[name](Path(folder), device, dtype, processor)
 
 
 def _mlp_head(weights: dict[str, torch.Tensor]) -> torch.nn.Sequential:
