@@ -16,8 +16,9 @@ The loop folder:
 Iteration ``i`` samples with the policy of iteration ``i - 1`` (the start policy for the first) and
 seed ``seed + i`` for its rollout and update, so a run of N iterations is a prefix of a run of more:
 a loop rerun with more iterations continues where it ended, and one killed anywhere redoes at most
-the iteration it was in. A rerun whose settings differ in anything but the number of iterations is
-another run: it is refused, or with ``overwrite`` started afresh; so is a folder made by other code.
+the iteration it was in. What it keeps and how often it evaluates may change between reruns (from
+then on). A rerun whose other settings differ is another run: it is refused, or with ``overwrite``
+started afresh; so is a folder made by other code.
 
 This module is the one stage that calls the others (as the command line does), so that the files an
 iteration writes are exactly theirs; the models stay loaded between iterations: the policy (trained
@@ -115,13 +116,14 @@ class LoopPlan:
     eval: EvalPlan | None = None
 
     def record(self, loop: LoopConfig, start: PolicyRecord) -> dict[str, Any]:
-        """The run, for loop.json: everything an iteration's bytes depend on (the number of iterations
-        aside; the device and threads too, which a resumed run may change)."""
+        """The run, for loop.json: everything an iteration's bytes depend on. Not the number of
+        iterations, nor what is kept or how often it evaluates (a rerun may change those), nor the
+        device and threads."""
         return {
             "code": code_fingerprint(),
             "start": {"path": str(self.policy), "identity": start.identity},
             "prompts": self.prompts, "dtype": self.dtype,
-            "loop": {k: v for k, v in asdict(loop).items() if k != "iterations"},
+            "seed": loop.seed,
             "rollout": asdict(replace(self.rollout, seed=0)), "rewards": [s.record() for s in self.rewards],
             "score": asdict(self.score), "update": asdict(replace(self.update, seed=0)),
             "eval": self.eval.record() if self.eval else None,

@@ -214,3 +214,12 @@ def test_a_killed_dvc_loop_resumes_to_the_uninterrupted_result_keeping_only_what
     assert "iteration 30/32" not in more and "iteration 32/32" in more
     assert sorted(p.name for p in (runs / "policies").iterdir()) == ["it0010", "it0020", "it0030", "it0032"]
     assert json.loads((killed / "examples/sd3/runs/report/summary.json").read_text())["iterations"] == iterations + 2
+
+
+def test_what_is_kept_may_change_between_reruns_without_redoing_the_run(policy_dir, prompts_file, tmp_path):
+    out = tmp_path / "loop"
+    assert _loop(policy_dir, prompts_file, out, "--iterations", "2", "--keep-every", "1").exit_code == 0
+    more = _loop(policy_dir, prompts_file, out, "--iterations", "3", "--keep-every", "0", "--keep-rollouts", "1")
+    assert more.exit_code == 0 and "iteration 3/3" in more.stderr and "iteration 1/3" not in more.stderr
+    assert [p.name for p in (out / "policies").iterdir()] == ["it0003"]
+    assert [p.name for p in (out / "rollouts").iterdir()] == ["it0003"]
