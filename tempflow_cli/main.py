@@ -534,9 +534,10 @@ def loop(policy_dir: Path, prompts: Path, out: Path, device: str, dtype: str, ov
 
     A rerun continues the folder: after a kill, from the last iteration that landed; with more
     --iterations, from where it ended; --keep-every, --keep-rollouts and --eval-every may change on the
-    way. Other settings are another run: refused, or started afresh with --overwrite. Rollouts and scores are deleted once their update has landed (but the last
-    --keep-rollouts), policies but every --keep-every-th and the last; every update's metrics stay, and
-    curve.json holds the reward curve so far.
+    way. Other settings are another run: refused, or started afresh with --overwrite. Rollouts and
+    scores are deleted once their update has landed (but the last --keep-rollouts), policies but every
+    --keep-every-th and the last; every update's metrics stay, and curve.json holds the reward curve
+    so far.
     """
     from stages.artifacts.prompts import read_prompts
     from stages.evaluate import read_eval_prompts
