@@ -201,7 +201,10 @@ class CommandGroup(click.Group):
             ctx.exit(1)
         except KeyboardInterrupt as err:
             kept = _committed_outputs()[committed:]
-            done = f"{', '.join(map(str, kept))} was written, the rest was not" if kept else "the stage's output was not written"
+            if len(kept) > 3:  # a loop commits many: the count and the last one
+                done = f"{len(kept)} outputs were written (the last, {kept[-1]}), the rest was not"
+            else:
+                done = f"{', '.join(map(str, kept))} was written, the rest was not" if kept else "the stage's output was not written"
             click.echo(f"interrupted: {done}; run it again", err=True)
             ctx.exit(128 + (err.signum if isinstance(err, Interrupted) else signal.SIGINT))
 

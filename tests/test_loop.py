@@ -231,3 +231,26 @@ def test_what_is_kept_may_change_between_reruns_without_redoing_the_run(policy_d
     assert more.exit_code == 0 and "iteration 3/3" in more.stderr and "iteration 1/3" not in more.stderr
     assert [p.name for p in (out / "policies").iterdir()] == ["it0003"]
     assert [p.name for p in (out / "rollouts").iterdir()] == ["it0003"]
+
+
+def test_ctrl_c_says_what_landed_in_one_line_and_a_rerun_resumes(policy_dir, prompts_file, tmp_path, monkeypatch):
+    import stages.loop
+
+    out = tmp_path / "loop"
+    real_update, calls = stages.loop.run_update, []
+
+    def update_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_update(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stages.loop, "run_update", update_then_interrupt)
+        result = _loop(policy_dir, prompts_file, out, "--iterations", "4")
+    assert result.exit_code == 130
+    said = [line for line in result.stderr.splitlines() if line.startswith("interrupted")]
+    assert len(said) == 1 and "outputs were written (the last, " in said[0] and said[0].endswith("run it again")
+    assert json.loads((out / "loop.json").read_text())["done"] == 2
+    again = _loop(policy_dir, prompts_file, out, "--iterations", "4")
+    assert again.exit_code == 0 and "iteration 2/4" not in again.stderr and "iteration 3/4" in again.stderr
