@@ -516,7 +516,9 @@ LOOP_OWNED = {"rollout": ("policy_dir", "prompts", "seed", *_RUN), "score": ("ro
 @DEVICE
 @THREADS
 @dtype_option("dtype the models compute in, as for rollout (the updates run in it too).")
-@OVERWRITE
+@click.option("--overwrite", is_flag=True,
+              help="When OUT holds another run (other settings, start policy or code), delete it and start afresh; "
+                   "without it, such a folder is refused. A folder of this run is continued either way.")
 @click.argument("stages", nargs=-1, type=click.UNPROCESSED)
 def loop(policy_dir: Path, prompts: Path, out: Path, device: str, dtype: str, overwrite: bool, stages: tuple,
          loop: Any) -> None:
