@@ -548,8 +548,7 @@ def loop(policy_dir: Path, prompts: Path, out: Path, device: str, dtype: str, ov
     ctx = click.get_current_context()
     groups = [part for part in _split_commands(stages) if part]
     names = [part[0] for part in groups]
-    if [n for n in names if n in LOOP_STAGES] != names or len(set(names)) != len(names) \
-            or names[:3] != list(LOOP_STAGES[:3]):
+    if names not in (list(LOOP_STAGES[:3]), list(LOOP_STAGES)):
         raise click.UsageError(f"expected rollout OPTIONS + score OPTIONS + update OPTIONS [+ eval OPTIONS] after the "
                                f"loop's own options, got {' '.join(names) or 'none'}", ctx)
     parsed = {part[0]: _command_configs(ctx, part[0], part[1:], "the loop sets it", LOOP_OWNED[part[0]])

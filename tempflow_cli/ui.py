@@ -7,6 +7,7 @@ import functools
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from stages.support.progress import Progress as ProgressFn
@@ -83,6 +84,17 @@ def progress_bars(unit: str = "") -> Iterator[ProgressFn]:
             bars.stop()
 
 
+@dataclass
+class _Task:
+    """One task's round of :class:`PlainProgress`."""
+
+    total: int
+    started: float
+    done: int = 0
+    last_line: float = 0.0
+    printed: bool = False
+
+
 class PlainProgress:
     """Progress as plain lines, for a log: ``rollout: 1200/4800 NFE (25%), 41.3/s, 29 s, eta 87 s``, one
     per task every ``every`` seconds, and one when a task that has printed one ends. A task shorter
@@ -91,26 +103,25 @@ class PlainProgress:
     def __init__(self, console: Console, unit: str = "", every: float | None = None) -> None:
         self.console, self.unit = console, f" {unit}" if unit else ""
         self.every = PROGRESS_SECONDS if every is None else every
-        self.tasks: dict[str, list] = {}  # task -> [done, total, started, last line, printed one]
+        self.tasks: dict[str, _Task] = {}
 
     def __call__(self, task: str, advance: int, total: int) -> None:
         now = time.monotonic()
         state = self.tasks.get(task)
-        if state is None or state[0] >= state[1]:  # new, or the next round of a finished one
-            state = self.tasks[task] = [0, total, now, now, False]
-        state[0] += advance
-        state[1] = total
-        if now - state[3] >= self.every or (state[0] >= total and state[4]):
-            state[3], state[4] = now, True
+        if state is None or state.done >= state.total:  # new, or the next round of a finished one
+            state = self.tasks[task] = _Task(total=total, started=now, last_line=now)
+        state.done += advance
+        state.total = total
+        if now - state.last_line >= self.every or (state.done >= total and state.printed):
+            state.last_line, state.printed = now, True
             self.console.print(self.line(task, state, now), highlight=False, soft_wrap=True)
 
-    def line(self, task: str, state: list[float], now: float) -> str:
-        done, total, started = state[0], state[1], state[2]
-        elapsed = now - started
+    def line(self, task: str, state: _Task, now: float) -> str:
+        done, total, elapsed = state.done, state.total, now - state.started
         rate = done / elapsed if elapsed > 0 else 0.0
         eta = f", eta {_duration((total - done) / rate)}" if rate > 0 and done < total else ""
         percent = f" ({100 * done / total:.0f}%)" if total else ""
-        return (f"{task}: {done:g}/{total:g}{self.unit}{percent}, {rate:.3g}/s, {_duration(elapsed)}{eta}")
+        return f"{task}: {done:g}/{total:g}{self.unit}{percent}, {rate:.3g}/s, {_duration(elapsed)}{eta}"
 
 
 def _duration(seconds: float) -> str:

@@ -92,6 +92,24 @@ def write_updates(folder: Path, rewards: list[float], seconds: list[tuple[float,
     return folder
 
 
+def copy_project(work: Path, files: tuple[str, ...], folders: tuple[str, ...]) -> Path:
+    """``files`` and ``folders`` of this repository in ``work``, with its DVC config but no cache: a
+    project DVC runs as a user's clone (its stages depend on the code copied with it)."""
+    repo = Path(__file__).resolve().parents[1]
+    work.mkdir()
+    for name in (".dvcignore", *files):
+        shutil.copy(repo / name, work / name)
+    shutil.copytree(repo / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
+    for folder in folders:
+        shutil.copytree(repo / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__", "runs"))
+    return work
+
+
+def tool_env(**extra: str) -> dict[str, str]:
+    """This environment with the test interpreter's scripts (tempflow, dvc) first on PATH."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}
+
+
 def invoke(*args: str):
     """Run the CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
     return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)

@@ -4,10 +4,7 @@ the on-policy ratio is 1, and the DVC loop runs and is cached."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,9 +21,8 @@ from stages.rollout import run_rollout
 from stages.score import run_score
 from stages.support.errors import TempflowError
 from stages.update import UpdateConfig, run_update
-from tests.conftest import PROMPTS, invoke, make_rollout
+from tests.conftest import PROMPTS, copy_project, invoke, make_rollout, tool_env
 
-REPO = Path(__file__).resolve().parents[1]
 COMPRESSIBILITY = [parse_reward_spec("jpeg_compressibility")]
 
 
@@ -210,19 +206,10 @@ def _small_loop_params(path: Path) -> None:
 
 def _project_copy(tmp_path: Path) -> Path:
     """The project's DVC pipeline, code and params (on a tiny loop) in a fresh folder."""
-    work = tmp_path / "project"
-    work.mkdir()
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy(REPO / name, work / name)
-    shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
-    for folder in ("examples", "stages", "tempflow_cli"):  # the stages depend on the code they run
-        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__", "runs"))
+    work = copy_project(tmp_path / "project", ("dvc.yaml", "params.yaml", ".gitignore"),
+                        ("examples", "stages", "tempflow_cli"))
     _small_loop_params(work / "params.yaml")
     return work
-
-
-def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
 def _runner(work: Path, env: dict[str, str]):
@@ -238,7 +225,7 @@ def _runner(work: Path, env: dict[str, str]):
 def test_dvc_repro_runs_loop_then_has_nothing_to_do(tmp_path):
     """dvc repro on a copy of the project's dvc.yaml runs every stage; a second repro runs none."""
     work = _project_copy(tmp_path)
-    run = _runner(work, {**_env(), "PYTHONPATH": str(work)})  # the stages run the copy's code, which is edited below
+    run = _runner(work, tool_env(PYTHONPATH=str(work)))  # the stages run the copy's code, which is edited below
 
     run("git", "init", "-q")
     first = run("dvc", "repro")
@@ -274,7 +261,7 @@ def test_a_bad_params_value_fails_the_experiment_in_its_first_stage(tmp_path):
     params.yaml stays, as DVC leaves it); from the queue the experiment is listed as failed, and
     `dvc queue remove --failed` deletes it."""
     work = _project_copy(tmp_path)
-    run = _runner(work, {**_env(), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+    run = _runner(work, {**tool_env(), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                          "GIT_COMMITTER_EMAIL": "t@t"})  # DVC commits and stashes through git: a machine may have no identity
 
     for cmd in (("git", "init", "-q"), ("git", "add", "-A"), ("git", "commit", "-qm", "project")):

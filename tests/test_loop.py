@@ -8,18 +8,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
-from tests.conftest import invoke
+from tests.conftest import copy_project, invoke, tool_env
 
-REPO = Path(__file__).resolve().parents[1]
 ROLLOUT = ["--num-steps", "4", "--branches", "2", "--seeds-per-prompt", "2", "--batch-size", "8"]
 UPDATE = ["--beta", "0.04", "--learning-rate", "0.0001", "--batch-size", "16"]
 REWARD = ["--reward", "jpeg_compressibility"]
@@ -141,11 +138,7 @@ def test_the_loop_owns_paths_seeds_and_devices_and_needs_its_three_stages(policy
 def _sd3_project(pipelines: dict[str, Path], work: Path, iterations: int) -> Path:
     """examples/sd3 in ``work``, its params pointed at a toy SD3.5 folder on the CPU, sized to run an
     iteration in about a second."""
-    work.mkdir()
-    shutil.copy(REPO / ".dvcignore", work / ".dvcignore")
-    shutil.copytree(REPO / ".dvc", work / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp"))
-    for folder in ("examples/sd3", "stages", "tempflow_cli"):
-        shutil.copytree(REPO / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__", "runs"))
+    copy_project(work, (), ("examples/sd3", "stages", "tempflow_cli"))
     params_path = work / "examples/sd3/params.yaml"
     params = yaml.safe_load(params_path.read_text())
     params["base"] = str(pipelines["sd3"])
@@ -161,9 +154,7 @@ def _sd3_project(pipelines: dict[str, Path], work: Path, iterations: int) -> Pat
 
 
 def _dvc(work: Path, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "TEMPFLOW_PROGRESS_SECONDS": "600"}
-    return subprocess.Popen(["dvc", *args], cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    return subprocess.Popen(["dvc", *args], cwd=work, env=tool_env(TEMPFLOW_PROGRESS_SECONDS="600"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
