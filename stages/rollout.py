@@ -32,9 +32,11 @@ import torch
 from torch import Tensor
 
 from stages.artifacts.rollout import (
+    next_state,
     sample_fields,
     seed_group,
     shard_writer,
+    state_digest,
     write_embeddings,
     write_manifest,
     write_timing,
@@ -70,17 +72,39 @@ class Trajectory:
 
 
 @dataclass
+class Transition:
+    """One SDE step ``x_k -> x_{k+1} = mean + std * noise``, the noise drawn from ``noise_seed``, and
+    the sampler's log-prob of it."""
+
+    state: Tensor
+    mean: Tensor
+    std: float
+    noise_seed: int
+    next: Tensor
+    log_prob: float
+
+
+@dataclass
 class Branch:
     """A tempflow branch waiting to be finished by ODE."""
 
     traj: Trajectory
     step: int  # k, the branch step
     branch: int  # b
-    state: Tensor  # x_k
-    next: Tensor  # x_{k+1}, the SDE sample
-    log_prob: float
+    move: Transition
     x: Tensor  # current state of the continuation
     path: list[int]  # sigma indices still ahead of it, the first being the one x is at
+
+
+def sde_transitions(out: Any, state: Tensor, mean: Tensor, noise_seeds: list[int]) -> list[Transition]:
+    """The rows of one batched :func:`~stages.flow.sde_step` (``mean``: the one its rows share, or its own)."""
+    std = out.std.reshape(-1).expand(len(noise_seeds))
+    return [Transition(state[n], mean[n], float(std[n]), seed, out.prev_sample[n], float(out.log_prob[n]))
+            for n, seed in enumerate(noise_seeds)]
+
+
+def sample_key(traj: Trajectory, step: int, branch: int) -> str:
+    return f"p{traj.prompt_index:05d}_s{traj.seed_index:03d}_k{step:03d}_b{branch:02d}"
 
 
 @dataclass
@@ -139,10 +163,12 @@ class _Sampler:
     def initial_noise(self, trajs: list[Trajectory]) -> Tensor:
         return seeded_normal(self.policy.sample_shape, [t.seed for t in trajs])
 
-    def write(self, traj: Trajectory, step: int, branch: int, state: Tensor, nxt: Tensor, log_prob: float,
-              group: str, image: np.ndarray | None, image_key: str | None = None) -> str:
-        key = f"p{traj.prompt_index:05d}_s{traj.seed_index:03d}_k{step:03d}_b{branch:02d}"
-        if not (math.isfinite(log_prob) and torch.isfinite(state).all() and torch.isfinite(nxt).all()):
+    def write(self, traj: Trajectory, step: int, branch: int, move: Transition, group: str, image: np.ndarray | None,
+              image_key: str | None = None, state_key: str | None = None, state_refs: int = 0) -> str:
+        """Write one sample; it holds ``x_k`` and the mean unless ``state_key`` names the (earlier)
+        sample that does, and says in ``state_refs`` how many later samples will name it."""
+        key = sample_key(traj, step, branch)
+        if not (math.isfinite(move.log_prob) and torch.isfinite(move.state).all() and torch.isfinite(move.next).all()):
             raise TempflowError(f"sample {key} (step {step}): its log-prob or states are NaN or infinite; nothing "
                                 f"was written. Check --shift ({self.config.shift:g}) and --noise-level "
                                 f"({self.config.noise_level:g}), or the policy's weights")
@@ -150,18 +176,31 @@ class _Sampler:
             "prompt": self.prompts[traj.prompt_index], "prompt_index": traj.prompt_index,
             "seed": traj.seed, "seed_index": traj.seed_index, "group": group, "step": step, "branch": branch,
             "sigma": self.sigma_values[step], "sigma_next": self.sigma_values[step + 1],
-            "log_prob": float(log_prob), "algo": self.config.algo,
+            "log_prob": float(move.log_prob), "algo": self.config.algo,
+            "noise_seed": move.noise_seed, "std": move.std,
         }
         if image_key is not None:
             meta["image_key"] = image_key
+        if state_key is not None:
+            meta["state_key"] = state_key
+        else:
+            meta["state_refs"] = state_refs
         if self.jobs is None:
-            self._store(key, meta, state, nxt, image)
+            self._store(key, meta, move, state_key is None, image)
         else:  # encoded and written on the writer thread, in this order, while the model goes on
-            self.jobs.submit(self._store, key, meta, state, nxt, image)
+            self.jobs.submit(self._store, key, meta, move, state_key is None, image)
         return key
 
-    def _store(self, key: str, meta: dict[str, Any], state: Tensor, nxt: Tensor, image: np.ndarray | None) -> None:
-        self.writer.write(key, sample_fields(meta, state.numpy(), nxt.numpy(), image))
+    def _store(self, key: str, meta: dict[str, Any], move: Transition, holds_state: bool,
+               image: np.ndarray | None) -> None:
+        nxt = move.next.numpy()
+        meta["next_sha256"] = state_digest(nxt)
+        # what a reader will make of the mean and the noise seed, checked here once, bit for bit
+        if not np.array_equal(next_state(move.mean.numpy(), move.std, move.noise_seed), nxt):
+            raise TempflowError(f"sample {key}: x_(k+1) is not its mean plus std times the noise of its seed, bit for "
+                                "bit; the rollout cannot be stored (a bug: please report it)")
+        state = (move.state.numpy(), move.mean.numpy()) if holds_state else None
+        self.writer.write(key, sample_fields(meta, state, image))
 
 
 def encode_prompts(policy: Policy, prompts: list[str]) -> tuple[Cond, Cond | None]:
@@ -220,14 +259,13 @@ def _tempflow(s: _Sampler, chunks: list[list[Trajectory]]) -> None:
             v = s.velocity(x, at, pis)
             sigma, sigma_next = s.sigma_pair(at)
             if i in steps:
+                mean = None  # the SDE mean depends on x_k alone: the branches share branch 0's
                 for b in range(cfg.branches):
-                    eps = seeded_normal(s.policy.sample_shape, [derive_seed(t.seed, "branch", i, b) for t in chunk])
-                    out = sde_step(v, x, sigma, sigma_next, cfg.noise_level, noise=eps)
-                    pool += [
-                        Branch(t, i, b, x[n], out.prev_sample[n], float(out.log_prob[n]), out.prev_sample[n],
-                               cfg.finish_path(i))
-                        for n, t in enumerate(chunk)
-                    ]
+                    seeds = [derive_seed(t.seed, "branch", i, b) for t in chunk]
+                    out = sde_step(v, x, sigma, sigma_next, cfg.noise_level, noise=seeded_normal(s.policy.sample_shape, seeds))
+                    mean = out.mean if mean is None else mean
+                    pool += [Branch(t, i, b, move, move.next, cfg.finish_path(i))
+                             for t, move in zip(chunk, sde_transitions(out, x, mean, seeds))]
                 _advance_branches(s, pool, drain=False)  # keeps at most a batch plus one step's branches
             x = ode_step(v, x, sigma, sigma_next)
         _advance_branches(s, pool, drain=True)
@@ -249,9 +287,12 @@ def _advance_branches(s: _Sampler, pool: list[Branch], drain: bool) -> None:
             br.x, br.path = x[n], br.path[1:]
         done = [n for n, br in enumerate(batch) if len(br.path) == 1]
         for img, n in zip(s.decode(x[done]) if done else [], done):
+            # branch 0 holds the group's x_k and finishes first (the pool keeps its order): the others name it
             br = batch[n]
             group = seed_group(br.traj.prompt_index, br.traj.seed, br.step)
-            s.write(br.traj, br.step, br.branch, br.state, br.next, br.log_prob, group, img)
+            holder = sample_key(br.traj, br.step, 0) if br.branch else None
+            s.write(br.traj, br.step, br.branch, br.move, group, img, state_key=holder,
+                    state_refs=0 if br.branch else s.config.branches - 1)
         pool[:0] = [br for br in batch if len(br.path) > 1]  # unfinished rows keep their place in the batch
 
 
@@ -261,24 +302,24 @@ def _flow_grpo(s: _Sampler, chunks: list[list[Trajectory]]) -> None:
     for chunk in chunks:
         pis = [t.prompt_index for t in chunk]
         x = s.initial_noise(chunk)
-        transitions: list[tuple[int, Tensor, Tensor, Tensor]] = []  # (step, x_k, x_{k+1}, log p)
+        transitions: list[tuple[int, list[Transition]]] = []  # (step, one per trajectory)
         for i in range(cfg.num_steps):
             at = torch.full((len(chunk),), i)
             v = s.velocity(x, at, pis)
             sigma, sigma_next = s.sigma_pair(at)
             if i in window:
-                eps = seeded_normal(s.policy.sample_shape, [derive_seed(t.seed, "sde", i) for t in chunk])
-                out = sde_step(v, x, sigma, sigma_next, cfg.noise_level, noise=eps)
-                transitions.append((i, x, out.prev_sample, out.log_prob))
+                seeds = [derive_seed(t.seed, "sde", i) for t in chunk]
+                out = sde_step(v, x, sigma, sigma_next, cfg.noise_level, noise=seeded_normal(s.policy.sample_shape, seeds))
+                transitions.append((i, sde_transitions(out, x, out.mean, seeds)))
                 x = out.prev_sample
             else:
                 x = ode_step(v, x, sigma, sigma_next)
         images = s.decode(x)
         for n, traj in enumerate(chunk):
             owner = None
-            for step, state, nxt, log_prob in transitions:
-                # the trajectory's image is stored once, on its first transition
-                key = s.write(traj, step, 0, state[n], nxt[n], float(log_prob[n]), f"p{traj.prompt_index}",
+            for step, moves in transitions:
+                # the trajectory's image is stored once, on its first transition; each holds its own x_k
+                key = s.write(traj, step, 0, moves[n], f"p{traj.prompt_index}",
                               images[n] if owner is None else None, image_key=owner)
                 owner = owner or key
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from stages.artifacts.optimizer import load_optimizer, save_optimizer
 from stages.artifacts.policy import PolicyRecord, read_policy_record, record_inputs
-from stages.artifacts.rollout import Rollout, Sample, check_meta, read_rollout_seconds, seed_group
+from stages.artifacts.rollout import STATE_FIELDS, Rollout, Sample, check_meta, read_rollout_seconds, seed_group
 from stages.artifacts.scores import check_keys_match, read_scores, reward_column
 from stages.artifacts.update_record import read_step_spread, write_metrics, write_update
 from stages.flow import KL_FORMS, group_advantages, grpo_loss, kl_scale, kl_to_reference, noise_aware_weights, sde_step
@@ -279,8 +279,8 @@ def make_batch(samples: list[Sample], plan: Plan, manifest: dict[str, Any]) -> B
     for sample, meta in zip(samples, metas):
         check_meta(sample.key, meta, manifest)
     return Batch(
-        state=torch.from_numpy(np.stack([s.array("state.npy") for s in samples])).float(),
-        next=torch.from_numpy(np.stack([s.array("next.npy") for s in samples])).float(),
+        state=torch.from_numpy(np.stack([s.state() for s in samples])).float(),
+        next=torch.from_numpy(np.stack([s.next() for s in samples])).float(),
         sigma=torch.tensor([m["sigma"] for m in metas], dtype=torch.float32),
         sigma_next=torch.tensor([m["sigma_next"] for m in metas], dtype=torch.float32),
         log_prob_old=torch.tensor([m["log_prob"] for m in metas], dtype=torch.float32),
@@ -519,7 +519,7 @@ def _batches(rollout: Rollout, plan: Plan, config: UpdateConfig, rng: random.Ran
     batches of ``batch_size`` (each pass's last one may be smaller). Every rank draws the same
     global batches and decodes its own rows of each."""
     for _ in range(config.inner_epochs):
-        active = (s for s in rollout.samples(fields=("meta.json", "state.npy", "next.npy"))
+        active = (s for s in rollout.samples(fields=("meta.json", *STATE_FIELDS))
                   if plan.advantage[s.key] != 0.0)
         batch: list[Sample] = []
         for sample in shuffled(active, config.shuffle_buffer, rng):

@@ -8,6 +8,8 @@ Everything is small so the suite runs in minutes on 2 CPU cores.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -16,6 +18,7 @@ import sys
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -120,7 +123,17 @@ def invoke(*args: str):
 # made through the library; the stages refused through the CLI
 
 
-FIELDS = ("meta.json", "state.npy", "next.npy", "image.png")
+FIELDS = ("meta.json", "state.npy", "mean.npy", "image.png")
+
+
+def independent_next(holder: dict[str, bytes], meta: dict) -> np.ndarray:
+    """A sample's x_(k+1) from its group's stored mean, its std and its noise seed, made here with torch
+    alone (not through stages): mean + std * N(0, 1) of a generator seeded with noise_seed."""
+    mean = torch.from_numpy(np.load(io.BytesIO(holder["mean.npy"]), allow_pickle=False))
+    noise = torch.randn(tuple(mean.shape), generator=torch.Generator().manual_seed(meta["noise_seed"]))
+    nxt = (mean + torch.tensor(meta["std"], dtype=torch.float32) * noise).numpy()
+    assert hashlib.sha256(nxt.tobytes()).hexdigest() == meta["next_sha256"], meta
+    return nxt
 
 COMPRESSIBILITY = [parse_reward_spec("jpeg_compressibility")]
 

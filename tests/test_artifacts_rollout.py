@@ -60,16 +60,18 @@ def test_flipped_byte_is_refused(policy_dir, tmp_path):
     _assert_refused(_update_cli(policy_dir, rollout, scores, tmp_path / "new"), tmp_path / "new", "sha256")
 
 
-def test_rollout_of_another_schema_is_refused(policy_dir, tmp_path):
-    """A manifest of schema tempflow.rollout/999: score and update refuse, naming the schema."""
+@pytest.mark.parametrize("schema", ["tempflow.rollout/999", "tempflow.rollout/4"])
+def test_rollout_of_another_schema_is_refused(policy_dir, tmp_path, schema):
+    """A manifest of another schema (one from the future; the last one before states were stored once
+    per branch group): score and update refuse, naming the schema found and the way out."""
     rollout, scores = _scored(policy_dir, tmp_path)
     manifest = _manifest(rollout)
-    manifest["schema"] = "tempflow.rollout/999"
+    manifest["schema"] = schema
     (rollout / "manifest.json").write_text(json.dumps(manifest, indent=2))
     out = tmp_path / "s.parquet"
-    _assert_refused(_score_cli(rollout, out), out, "schema", "tempflow.rollout/999")
+    _assert_refused(_score_cli(rollout, out), out, "schema", schema, "re-run `tempflow rollout`")
     new = tmp_path / "new"
-    _assert_refused(_update_cli(policy_dir, rollout, scores, new), new, "schema", "tempflow.rollout/999")
+    _assert_refused(_update_cli(policy_dir, rollout, scores, new), new, "schema", schema)
 
 
 def test_pickled_npy_field_is_refused_without_unpickling(policy_dir, tmp_path):
@@ -169,6 +171,9 @@ def test_check_meta_refuses_a_step_the_rollout_did_not_train(policy_dir, tmp_pat
     ({"group": 3}, "seed and branch"),
     ({"algo": "flow-grpo"}, "is not the manifest's"),
     ({"image_key": "a.b"}, "is not a sample key"),
+    ({"noise_seed": "7"}, "noise_seed must be an integer"),
+    ({"std": None}, "std a number"),
+    ({"next_sha256": 0}, "next_sha256 a string"),
 ])
 def test_check_meta_refuses_each_kind_of_damage(policy_dir, tmp_path, edit, problem):
     """Each branch of check_meta on its own: one field edited in an otherwise valid meta."""

@@ -244,19 +244,36 @@ def _keys(rollout: Path) -> list[tuple[str, str]]:
     return out
 
 
+def _carriers(rollout: Path, fld: str) -> list[tuple[str, str]]:
+    """(shard name, key) of every sample carrying member ``fld``, in order."""
+    out = []
+    for shard in _manifest(rollout)["shards"]:
+        out += [(shard["name"], m.name.partition(".")[0]) for m, _ in _members(rollout / shard["name"])
+                if m.name.partition(".")[2] == fld]
+    return out
+
+
+def _sharers(rollout: Path) -> list[tuple[str, str]]:
+    """(shard name, key) of the samples that name another's state (no state.npy of their own)."""
+    holders = set(_carriers(rollout, "state.npy"))
+    return [k for k in _carriers(rollout, "meta.json") if k not in holders]
+
+
 def edit_sample(which: str, fld: str, fn: Callable[[bytes], bytes | None]) -> Callable:
-    """A setup replacing field ``fld`` of the first/last sample of the rollout by ``fn(old)`` (None:
-    remove the member), then fixing the manifest's hashes."""
+    """A setup replacing field ``fld`` of the first/last sample carrying it (``sharer``: the first
+    that names another's state) by ``fn(old)`` (None: remove the member), then fixing the manifest's
+    hashes."""
     def setup(ws: Path, p: dict[str, Path], key: str = "rollout") -> None:
         rollout = p[key]
-        shard, sample = _keys(rollout)[0 if which == "first" else -1]
-        members = []
+        shard, sample = _sharers(rollout)[0] if which == "sharer" else _carriers(rollout, fld)[0 if which == "first" else -1]
+        members, found = [], False
         for member, data in _members(rollout / shard):
             if member.name == f"{sample}.{fld}":
-                data = fn(data)
+                data, found = fn(data), True
                 if data is None:
                     continue
             members.append((member, data))
+        assert found, f"{sample} has no {fld}"
         _write_members(rollout / shard, members)
         _fix_hashes(rollout)
     return setup
@@ -268,6 +285,12 @@ def edit_meta(fn: Callable[[dict], Any], which: str = "first") -> Callable:
         fn(meta)  # edits in place
         return json.dumps(meta).encode()  # allow_nan: NaN is written as NaN
     return edit_sample(which, "meta.json", change)
+
+
+def _name_last_holder(ws: Path, p: dict[str, Path]) -> None:
+    """The first sharer names the last sample holding a state: one that comes after it."""
+    last = _carriers(p["rollout"], "state.npy")[-1][1]
+    edit_meta(lambda m: m.update(state_key=last), "sharer")(ws, p)
 
 
 def edit_shard(fn: Callable[[Path, list], list | None], which: int = 0, fix: bool = True) -> Callable:
@@ -611,7 +634,7 @@ def _dup_other_shard(ws: Path, p: dict[str, Path]) -> None:
 rollout_case("sample-duplicated-adjacent", edit_shard(_dup_adjacent))
 rollout_case("sample-duplicated-same-shard", edit_shard(_dup_later))
 rollout_case("sample-duplicated-other-shard", _dup_other_shard, repair=True)
-rollout_case("sample-lacks-next", edit_sample("first", "next.npy", lambda d: None))
+rollout_case("holder-lacks-mean", edit_sample("first", "mean.npy", lambda d: None))
 rollout_case("sample-lacks-meta", edit_sample("first", "meta.json", lambda d: None))
 
 # meta.json of one sample
@@ -645,7 +668,27 @@ rollout_case("meta-image_key-not-a-string",
              {"score"})
 rollout_case("sample-lacks-image-and-image_key", edit_sample("first", "image.png", lambda d: None), {"score"})
 
-# state.npy / next.npy: read whole by update only, but every reader checks every sample's headers
+# the state links (state_key, state_refs): checked by every reader; how x_(k+1) was drawn (noise_seed,
+# std, next_sha256): checked by the update, which reads x_(k+1)
+rollout_case("holder-lacks-state-late", edit_sample("last", "state.npy", lambda d: None), extra=LATE)
+rollout_case("meta-state_key-dangling", edit_meta(lambda m: m.update(state_key="nope"), "sharer"), repair=True)
+rollout_case("meta-state_key-not-a-string", edit_meta(lambda m: m.update(state_key=[1]), "sharer"))
+rollout_case("meta-state_key-names-a-later-sample", _name_last_holder)
+rollout_case("meta-state_key-and-own-state", edit_meta(lambda m: m.update(state_key="p00000_s000_k000_b01")))
+rollout_case("meta-state_key-missing", edit_meta(lambda m: m.pop("state_key"), "sharer"))
+rollout_case("meta-state_refs-one-too-many", edit_meta(lambda m: m.update(state_refs=m["state_refs"] + 1)))
+rollout_case("meta-state_refs-one-too-few", edit_meta(lambda m: m.update(state_refs=m["state_refs"] - 1)))
+rollout_case("meta-state_refs-string", edit_meta(lambda m: m.update(state_refs="1")))
+rollout_case("meta-noise_seed-other", edit_meta(lambda m: m.update(noise_seed=m["noise_seed"] + 1)), _UPDATE, repair=True)
+rollout_case("meta-noise_seed-other-late", edit_meta(lambda m: m.update(noise_seed=m["noise_seed"] + 1), "last"), _UPDATE,
+             extra=LATE)
+rollout_case("meta-noise_seed-negative", edit_meta(lambda m: m.update(noise_seed=-1), "sharer"), _UPDATE)
+rollout_case("meta-std-doubled", edit_meta(lambda m: m.update(std=2 * m["std"]), "sharer"), _UPDATE)
+rollout_case("meta-std-zero", edit_meta(lambda m: m.update(std=0.0)), _UPDATE)
+rollout_case("meta-next_sha256-garbage", edit_meta(lambda m: m.update(next_sha256="00" * 32)), _UPDATE)
+rollout_case("meta-next_sha256-int", edit_meta(lambda m: m.update(next_sha256=0)), _UPDATE)
+
+# state.npy / mean.npy: read whole by update only, but every reader checks every sample's headers
 # (dtype, shape, byte count), so a sample whose arrays are broken is refused even where it is not used
 _ARR = {"update"}
 _HEADER = {"score", "update"}
@@ -653,7 +696,7 @@ rollout_case("state-wrong-shape", edit_sample("first", "state.npy", lambda d: _n
              repair=True)
 rollout_case("state-wrong-shape-late", edit_sample("last", "state.npy", lambda d: _npy(_load_npy(d)[:, :8, :8])), _HEADER,
              extra=LATE)
-rollout_case("next-wrong-shape", edit_sample("first", "next.npy", lambda d: _npy(_load_npy(d)[:2])), _HEADER)
+rollout_case("mean-wrong-shape", edit_sample("first", "mean.npy", lambda d: _npy(_load_npy(d)[:2])), _HEADER)
 rollout_case("state-zero-dim", edit_sample("first", "state.npy", lambda d: _npy(np.float32(1.0))), _HEADER)
 rollout_case("state-dtype-int64-late", edit_sample("last", "state.npy", lambda d: _npy((_load_npy(d) * 100).astype(np.int64))),
              _HEADER, extra=LATE)
@@ -664,7 +707,7 @@ rollout_case("state-dtype-complex-late", edit_sample("last", "state.npy", lambda
 rollout_case("state-dtype-bool-late", edit_sample("last", "state.npy", lambda d: _npy(_load_npy(d) > 0)), _HEADER,
              extra=LATE)
 rollout_case("state-huge-header", edit_sample("first", "state.npy", lambda d: _npy_claiming((10**12,))), _HEADER)
-rollout_case("next-huge-header-late", edit_sample("last", "next.npy", lambda d: _npy_claiming((10**6, 10**6))), _HEADER,
+rollout_case("mean-huge-header-late", edit_sample("last", "mean.npy", lambda d: _npy_claiming((10**6, 10**6))), _HEADER,
              extra=LATE)
 rollout_case("state-header-shape-mismatch", edit_sample("first", "state.npy", lambda d: _npy_claiming((3, 16, 16))), _HEADER)
 rollout_case("state-header-claims-its-shape-holds-less", edit_sample("first", "state.npy", _short_of_its_header), _HEADER)
@@ -673,7 +716,7 @@ rollout_case("state-empty", edit_sample("first", "state.npy", lambda d: b""), _H
 rollout_case("state-nan-late", edit_sample("last", "state.npy", lambda d: _npy(_with_nan(_load_npy(d)))), _ARR, repair=True,
              extra=LATE)
 rollout_case("state-inf-late", edit_sample("last", "state.npy", lambda d: _npy(_with_nan(_load_npy(d), np.inf))), _ARR, extra=LATE)
-rollout_case("next-nan-late", edit_sample("last", "next.npy", lambda d: _npy(_with_nan(_load_npy(d)))), _ARR, extra=LATE)
+rollout_case("mean-nan-late", edit_sample("last", "mean.npy", lambda d: _npy(_with_nan(_load_npy(d)))), _ARR, extra=LATE)
 rollout_case("state-huge-values-late", edit_sample("last", "state.npy", lambda d: _npy(_load_npy(d) * np.float32(1e30))), _ARR, extra=LATE)
 # an outside fault matrix found a broken sample passing unread in a group the update skips (every
 # reward of the group equal): the update's every read checks every sample's headers
@@ -1205,7 +1248,7 @@ def contract_violations(run: Run, seconds: float) -> list[str]:
 
 
 def _finite_rollout(folder: Path) -> list[str]:
-    """Problems of an accepted rollout: every log_prob, x_k and x_{k+1} must be finite."""
+    """Problems of an accepted rollout: every log_prob, x_k and SDE mean must be finite."""
     problems = []
     m = json.loads((folder / "manifest.json").read_text())
     if not all(np.isfinite(m["sigmas"])):

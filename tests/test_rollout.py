@@ -32,11 +32,13 @@ from tests.conftest import (
     _rollout,
     _snapshot,
     _torchrun,
+    independent_next,
     invoke,
     make_rollout,
 )
 
-META_FIELDS = ("prompt", "prompt_index", "seed", "group", "step", "branch", "sigma", "sigma_next", "log_prob", "algo")
+META_FIELDS = ("prompt", "prompt_index", "seed", "group", "step", "branch", "sigma", "sigma_next", "log_prob", "algo",
+               "noise_seed", "std", "next_sha256")
 
 
 def _npy(data: bytes) -> np.ndarray:
@@ -44,16 +46,24 @@ def _npy(data: bytes) -> np.ndarray:
 
 
 def test_tempflow_branches_share_state_and_differ_in_next(policy_dir, tmp_path):
-    """tempflow: the K branches of one (prompt, seed, step) share x_k bytes and differ in x_{k+1}; meta is complete."""
+    """tempflow: the K branches of one (prompt, seed, step) share x_k, stored once by branch 0 ahead of
+    the others, which name it; their x_{k+1} (made from the stored mean and each noise seed, outside
+    stages) match their digests and differ; meta is complete."""
     T, K = 4, 3
     rollout = _rollout(policy_dir, tmp_path / "r", num_steps=T, branches=K)
     manifest = _manifest(rollout)
     samples = _read_rollout(rollout)
+    order = list(samples)
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for key, fields in samples.items():
         assert "." not in key and key, key
-        assert {"meta.json", "state.npy", "next.npy", "image.png"} <= set(fields), (key, sorted(fields))
         meta = json.loads(fields["meta.json"])
+        holder = key if meta["branch"] == 0 else meta["state_key"]
+        if meta["branch"] == 0:
+            assert {"meta.json", "state.npy", "mean.npy", "image.png"} == set(fields) and meta["state_refs"] == K - 1
+        else:
+            assert {"meta.json", "image.png"} == set(fields) and "state_refs" not in meta, (key, sorted(fields))
+            assert order.index(holder) < order.index(key), f"{key} comes before the sample holding its state"
         missing = [f for f in META_FIELDS if f not in meta]
         assert not missing, (key, missing)
         assert meta["algo"] == "tempflow"
@@ -64,22 +74,24 @@ def test_tempflow_branches_share_state_and_differ_in_next(policy_dir, tmp_path):
         assert meta["sigma"] == pytest.approx(manifest["sigmas"][meta["step"]])
         assert meta["sigma_next"] == pytest.approx(manifest["sigmas"][meta["step"] + 1])
         assert np.isfinite(meta["log_prob"])
-        state, nxt = _npy(fields["state.npy"]), _npy(fields["next.npy"])
+        state, nxt = _npy(samples[holder]["state.npy"]), independent_next(samples[holder], meta)
         assert state.dtype == nxt.dtype == np.float32
         assert list(state.shape) == list(nxt.shape) == manifest["sample_shape"]
-        groups[(meta["prompt_index"], meta["seed_index"], meta["step"])].append({"meta": meta, **fields})
+        groups[(meta["prompt_index"], meta["seed_index"], meta["step"])].append(
+            {"meta": meta, "holder": holder, "next": nxt.tobytes()})
     N = 2 * 2  # prompts x seeds
     assert len(groups) == N * (T - 1)
     for where, members in groups.items():
         assert sorted(m["meta"]["branch"] for m in members) == list(range(K)), where
-        assert len({m["state.npy"] for m in members}) == 1, f"{where}: branches start from different x_k"
-        assert len({m["next.npy"] for m in members}) == K, f"{where}: two branches sampled the same x_(k+1)"
+        assert len({m["holder"] for m in members}) == 1, f"{where}: branches start from different x_k"
+        assert len({m["next"] for m in members}) == K, f"{where}: two branches sampled the same x_(k+1)"
         assert len({m["meta"]["group"] for m in members}) == 1, where
     assert len({members[0]["meta"]["group"] for members in groups.values()}) == len(groups)
 
 
 def test_flow_grpo_transitions_chain_and_share_one_image(policy_dir, tmp_path):
-    """flow-grpo: next.npy of step k is state.npy of step k+1; one image per trajectory, named by the others."""
+    """flow-grpo: x_(k+1) of step k is state.npy of step k+1; each transition holds its own x_k; one
+    image per trajectory, named by the others."""
     T = 4
     rollout = _rollout(policy_dir, tmp_path / "r", algo="flow-grpo", num_steps=T)
     trajectories: dict[tuple, dict[int, tuple[str, dict, dict]]] = defaultdict(dict)
@@ -92,7 +104,9 @@ def test_flow_grpo_transitions_chain_and_share_one_image(policy_dir, tmp_path):
     for where, steps in trajectories.items():
         assert sorted(steps) == list(range(T - 1)), where
         for k in range(T - 2):
-            assert steps[k][2]["next.npy"] == steps[k + 1][2]["state.npy"], f"{where}: step {k} -> {k + 1} breaks"
+            nxt = independent_next(steps[k][2], steps[k][1])
+            assert nxt.tobytes() == _npy(steps[k + 1][2]["state.npy"]).tobytes(), f"{where}: step {k} -> {k + 1} breaks"
+        assert all(meta["state_refs"] == 0 and "state_key" not in meta for _, meta, _ in steps.values())
         owners = [key for key, _, fields in steps.values() if "image.png" in fields]
         assert len(owners) == 1, f"{where}: {len(owners)} samples carry image.png"
         for key, meta, fields in steps.values():
@@ -137,7 +151,7 @@ def test_manifest_hashes_counts_and_nfe(policy_dir, tmp_path, algo, T, branch_st
     rollout = _rollout(policy_dir, tmp_path / "r", algo=algo, num_steps=T, branch_steps=branch_steps,
                        branches=K, samples_per_shard=7)
     manifest = _manifest(rollout)
-    assert manifest["schema"] == ROLLOUT_SCHEMA == "tempflow.rollout/4"
+    assert manifest["schema"] == ROLLOUT_SCHEMA == "tempflow.rollout/5"
     listed = [s["name"] for s in manifest["shards"]]
     assert sorted(p.name for p in rollout.glob("*.tar")) == sorted(listed)
     read = 0
@@ -248,9 +262,10 @@ def test_interrupted_rollout_leaves_nothing_and_rerun_succeeds(policy_dir, promp
 
 
 def _samples(folder: Path) -> dict[str, dict[str, bytes]]:
+    """Each sample's meta, image, and x_k and x_(k+1) as read back (``state``, ``next``)."""
     with Rollout(folder) as rollout:
-        return {s.key: dict(s.fields) for s in rollout.samples(fields=("meta.json", "state.npy", "next.npy", "image.png"))
-                if "image.png" in s.present}
+        return {s.key: {**s.fields, "state": s.state().tobytes(), "next": s.next().tobytes()}
+                for s in rollout.samples() if "image.png" in s.present}
 
 
 def test_weighted_rollout_writes_the_all_steps_transitions_of_its_drawn_steps(policy_dir, tmp_path):
@@ -264,7 +279,7 @@ def test_weighted_rollout_writes_the_all_steps_transitions_of_its_drawn_steps(po
     all_samples, drawn_samples = _samples(every), _samples(drawn)
     assert sorted(drawn_samples) == sorted(k for k in all_samples if int(k.split("_k")[1][:3]) in steps)
     for key, fields in drawn_samples.items():
-        for name in ("meta.json", "state.npy", "next.npy"):
+        for name in ("meta.json", "state", "next"):
             assert fields[name] == all_samples[key][name], (key, name)
     T, n = 6, len(PROMPTS) * 2
     assert manifest["nfe"] == n * (steps[-1] + 1) + n * 2 * sum(T - k - 1 for k in steps)
@@ -322,7 +337,7 @@ def test_cheap_finish_counts_its_nfe_and_keeps_the_trained_transitions(policy_di
     a, b = _samples(full), _samples(cheap)
     assert sorted(a) == sorted(b)
     for key in a:
-        for name in ("meta.json", "state.npy", "next.npy"):
+        for name in ("meta.json", "state", "next"):
             assert a[key][name] == b[key][name], (key, name)
     assert any(a[key]["image.png"] != b[key]["image.png"] for key in a if "_k000_" in key)
 

@@ -125,12 +125,12 @@ def _step_gradients(policy_dir: Path, rollout: Path, scores: Path) -> tuple[dict
         plan = plan_update(opened, scores, UpdateConfig(weighting="uniform"))
         cond = rollout_conditioning(policy, opened)
         by_step: dict[int, list] = {}
-        for s in opened.samples(fields=("meta.json", "state.npy", "next.npy")):
+        for s in opened.samples(fields=("meta.json", "state.npy", "mean.npy")):
             by_step.setdefault(s.meta["step"], []).append(s)
     gradients = {}
     for k, samples in sorted(by_step.items()):
-        state = torch.from_numpy(np.stack([s.array("state.npy") for s in samples]))
-        nxt = torch.from_numpy(np.stack([s.array("next.npy") for s in samples]))
+        state = torch.from_numpy(np.stack([s.state() for s in samples]))
+        nxt = torch.from_numpy(np.stack([s.next() for s in samples]))
         metas = [s.meta for s in samples]
         sigma = torch.tensor([m["sigma"] for m in metas])
         v = policy.velocity(state, sigma, index_cond(cond, [m["prompt_index"] for m in metas], "cpu"))
@@ -252,7 +252,7 @@ def test_a_rank_without_rows_computes_one_that_weighs_nothing(policy_dir, tmp_pa
     rollout, scores = _scored_rollout(policy_dir, tmp_path)
     with Rollout(rollout) as opened:
         plan = plan_update(opened, scores, UpdateConfig())
-        samples = list(opened.samples(fields=("meta.json", "state.npy", "next.npy")))[:3]
+        samples = list(opened.samples(fields=("meta.json", "state.npy", "mean.npy")))[:3]
         whole = _rank_batch(samples, plan, opened.manifest, Ranks())
         first, second = (_rank_batch(samples, plan, opened.manifest, Ranks(r, 2)) for r in (0, 1))
         alone = [_rank_batch(samples[:1], plan, opened.manifest, Ranks(r, 2)) for r in (0, 1)]

@@ -1,12 +1,22 @@
 """The rollout (DESIGN.md §4): ``manifest.json``, webdataset shards of samples, the prompts'
 embeddings once, and ``timing.json``. Built, read and validated only here.
 
-One sample is one trained transition, with the fields ``meta.json``, ``state.npy`` (``x_k``),
-``next.npy`` (``x_{k+1}``) and ``image.png`` (its final image; samples that share one name it in
-``meta.json``'s ``image_key``). A :class:`Rollout` holds its shards open, so a stage trains on
-exactly the bytes whose sha256 it checked, and checks every sample at least at the header level
-(arrays of the manifest's shape and size, 8-bit RGB images of its resolution) whether or not the
-stage reads it.
+One sample is one trained transition ``x_k -> x_{k+1}``, stored by what is unique to it:
+
+* ``meta.json``: where it sits (prompt, seed, group, step, branch, sigmas), the sampler's log-prob,
+  and how ``x_{k+1}`` was drawn: ``x_{k+1} = mean + std * noise``, the noise a standard normal of
+  the seed ``noise_seed`` (:func:`~stages.support.seeds.seeded_normal`), ``next_sha256`` the digest of
+  ``x_{k+1}``'s float32 bytes, which every read of it checks;
+* ``state.npy`` (``x_k``) and ``mean.npy`` (the SDE step's mean, a function of ``x_k`` alone), held by
+  one sample of the branches that share ``x_k`` (its meta says how many others name it in
+  ``state_refs``); the others carry neither and name it in ``state_key``. It comes first in shard order;
+* ``image.png``: the final image (samples that share one name it in ``image_key``).
+
+The ``K`` branches of one ``x_k`` thus store ``x_k`` and the mean once, instead of ``x_k`` and
+``x_{k+1}`` ``K`` times each. A :class:`Rollout` holds its shards open, so a stage trains on exactly
+the bytes whose sha256 it checked, and checks every sample at least at the header level (arrays of
+the manifest's shape and size, 8-bit RGB images of its resolution, the state links) whether or not
+the stage reads it.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from stages.artifacts.codecs import (
     MAX_IMAGE_PIXELS,
@@ -47,12 +58,15 @@ from stages.artifacts.shards import KEY, HashingReader, ShardSample, ShardWriter
 from stages.flow import inclusion_probabilities
 from stages.support.dtypes import DTYPES
 from stages.support.errors import TempflowError
+from stages.support.seeds import seeded_normal
 
 # safetensors is imported where the embeddings are written or read, for start-up time.
 
-ROLLOUT_SCHEMA = "tempflow.rollout/4"
+ROLLOUT_SCHEMA = "tempflow.rollout/5"
 # 2: prompt embeddings, sampling settings and dtype; 3: trained_steps (was branch_steps) and their
-# step_inclusion chances, decodes; 4: step_spread, the drawing weights of --branch-steps spread:N
+# step_inclusion chances, decodes; 4: step_spread, the drawing weights of --branch-steps spread:N;
+# 5: x_k and the SDE mean once per branch group (state_key, state_refs), x_{k+1} from its noise seed
+# (noise_seed, std, next_sha256) instead of next.npy
 MANIFEST = "manifest.json"
 EMBEDDINGS = "embeddings.safetensors"
 """Each prompt's conditioning once (``prompt.NAME``, one row per manifest prompt) and the negative
@@ -60,12 +74,14 @@ prompt's (``negative.NAME``, one row) when guidance uses one; float32."""
 TIMING_FILE = "timing.json"
 """A rollout's wall time, ``{"seconds": S}`` (sampling and writing), beside the manifest and not in it, so
 that a rerun of the same config gives the same manifest bytes. Nothing checks or hashes it."""
-SAMPLE_FIELDS = ("meta.json", "state.npy", "next.npy", "image.png")
-REQUIRED_FIELDS = ("meta.json", "state.npy", "next.npy")
-META_FIELDS = ("prompt", "prompt_index", "seed", "group", "step", "branch", "sigma", "sigma_next", "log_prob", "algo")
+SAMPLE_FIELDS = ("meta.json", "state.npy", "mean.npy", "image.png")
+STATE_FIELDS = ("state.npy", "mean.npy")
+"""What the sample holding a branch group's ``x_k`` carries (and the others do not)."""
+META_FIELDS = ("prompt", "prompt_index", "seed", "group", "step", "branch", "sigma", "sigma_next", "log_prob", "algo",
+               "noise_seed", "std", "next_sha256")
 MANIFEST_FIELDS = ("shards", "samples", "config", "policy", "nfe", "prompts", "sigmas", "sample_shape", "sampling",
                    "embeddings", "dtype", "trained_steps", "step_inclusion", "step_spread", "decodes")
-HEAD_BYTES = {"state.npy": NPY_HEADER_BYTES, "next.npy": NPY_HEADER_BYTES, "image.png": PNG_HEADER_BYTES}
+HEAD_BYTES = {"state.npy": NPY_HEADER_BYTES, "mean.npy": NPY_HEADER_BYTES, "image.png": PNG_HEADER_BYTES}
 """What is read of a field a stage does not use: enough for its header, which is checked all the same."""
 MAX_STATE_ELEMENTS = 1 << 26
 """Largest state a rollout may declare (64M float32 values, 256 MiB per array)."""
@@ -87,17 +103,29 @@ def shard_writer(folder: Path, per_shard: int, prefix: str = "shard") -> ShardWr
     return ShardWriter(folder, per_shard, SAMPLE_FIELDS, prefix)
 
 
-def sample_fields(meta: dict[str, Any], state: np.ndarray, nxt: np.ndarray, image: np.ndarray | None) -> dict[str, bytes]:
-    """One sample's members: its meta, ``x_k`` and ``x_{k+1}`` as float32 ``.npy``, and its final image
-    as PNG when it holds one (``None``: ``meta`` names the sample that does in ``image_key``)."""
-    fields = {
-        "meta.json": json.dumps(meta, sort_keys=True).encode(),
-        "state.npy": npy_bytes(state),
-        "next.npy": npy_bytes(nxt),
-    }
+def sample_fields(meta: dict[str, Any], state: tuple[np.ndarray, np.ndarray] | None,
+                  image: np.ndarray | None) -> dict[str, bytes]:
+    """One sample's members: its meta; ``x_k`` and the SDE mean as float32 ``.npy`` when it holds its
+    group's state (``None``: ``meta`` names the sample that does in ``state_key``); its final image as
+    PNG when it holds one (``None``: ``meta`` names the sample that does in ``image_key``)."""
+    fields = {"meta.json": json.dumps(meta, sort_keys=True).encode()}
+    if state is not None:
+        fields["state.npy"], fields["mean.npy"] = npy_bytes(state[0]), npy_bytes(state[1])
     if image is not None:
         fields["image.png"] = png_bytes(image)
     return fields
+
+
+def next_state(mean: np.ndarray, std: float, noise_seed: int) -> np.ndarray:
+    """``x_{k+1} = mean + std * noise``, the noise drawn from ``noise_seed`` as the rollout drew it,
+    in float32 with the SDE step's own operations (:func:`~stages.flow.sde_step`), so bit for bit."""
+    noise = seeded_normal(tuple(mean.shape), [noise_seed])[0]
+    return mean + (torch.tensor(std, dtype=torch.float32) * noise).numpy()  # float32 adds round alike in both
+
+
+def state_digest(array: np.ndarray) -> str:
+    """sha256 of a state's float32 bytes (C order), as ``next_sha256`` records ``x_{k+1}``."""
+    return hashlib.sha256(np.ascontiguousarray(array, dtype="<f4").tobytes()).hexdigest()
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
@@ -260,12 +288,14 @@ def _check_shard_list(shards: Any, samples: int, where: Path) -> None:
 
 class Sample:
     """One rollout sample as read from a shard, decoded on demand against its manifest: the state's
-    shape, the image's side."""
+    shape, the image's side. ``holder`` is the sample whose ``state.npy`` and ``mean.npy`` it uses
+    (itself, or the one its ``state_key`` names), linked by :meth:`Rollout.samples`."""
 
     def __init__(self, raw: ShardSample, shape: tuple[int, ...], side: int) -> None:
         self.key, self.where, self.fields = raw.key, raw.where, raw.fields
         self.present = raw.present
         self._raw, self.shape, self.side = raw, shape, side
+        self.holder: Sample = self
 
     @property
     def meta(self) -> dict[str, Any]:
@@ -278,8 +308,31 @@ class Sample:
             raise TempflowError(f"{self.where} sample {self.key}: meta.json lacks {', '.join(missing)}; the rollout is damaged")
         return meta
 
-    def array(self, name: str) -> np.ndarray:
-        return decode_npy(self.fields[name], f"{self.where} sample {self.key} {name}", self.shape)
+    def _array(self, name: str) -> np.ndarray:
+        holder = self.holder
+        if name not in holder.fields:
+            raise TempflowError(f"{self.where} sample {self.key}: {name} was not read (ask Rollout.samples for it)")
+        return decode_npy(holder.fields[name], f"{holder.where} sample {holder.key} {name}", self.shape)
+
+    def state(self) -> np.ndarray:
+        """``x_k``, the state the transition starts from (float32, the manifest's shape, finite)."""
+        return self._array("state.npy")
+
+    def next(self) -> np.ndarray:
+        """``x_{k+1}``, the sampled next state: its group's mean plus ``std`` times the noise of
+        ``noise_seed``, checked against ``next_sha256``."""
+        meta = self.meta
+        seed, std, digest = meta["noise_seed"], meta["std"], meta["next_sha256"]
+        if not (is_int(seed) and 0 <= seed < 2**63 and is_number(std) and math.isfinite(std) and std > 0
+                and isinstance(digest, str) and _SHA256.match(digest)):
+            raise TempflowError(f"{self.where} sample {self.key}: noise_seed, std and next_sha256 must be a seed, a "
+                                "positive number and a sha256; the rollout is damaged")
+        nxt = next_state(self._array("mean.npy"), std, seed)
+        if state_digest(nxt) != digest:
+            raise TempflowError(f"{self.where} sample {self.key}: x_(k+1) made from its mean, std and noise seed does "
+                                "not match next_sha256 (the sample was edited, or this torch draws other noise than "
+                                "the one that wrote it); re-run `tempflow rollout`")
+        return nxt
 
     def image(self) -> np.ndarray:
         return decode_png(self.fields["image.png"], f"{self.where} sample {self.key}", self.side)
@@ -288,9 +341,10 @@ class Sample:
         """Every field's header, read or not: arrays of the manifest's shape and byte count, an 8-bit
         RGB image of its resolution."""
         raw = self._raw
-        for name in ("state.npy", "next.npy"):
-            data = raw.fields.get(name, raw.heads.get(name, b""))
-            npy_header(data, f"{self.where} sample {self.key} {name}", self.shape, size=raw.sizes[name])
+        for name in STATE_FIELDS:
+            if name in raw.sizes:
+                data = raw.fields.get(name, raw.heads.get(name, b""))
+                npy_header(data, f"{self.where} sample {self.key} {name}", self.shape, size=raw.sizes[name])
         if "image.png" in raw.sizes:
             png_header(raw.fields.get("image.png", raw.heads.get("image.png", b"")), f"{self.where} sample {self.key}",
                        self.side)
@@ -317,6 +371,8 @@ def check_meta(key: str, meta: dict[str, Any], manifest: dict[str, Any]) -> None
         problem = f"algo {meta['algo']!r} is not the manifest's {manifest['config']['algo']!r}"
     elif "image_key" in meta and not (isinstance(meta["image_key"], str) and KEY.match(meta["image_key"])):
         problem = f"image_key {meta['image_key']!r} is not a sample key"
+    elif not is_int(meta["noise_seed"]) or not is_number(meta["std"]) or not isinstance(meta["next_sha256"], str):
+        problem = "noise_seed must be an integer, std a number and next_sha256 a string"
     if problem:
         raise TempflowError(f"sample {key}: {problem}; the rollout is damaged or mixed with another one")
 
@@ -329,6 +385,49 @@ def _max_member_size(field: str, shape: tuple[int, ...]) -> int:
     if field == "image.png":
         return 4 * MAX_IMAGE_PIXELS + (1 << 20)
     return 1 << 20
+
+
+class StateLinks:
+    """Links each sample to the sample holding its branch group's state, in shard order: a holder
+    (``state.npy`` and ``mean.npy``, ``state_refs`` = how many later samples name it) is kept until
+    that many samples named it in ``state_key``, then dropped, so memory holds only the groups whose
+    branches are still to come."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[str, list[Any]] = {}  # holder key -> [holder, samples still to name it]
+
+    def link(self, sample: Sample) -> None:
+        meta, where = sample.meta, f"{sample.where}: sample {sample.key}"
+        carried = [f for f in STATE_FIELDS if f in sample.present]
+        if "state_key" in meta:
+            key = meta["state_key"]
+            if carried or "state_refs" in meta:
+                raise TempflowError(f"{where} names state_key and also carries {', '.join(carried) or 'state_refs'}; "
+                                    "the rollout is damaged")
+            entry = self.waiting.get(key) if isinstance(key, str) else None
+            if entry is None:
+                raise TempflowError(f"{where}: state_key {short(key)} names no earlier sample holding a state that "
+                                    "is still to be shared; the rollout is damaged")
+            sample.holder = entry[0]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.waiting[key]
+            return
+        missing = [f for f in STATE_FIELDS if f not in carried]
+        if missing:
+            raise TempflowError(f"{where} lacks {', '.join(missing)} and names no state_key; the rollout is damaged")
+        refs = meta.get("state_refs")
+        if not is_int(refs) or refs < 0:
+            raise TempflowError(f"{where}: state_refs {short(refs)} is not a count; the rollout is damaged")
+        if refs:
+            self.waiting[sample.key] = [sample, refs]
+
+    def finish(self, folder: Path) -> None:
+        """Every holder was named as often as it said."""
+        if self.waiting:
+            key, (_, left) = next(iter(self.waiting.items()))
+            raise TempflowError(f"{folder}: sample {key} says {left} more samples share its state than name it in "
+                                "state_key; the rollout is damaged")
 
 
 # --------------------------------------------------------------------------------------------
@@ -377,30 +476,34 @@ class Rollout:
                                     "was being replaced); re-run `tempflow rollout` or wait until it is done")
 
     def samples(self, fields: Iterable[str] | None = None) -> Iterator[Sample]:
-        """Every sample, shard by shard, in the order written; memory holds one sample at a time.
-        Each is checked to carry the required fields, and every field's header is checked
-        (:meth:`Sample.check_headers`); ``fields`` are read whole, the others only that far."""
-        wanted = tuple(SAMPLE_FIELDS if fields is None else fields)
+        """Every sample, shard by shard, in the order written; memory holds one sample at a time, and
+        the states of the branch groups whose other branches are still to come. Each is checked to
+        carry its meta and its state or a link to an earlier one (:class:`StateLinks`), and every
+        field's header is checked (:meth:`Sample.check_headers`); ``fields`` (with ``meta.json``
+        always) are read whole, the others only that far."""
+        wanted = tuple({"meta.json", *(SAMPLE_FIELDS if fields is None else fields)})
         seen: set[str] = set()
+        links = StateLinks()
         for shard, handle in zip(self.manifest["shards"], self._files):
             handle.seek(0)
             reader = HashingReader(handle)
             for raw in iter_shard(reader, shard["name"], SAMPLE_FIELDS, wanted, HEAD_BYTES,
                                   lambda field: _max_member_size(field, self.shape)):
                 sample = Sample(raw, self.shape, self.side)
-                missing = [f for f in REQUIRED_FIELDS if f not in sample.present]
-                if missing:
-                    raise TempflowError(f"{sample.where}: sample {sample.key} lacks {', '.join(missing)}; the rollout is damaged")
+                if "meta.json" not in sample.present:
+                    raise TempflowError(f"{sample.where}: sample {sample.key} lacks meta.json; the rollout is damaged")
                 if sample.key in seen:
                     raise TempflowError(f"{sample.where}: sample {sample.key} also appears in an earlier shard; the rollout is damaged")
                 seen.add(sample.key)
                 sample.check_headers()
+                links.link(sample)
                 yield sample
             if reader.finish() != shard["sha256"]:
                 raise TempflowError(f"{self.folder / shard['name']}: changed while it was being read; "
                                     "nothing was written, run the stage again once the rollout is complete")
         if len(seen) != self.manifest["samples"]:
             raise TempflowError(f"{self.folder}: manifest lists {self.manifest['samples']} samples, shards hold {len(seen)}")
+        links.finish(self.folder)
 
     def embeddings(self) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The stored conditioning: one row per prompt, and the negative prompt's (or None), read
