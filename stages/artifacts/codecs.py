@@ -22,7 +22,7 @@ from stages.support.errors import TempflowError
 # PIL and safetensors are imported inside the functions that use them, for start-up time.
 
 VERSION_KEY = "schema"
-"""The key that names an artifact's schema and version (``"tempflow.rollout/5"``) in every file
+"""The key that names an artifact's schema and version (``"tempflow.rollout/4"``) in every file
 tempflow writes: JSON files, parquet metadata, checkpoint state."""
 LEGACY_VERSION_KEY = "format"
 """The key some artifacts used before :data:`VERSION_KEY` was the only one (policy ``config.json``,
