@@ -112,19 +112,27 @@ def train(data: Path, policy_dir: Path, algo: str, out: Path, checkpoint: Path |
 
 @rec.command(name="eval", configs={"config": config("stages.recsys.stages:RecEvalConfig")}, outputs={"out": "file"})
 @click.option("--data", type=click.Path(path_type=Path), required=True, help="Sessions parquet of `rec prepare`.")
-@click.option("--policy", "policy_dir", type=click.Path(path_type=Path), required=True, help="Model folder to evaluate.")
+@click.option("--policy", "policy_dir", type=click.Path(path_type=Path), default=None,
+              help="Model folder to evaluate (or --popularity).")
+@click.option("--popularity", is_flag=True,
+              help="Evaluate the most-popular floor instead of a model: items ranked by their train events.")
 @config_options("stages.recsys.stages:RecEvalConfig", choices={"split": {
-    "validation": "choose settings on these", "test": "report these"}})
+    "validation": "choose settings on these", "test": "report these"}, "protocol": "stages.recsys.metrics:PROTOCOLS"})
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="metrics.json to write.")
 @DEVICE
 @THREADS
 @OVERWRITE
-def eval_(data: Path, policy_dir: Path, out: Path, device: str, overwrite: bool, config: Any) -> None:
-    """Rank every item for each held-out event: HR@k and NDCG@k (k = 5, 10, 20) for clicks and
-    purchases apart, and the reward of hits, each with its standard error; on the simulator's
-    sessions also the policy's return, session length and purchases online."""
+def eval_(data: Path, policy_dir: Path | None, popularity: bool, out: Path, device: str, overwrite: bool,
+          config: Any) -> None:
+    """Rank the candidate items for each held-out event (by default every item the user has not
+    interacted with before it): HR@k and NDCG@k (k = 5, 10, 20) over all targets and for clicks and
+    purchases apart, the reward of hits, each with its standard error, and every target's rank (for
+    paired comparisons); on the simulator's sessions also the policy's return, session length and
+    purchases online. --popularity gives the floor a model must beat."""
     from stages.recsys.stages import run_eval
 
+    if (policy_dir is None) == (not popularity):
+        raise click.UsageError("give exactly one of --policy and --popularity")
     metrics = run_eval(data, policy_dir, out, config, device=device, overwrite=overwrite)
     rows = {k: v for k, v in metrics.items() if k.endswith("@10") or k.endswith("targets")}
     rows.update({f"online {k}": v for k, v in metrics.get("online", {}).items()})

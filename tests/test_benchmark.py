@@ -121,6 +121,24 @@ def test_paired_difference_hand_computed():
     assert one["mean"] == 0.5 and math.isnan(one["ci95"])  # one training seed: no interval over seeds
 
 
+def test_paired_bootstrap_by_hand_and_against_the_normal_interval():
+    stats = _stats_module()
+    same = stats.paired_bootstrap([[1, 0, 1], [0, 1, 1]], [[1, 0, 1], [0, 1, 1]])
+    assert (same["mean"], same["low"], same["high"]) == (0.0, 0.0, 0.0)
+    shifted = stats.paired_bootstrap([[0.5, 1.5], [2.5, 3.5]], [[0.0, 1.0], [2.0, 3.0]])
+    assert shifted["mean"] == shifted["low"] == shifted["high"] == 0.5 and shifted["per_seed"] == [0.5, 0.5]
+    # one seed, 2000 targets whose differences are +1 for 30 % and 0 otherwise: the interval is the
+    # normal one over targets, 0.3 +- 1.96 sqrt(0.21 / 2000) = 0.3 +- 0.020
+    diff = [1.0] * 600 + [0.0] * 1400
+    wide = stats.paired_bootstrap([diff], [[0.0] * 2000], resamples=2000)
+    assert wide["mean"] == pytest.approx(0.3) and wide["high"] - wide["low"] == pytest.approx(0.040, abs=0.004)
+    # two seeds that disagree widen it: their spread is sampled too
+    apart = stats.paired_bootstrap([diff, [0.0] * 2000], [[0.0] * 2000] * 2, resamples=2000)
+    assert apart["low"] <= 1e-9 and apart["high"] >= 0.29
+    with pytest.raises(ValueError):
+        stats.paired_bootstrap([[1, 0]], [[1, 0, 1]])
+
+
 def test_t_quantiles_and_curve_choices():
     stats = _stats_module()
     assert stats.t_975(2) == 4.303 and stats.t_975(11) == 2.228 and stats.t_975(500) == 1.96

@@ -25,6 +25,9 @@ def test_every_rec_command_documents_its_options(command):
     (["pretrain", "--data", "d", "--out", "m", "--width", "10", "--heads", "4"], "multiple of --heads"),
     (["train", "--data", "d", "--policy", "p", "--out", "m", "--gamma", "1.5"], "rec train: --gamma must be in [0, 1], got 1.5"),
     (["pretrain", "--data", "d", "--out", "m", "--gamma", "1.5"], "rec pretrain: --gamma must be in [0, 1], got 1.5"),
+    (["eval", "--data", "d", "--out", "m.json"], "exactly one of --policy and --popularity"),
+    (["eval", "--data", "d", "--policy", "p", "--popularity", "--out", "m.json"], "exactly one of --policy and --popularity"),
+    (["eval", "--data", "d", "--popularity", "--protocol", "some", "--out", "m.json"], "'some' is not one of"),
 ])
 def test_rec_bad_options_in_one_line(args, needle, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

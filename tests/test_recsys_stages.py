@@ -36,6 +36,12 @@ def test_prepare_pretrain_train_eval_end_to_end(tmp_path):
     assert hits == sorted(hits) and metrics["purchase_ndcg@10"] <= metrics["purchase_hr@10"]  # a longer list hits more
     assert metrics["purchase_hr@10_se"] == pytest.approx(  # the standard error of a mean of 40 hits
         (metrics["purchase_hr@10"] * (1 - metrics["purchase_hr@10"]) / 39) ** 0.5, abs=1e-9)
+    assert metrics["protocol"] == "seen-removed" and len(metrics["ranks"]) == 40
+    r = invoke("rec", "eval", "--data", data, "--popularity", "--protocol", "all-items", "--out", tmp_path / "pop.json")
+    assert r.exit_code == 0, r.output
+    floor = json.loads((tmp_path / "pop.json").read_text())
+    assert floor["algo"] == "popularity" and floor["policy"] is None and floor["protocol"] == "all-items"
+    assert floor["hr@10"] == pytest.approx(sum(r < 10 for r in floor["ranks"]) / 40)
 
 
 def test_rec_train_resumes_through_the_cli_and_removes_its_checkpoint(tmp_path, monkeypatch):

@@ -61,6 +61,29 @@ def paired_difference(method: Sequence[Sequence[float]], baseline: Sequence[Sequ
     return {**mean_ci(per_seed), "per_seed": per_seed, "image_se": sum(image_se) / len(image_se)}
 
 
+def paired_bootstrap(method: Sequence[Sequence[float]], baseline: Sequence[Sequence[float]], resamples: int = 4000,
+                     seed: int = 0) -> dict[str, Any]:
+    """``method[s][i] - baseline[s][i]`` over training seeds s and targets i (users, images), its mean
+    and a 95 % percentile interval from a two-way bootstrap: each resample draws the seeds and the
+    targets anew, with replacement, and independently, so the interval carries the training noise and
+    the sampling of the targets (a test set is one draw of its users) where :func:`paired_difference`
+    conditions on the targets. ``per_seed``: each seed's mean difference."""
+    import numpy as np
+
+    a, b = np.asarray(method, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError("paired evaluation needs the same seeds and the same targets for both methods")
+    diffs = a - b
+    rng = np.random.default_rng(seed)
+    seeds, targets = diffs.shape
+    means = np.empty(resamples)
+    for r in range(resamples):
+        means[r] = diffs[rng.integers(seeds, size=seeds)].mean(axis=0)[rng.integers(targets, size=targets)].mean()
+    low, high = np.quantile(means, [0.025, 0.975])
+    return {"mean": float(diffs.mean()), "low": float(low), "high": float(high), "per_seed": diffs.mean(axis=1).tolist(),
+            "seeds": seeds, "targets": targets, "resamples": resamples}
+
+
 def chosen_index(curve: Sequence[dict[str, Any]], key: str = "val_reward") -> int:
     """The evaluation point with the best validation figure (the earliest of equals)."""
     values = [row[key] for row in curve]

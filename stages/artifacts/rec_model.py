@@ -18,8 +18,10 @@ from stages.support.errors import TempflowError
 # safetensors' writer is imported where a model is written, for start-up time.
 
 REC_MODEL_SCHEMA = "tempflow.recsys.model/1"
-REC_METRICS_SCHEMA = "tempflow.recsys.metrics/1"
-REC_EVAL_SCHEMA = "tempflow.recsys.eval/1"
+REC_METRICS_SCHEMA = "tempflow.recsys.metrics/2"
+REC_EVAL_SCHEMA = "tempflow.recsys.eval/2"
+# 2: metrics over all targets beside click and purchase, the protocol, every target's rank; a
+# training's validation score per epoch and its selected_epoch
 MODEL_FILE, CONFIG_FILE, METRICS_FILE = "model.safetensors", "config.json", "metrics.json"
 
 

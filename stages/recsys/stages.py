@@ -18,7 +18,18 @@ from stages.artifacts.sessions import read_sessions, write_sessions
 from stages.recsys.data import PrepareConfig, PrepareFiles, build_sessions, read_events
 from stages.recsys.model import RecModelConfig, RecTransformer, init_from_gpt2
 from stages.recsys.simulate import SimulatorConfig, online_return, policy_scores, simulator_config
-from stages.recsys.train import TrainConfig, evaluate, fit, load_model, save_model, timed, train_windows
+from stages.recsys.metrics import PROTOCOLS
+from stages.recsys.train import (
+    TrainConfig,
+    evaluate,
+    evaluate_popularity,
+    fit,
+    load_model,
+    save_model,
+    selected_epoch,
+    timed,
+    train_windows,
+)
 from stages.support.errors import TempflowError
 from stages.support.outputs import atomic_output, check_out_free
 from stages.support.progress import Progress, no_progress
@@ -70,9 +81,14 @@ def _train_and_save(model: RecTransformer, sessions: Any, run: Run, algo: str, c
     model.to(device)
     windows = {k: v.to(device) for k, v in train_windows(sessions, model.config.context).items()}
     key = {"data": record["data"]["sha256"], "start": start}
-    history, seconds = timed(fit, model, windows, algo, config, progress, ckpt, key)
-    metrics = {**record, "windows": len(windows["items"]), "epochs": history, "seconds": seconds,
-               "validation": evaluate(model, sessions, "validation", device)}
+
+    def validate() -> dict[str, Any]:
+        return evaluate(model, sessions, "validation", device)
+
+    history, seconds = timed(fit, model, windows, algo, config, progress, ckpt, key, validate)
+    metrics = {**record, "windows": len(windows["items"]), "epochs": history,
+               "selected_epoch": selected_epoch(history, config.select), "seconds": seconds,
+               "validation": validate()}
     with atomic_output(run.out, overwrite=run.overwrite, inputs=inputs) as tmp:
         save_model(model.cpu(), tmp, record, metrics)
     ckpt.remove()
@@ -125,31 +141,39 @@ class RecEvalConfig(Rules):
 
     split: str = "test"
     """Which held-out events to rank (choose settings on validation, report test)."""
+    protocol: str = "seen-removed"
+    """Which items each target is ranked among."""
     online_users: int = 500
     """Sessions of the simulator (its data only) to measure the policy's return online in."""
 
     def __post_init__(self) -> None:
         self.choice("split", ("validation", "test"))
+        self.choice("protocol", PROTOCOLS)
         self.at_least(2, "online_users")
         self.at_most("online_users", 10**6, "each user is a simulated session of the policy")
 
 
-def run_eval(data: Path, policy_dir: Path, out: Path, config: RecEvalConfig = RecEvalConfig(), device: str = "cpu",
+def run_eval(data: Path, policy_dir: Path | None, out: Path, config: RecEvalConfig = RecEvalConfig(), device: str = "cpu",
              overwrite: bool = False) -> dict[str, Any]:
-    """Full-ranking metrics of ``config.split``'s events under ``policy_dir``'s model, written to
-    ``out``; for sessions of the simulator also the model's return online in its world
-    (``config.online_users`` seeded users, the same for every model)."""
-    split = config.split
-    check_out_free(out, overwrite, (data, policy_dir), kind="file")
+    """Full-ranking metrics of ``config.split``'s events under ``policy_dir``'s model (None: the
+    most-popular floor, items ranked by their train events), written to ``out``; for a model on
+    sessions of the simulator also its return online in its world (``config.online_users`` seeded
+    users, the same for every model)."""
+    split, inputs = config.split, (data,) if policy_dir is None else (data, policy_dir)
+    check_out_free(out, overwrite, inputs, kind="file")
     sessions = read_sessions(data)
-    model, record = load_model(policy_dir)
-    _check_items(sessions, record, data, policy_dir)
-    metrics = {"policy": str(policy_dir), "algo": record.get("algo"), "split": split,
-               **evaluate(model.to(device), sessions, split, device)}
-    if "simulator" in sessions.info:
-        world = SimulatorConfig(**sessions.info["simulator"])
-        scores = policy_scores(model.cpu(), sessions.item_ids, world.sim_items)
-        metrics["online"] = online_return(world, scores, users=config.online_users)
-    with atomic_output(out, overwrite=overwrite, inputs=(data, policy_dir), kind="file") as tmp:
+    if policy_dir is None:
+        metrics = {"policy": None, "algo": "popularity", "split": split,
+                   **evaluate_popularity(sessions, split, config.protocol)}
+    else:
+        model, record = load_model(policy_dir)
+        _check_items(sessions, record, data, policy_dir)
+        metrics = {"policy": str(policy_dir), "algo": record.get("algo"), "split": split,
+                   **evaluate(model.to(device), sessions, split, device, config.protocol)}
+        if "simulator" in sessions.info:
+            world = SimulatorConfig(**sessions.info["simulator"])
+            scores = policy_scores(model.cpu(), sessions.item_ids, world.sim_items)
+            metrics["online"] = online_return(world, scores, users=config.online_users)
+    with atomic_output(out, overwrite=overwrite, inputs=inputs, kind="file") as tmp:
         write_rec_eval(tmp, metrics)
     return metrics

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from stages.artifacts.rec_checkpoint import RecTrainCheckpoint
 from stages.artifacts.rec_model import read_rec_model, write_rec_model
 from stages.artifacts.sessions import SPLIT_CODES, Sessions
 from stages.recsys.losses import ALGOS, BASELINES, SA2C_NEGATIVES, WEIGHTS, Batch, Objective, objective
-from stages.recsys.metrics import rank_targets, summarise
+from stages.recsys.metrics import KS, PROTOCOLS, rank_by_scores, rank_targets, summarise
 from stages.recsys.model import RecModelConfig, RecTransformer, polyak
 from stages.support.errors import TempflowError
 from stages.support.progress import Progress, no_progress
@@ -58,16 +59,30 @@ class TrainConfig(Rules):
     """SA2C: epochs of SQN's loss before the cross-entropy is weighted by the advantage."""
     checkpoint_every: int = 200
     """Write the resumable checkpoint every this many steps (0: never)."""
+    select: str = "ndcg@10"
+    """The validation metric that chooses which epoch's weights are kept (measured after every epoch,
+    under the seen-removed protocol): hr@k or ndcg@k (k = 5, 10, 20), over all targets or with a
+    click_ or purchase_ prefix; last keeps the last epoch's without measuring."""
+    patience: int = 0
+    """Stop once --select has not improved for this many epochs (0: run every epoch)."""
 
     def __post_init__(self) -> None:
         self.at_least(1, "epochs", "batch_size")
-        self.at_least(0, "sa2c_warmup", "checkpoint_every")
+        self.at_least(0, "sa2c_warmup", "checkpoint_every", "patience")
+        self.require(self.select in SELECTABLE, "select", "last, or hr@k or ndcg@k (k = 5, 10, 20), optionally with a "
+                     "click_ or purchase_ prefix")
+        self.require(self.patience == 0 or self.select != "last", "patience", "0 with --select last (nothing is measured)")
         self.within("gamma", 0.0, 1.0)
         for name, high in (("learning_rate", 1.0), ("tau", 1.0), ("beta", 1e6)):
             self.within(name, 0.0, high, low_open=True)
         self.choice("weight", WEIGHTS)
         self.choice("baseline", BASELINES)
         self.seeds("seed")
+
+
+SELECTABLE = ("last", *(f"{kind}{name}@{k}" for kind in ("", "click_", "purchase_") for name in ("hr", "ndcg")
+                        for k in KS))
+"""The values of ``TrainConfig.select``."""
 
 
 def train_windows(sessions: Sessions, context: int) -> dict[str, torch.Tensor]:
@@ -130,6 +145,13 @@ class _Fit:
         self.epoch, self.batch, self.step = 0, 0, 0
         self.sums: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.best_value: float | None = None  # of config.select on validation, and the epoch that had it
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def out_of_patience(self) -> bool:
+        patience = self.config.patience
+        return bool(patience) and self.best_value is not None and self.epoch - self.best_epoch >= patience
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {f"model/{k}": v for k, v in self.model.state_dict().items()}
@@ -138,11 +160,14 @@ class _Fit:
         names = [n for n, _ in self.model.named_parameters()]
         for i, slots in self.optimizer.state_dict()["state"].items():
             out.update({f"adam/{names[i]}/{k}": v for k, v in slots.items()})
+        if self.best_state is not None:
+            out.update({f"best/{k}": v for k, v in self.best_state.items()})
         out["rng/global"], out["rng/epoch"] = torch.get_rng_state(), self.epoch_rng
         return out
 
     def info(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "sums": self.sums, "history": self.history}
+        return {"epoch": self.epoch, "batch": self.batch, "step": self.step, "sums": self.sums, "history": self.history,
+                "best_value": self.best_value, "best_epoch": self.best_epoch}
 
     def restore(self, info: dict[str, Any], tensors: dict[str, torch.Tensor], where: Path) -> None:
         def part(prefix: str) -> dict[str, torch.Tensor]:
@@ -162,6 +187,8 @@ class _Fit:
             self.epoch_rng = tensors["rng/epoch"]
             self.epoch, self.batch, self.step = int(info["epoch"]), int(info["batch"]), int(info["step"])
             self.sums, self.history = dict(info["sums"]), list(info["history"])
+            self.best_value, self.best_epoch = info["best_value"], int(info["best_epoch"])
+            self.best_state = part("best/") or None
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
             raise TempflowError(f"{where}: recommender training checkpoint is damaged ({type(err).__name__}: "
                                 f"{str(err).splitlines()[0]}); delete it to start over") from None
@@ -169,10 +196,14 @@ class _Fit:
 
 def fit(model: RecTransformer, windows: dict[str, torch.Tensor], algo: str, config: TrainConfig,
         progress: Progress = no_progress, checkpoint: RecTrainCheckpoint | None = None,
-        key: dict[str, Any] | None = None) -> list[dict[str, float]]:
+        key: dict[str, Any] | None = None, validate: Callable[[], dict[str, Any]] | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place by ``algo`` (:data:`~stages.recsys.losses.ALGOS`); one row of mean
-    losses per epoch. With a ``checkpoint``, the state is saved every ``config.checkpoint_every``
-    steps and taken up again when the saved ``key`` (what the fit is of) is this one's."""
+    losses per epoch. With ``validate`` (the validation metrics of the model as it is) and
+    ``config.select`` not ``last``, each row also holds ``validation_<select>``, training stops once it
+    has not improved for ``config.patience`` epochs, and the model ends with the weights of the epoch
+    that scored best (the first of equals: :func:`selected_epoch`). With a ``checkpoint``, the state is
+    saved every ``config.checkpoint_every`` steps and taken up again when the saved ``key`` (what the
+    fit is of) is this one's."""
     if algo not in ALGOS:
         raise TempflowError(f"unknown algo {algo!r}; choose one of {', '.join(ALGOS)}")
     run = _Fit(model, algo, config)
@@ -187,7 +218,8 @@ def fit(model: RecTransformer, windows: dict[str, torch.Tensor], algo: str, conf
     steps = config.epochs * batches
     if run.step:
         progress("train", run.step, steps)
-    while run.epoch < config.epochs:
+    validate = validate if config.select != "last" else None
+    while run.epoch < config.epochs and not run.out_of_patience():
         model.train()
         run.order_rng.set_state(run.epoch_rng)
         order = torch.randperm(n, generator=run.order_rng)
@@ -200,12 +232,21 @@ def fit(model: RecTransformer, windows: dict[str, torch.Tensor], algo: str, conf
             run.batch, run.step = run.batch + 1, run.step + 1
             finished = run.batch == batches
             if finished:  # before a checkpoint, so that one at an epoch's end resumes at the next epoch
-                _end_epoch(run, batches)
+                _end_epoch(run, batches, validate)
             if checkpoint is not None and config.checkpoint_every and run.step % config.checkpoint_every == 0:
                 checkpoint.save(key, run.tensors(), run.info())
             progress("train", 1, steps)
+    if run.best_state is not None:
+        model.load_state_dict(run.best_state)
     model.eval()
     return run.history
+
+
+def selected_epoch(history: list[dict[str, float]], select: str) -> int:
+    """The epoch whose weights :func:`fit` kept: the first best by ``validation_<select>``, or the last."""
+    column = f"validation_{select}"
+    scored = [row for row in history if column in row]
+    return max(scored, key=lambda row: row[column])["epoch"] if scored else len(history)
 
 
 def _train_step(run: _Fit, picked: dict[str, torch.Tensor], algo: str, settings: Objective) -> None:
@@ -221,36 +262,89 @@ def _train_step(run: _Fit, picked: dict[str, torch.Tensor], algo: str, settings:
         run.sums[name] = run.sums.get(name, 0.0) + value
 
 
-def _end_epoch(run: _Fit, batches: int) -> None:
-    """Close the epoch's row of mean losses and move to the next epoch's start."""
-    run.history.append({"epoch": run.epoch + 1, **{k: v / batches for k, v in run.sums.items()}})
+def _end_epoch(run: _Fit, batches: int, validate: Callable[[], dict[str, Any]] | None) -> None:
+    """Close the epoch's row of mean losses (and its validation score, the best weights kept) and
+    move to the next epoch's start."""
+    row = {"epoch": run.epoch + 1, **{k: v / batches for k, v in run.sums.items()}}
+    if validate is not None:
+        select = run.config.select
+        value = validate()[select]
+        if value is None:
+            raise TempflowError(f"--select {select}: the validation split has no such targets; select another metric")
+        row[f"validation_{select}"] = value
+        if run.best_value is None or value > run.best_value:
+            run.best_value, run.best_epoch = value, run.epoch + 1
+            run.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    run.history.append(row)
     run.epoch, run.batch, run.sums = run.epoch + 1, 0, {}
     run.epoch_rng = run.order_rng.get_state()
 
 
-def eval_pairs(sessions: Sessions, split: str, context: int) -> tuple[list[tuple[list[int], int]], np.ndarray]:
-    """The ``(history, target)`` pairs of ``split``'s events and the row of each target. A history
-    holds the ``context + 1`` items before the target at most, so that
-    :func:`~stages.recsys.metrics.rank_targets` can tell a session's start (at most ``context``
-    items, led by the start token) from a cut history (it keeps the last ``context``)."""
+@dataclass
+class EvalTargets:
+    """``split``'s events as ranking targets, in session order: each one's ``(history, target)`` pair
+    (the history holds the ``context + 1`` items before the target at most, so that
+    :func:`~stages.recsys.metrics.rank_targets` can tell a session's start, at most ``context`` items
+    led by the start token, from a cut history, of which it keeps the last ``context``), the items
+    its session held before it (``seen``, the target's own item left out: a repeat stays rankable),
+    and its row in the sessions."""
+
+    pairs: list[tuple[list[int], int]]
+    seen: list[list[int]]
+    rows: np.ndarray
+
+
+def eval_targets(sessions: Sessions, split: str, context: int) -> EvalTargets:
     code = SPLIT_CODES[split]
-    pairs, rows = [], []
+    pairs, seen, rows = [], [], []
     bounds = sessions.bounds()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         for row in np.flatnonzero(sessions.split[lo:hi] == code) + lo:
-            pairs.append((sessions.item[max(lo, row - context - 1):row].tolist(), int(sessions.item[row])))
+            target = int(sessions.item[row])
+            pairs.append((sessions.item[max(lo, row - context - 1):row].tolist(), target))
+            seen.append(sorted(set(sessions.item[lo:row].tolist()) - {target}))
             rows.append(row)
     if not pairs:
         raise TempflowError(f"the sessions have no {split} events")
-    return pairs, np.asarray(rows)
+    return EvalTargets(pairs, seen, np.asarray(rows))
 
 
-def evaluate(model: RecTransformer, sessions: Sessions, split: str, device: str = "cpu") -> dict[str, float]:
-    """Full-ranking metrics (:mod:`stages.recsys.metrics`) of ``split``'s targets."""
+def _summary(rank: np.ndarray, sessions: Sessions, targets: EvalTargets, protocol: str) -> dict[str, Any]:
+    """The metrics of ``rank``, the protocol they were ranked under, and every target's rank (in
+    :func:`eval_targets`' order, the same for every model of the sessions: what paired tests compare)."""
+    rows = targets.rows
+    return {"protocol": protocol, **summarise(rank, sessions.purchase[rows], sessions.reward[rows].astype(np.float64)),
+            "ranks": rank.tolist()}
+
+
+def evaluate(model: RecTransformer, sessions: Sessions, split: str, device: str = "cpu",
+             protocol: str = "seen-removed") -> dict[str, Any]:
+    """Full-ranking metrics (:mod:`stages.recsys.metrics`) of ``split``'s targets under ``protocol``."""
     model.eval()
-    pairs, rows = eval_pairs(sessions, split, model.config.context)
-    rank = rank_targets(model, pairs, device=device)
-    return summarise(rank, sessions.purchase[rows], sessions.reward[rows].astype(np.float64))
+    targets = eval_targets(sessions, split, model.config.context)
+    rank = rank_targets(model, targets.pairs, _seen(targets, protocol), device=device)
+    return _summary(rank, sessions, targets, protocol)
+
+
+def popularity_scores(sessions: Sessions) -> torch.Tensor:
+    """Each item's count of train events (index 0, the start token, at -inf): the most-popular floor."""
+    counts = np.bincount(sessions.item[sessions.split == SPLIT_CODES["train"]], minlength=sessions.n_items + 1)
+    scores = torch.from_numpy(counts.astype(np.float64))
+    scores[0] = -math.inf
+    return scores
+
+
+def evaluate_popularity(sessions: Sessions, split: str, protocol: str = "seen-removed") -> dict[str, Any]:
+    """The metrics of ranking every target by :func:`popularity_scores` (ties by item index)."""
+    targets = eval_targets(sessions, split, context=0)
+    rank = rank_by_scores(popularity_scores(sessions), [t for _, t in targets.pairs], _seen(targets, protocol))
+    return _summary(rank, sessions, targets, protocol)
+
+
+def _seen(targets: EvalTargets, protocol: str) -> list[list[int]] | None:
+    if protocol not in PROTOCOLS:
+        raise TempflowError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+    return targets.seen if protocol == "seen-removed" else None
 
 
 # --------------------------------------------------------------------------------------------
