@@ -149,3 +149,48 @@ def test_sa2c_weights_the_cross_entropy_by_the_clipped_sampled_advantage():
     assert warm == sqn
     with pytest.raises(ValueError, match="negatives"):
         losses.objective(replace(batch, negatives=None), losses.Objective(algo="sa2c"))
+
+
+def test_crr_conservative_term_by_hand_and_as_tianshou_adds_it():
+    """cql_weight w adds w * mean(logsumexp_a Q(s, a) - Q(s, a_logged)) to the loss (tianshou's
+    DiscreteCRR min_q_loss); the start token's Q (the lowest float) adds nothing to the logsumexp."""
+    q = torch.tensor([[torch.finfo(torch.float32).min, 1.0, 2.0], [torch.finfo(torch.float32).min, 0.0, 0.0]])
+    by_hand = ((math.log(math.e + math.e ** 2) - 2.0) + (math.log(2.0) - 0.0)) / 2
+    assert losses.conservative_term(q, torch.tensor([2.0, 0.0])).item() == pytest.approx(by_hand, rel=1e-6)
+    batch = _batch(seed=4)
+    plain, _ = losses.objective(batch, losses.Objective(algo="crr"))
+    with_cql, parts = losses.objective(batch, losses.Objective(algo="crr", cql_weight=10.0))
+    q_sa = batch.q.gather(1, batch.action[:, None])[:, 0]
+    expected = (batch.q.logsumexp(1) - q_sa).mean().item()
+    assert parts["cql_loss"] == pytest.approx(expected, rel=1e-6)
+    assert with_cql.item() - plain.item() == pytest.approx(10.0 * expected, rel=1e-5)
+
+
+def test_crr_sampled_negatives_learn_toward_the_target_of_reward_zero():
+    """Each sampled item's Q is pulled toward gamma * E_pi' Q'(s', .) (0 after the last step): the
+    TD target of the logged transition with its reward taken away."""
+    q = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, 5.0, 6.0, 7.0]])
+    batch = losses.Batch(logits=torch.zeros(2, 4), q=q, action=torch.tensor([1, 2]), reward=torch.tensor([1.0, 0.2]),
+                         done=torch.tensor([False, True]), next_logits=torch.zeros(2, 4), next_q=torch.zeros(2, 4),
+                         next_q_target=torch.tensor([[4.0, 4.0, 8.0, 0.0], [9.0, 9.0, 9.0, 9.0]]),
+                         negatives=torch.tensor([[2, 3], [1, 3]]))
+    gamma = 0.5
+    # row 0: uniform next policy, E Q' = 4, bootstrap 0.5 * 4 = 2: (2 - 2)^2, (3 - 2)^2; row 1 ends: (5 - 0)^2, (7 - 0)^2
+    expected = (0.0 + 1.0 + 25.0 + 49.0) / 4
+    plain, _ = losses.objective(batch, losses.Objective(algo="crr", gamma=gamma))
+    with_negatives, parts = losses.objective(batch, losses.Objective(algo="crr", gamma=gamma, critic_negatives=True))
+    assert parts["negatives_loss"] == pytest.approx(expected)
+    assert with_negatives.item() - plain.item() == pytest.approx(expected)
+    with pytest.raises(ValueError, match="sampled negatives"):
+        losses.objective(replace(batch, negatives=None), losses.Objective(algo="crr", critic_negatives=True))
+
+
+def test_crr_warm_up_trains_the_critic_under_the_plain_cross_entropy():
+    """Unweighted (the warm-up's epochs), CRR's loss is the cross-entropy plus its critic's TD loss:
+    the actor does not yet lean on an untrained critic."""
+    batch = _batch(seed=5)
+    warm, parts = losses.objective(batch, losses.Objective(algo="crr", weighted=False))
+    td = parts["critic_loss"]
+    assert warm.item() == pytest.approx(F.cross_entropy(batch.logits, batch.action).item() + td, rel=1e-6)
+    _, weighted = losses.objective(batch, losses.Objective(algo="crr"))
+    assert weighted["critic_loss"] == pytest.approx(td) and "weight_mean" in weighted and "weight_mean" not in parts

@@ -114,7 +114,7 @@ def test_an_interrupted_fit_resumes_to_the_same_weights(algo, every, stop, selec
     sessions = read_sessions(_sessions_file(tmp_path))
     windows = train_windows(sessions, 1)
     assert len(windows["items"]) == 12  # 6 sessions of 2 train events in windows of 1: 4 batches of 3
-    config = TrainConfig(epochs=3, batch_size=3, checkpoint_every=every, sa2c_warmup=1, tau=0.1, select=select)
+    config = TrainConfig(epochs=3, batch_size=3, checkpoint_every=every, warmup=1, tau=0.1, select=select)
     torch.manual_seed(0)
     start = RecTransformer(sessions.n_items, RecModelConfig(layers=1, heads=2, width=8, context=1, dropout=0.2))
     whole = copy.deepcopy(start)

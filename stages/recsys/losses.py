@@ -7,7 +7,12 @@ function is the formula it is named for; :func:`objective` puts them together pe
 - CRR (Wang et al. 2020, the variant of arXiv:2307.14450): an expected-value TD target under the
   target network's policy, ``A = Q(s, a) - E_{a'~pi} Q(s, a')`` (the mean baseline; the max
   baseline is optional), ``f = 1[A > 0]`` or ``min(exp(A / beta), 20)`` from the detached critic,
-  actor loss ``-f log pi(a|s)``.
+  actor loss ``-f log pi(a|s)``. Options of the critic: a conservative term (tianshou's
+  DiscreteCRR's CQL form) ``cql_weight * mean(logsumexp_a Q(s, a) - Q(s, a_logged))``, which pushes
+  down the Q of items the log never shows; and sampled negatives, N items drawn uniformly per
+  transition whose Q is trained toward the TD target of reward 0 (``gamma * E_pi Q'(s', .)``, 0 after
+  the last step), as Xin et al.'s Q loss treats its negative items. During a warm-up the actor term
+  is the plain cross-entropy, so that the critic learns before its advantage weighs anything.
 - BC: ``f = 1``, the cross-entropy of the logged item (also the pretraining objective).
 - SQN (Xin et al. 2020): cross-entropy plus a one-step double-Q loss on the Q head,
   ``(r + gamma Q'(s', argmax_a Q(s', a)) - Q(s, a))^2`` (the online head picks, the target head values).
@@ -16,7 +21,7 @@ function is the formula it is named for; :func:`objective` puts them together pe
   Q(s, n_N))`` over the logged item and N items drawn uniformly (the code's N = 10), clipped to
   [0, 10] as the code's default clip does, so that no weight is negative and the loss is bounded.
   The code trains SQN's loss first and switches to the weighted one later; the switch is
-  :class:`~stages.recsys.train.TrainConfig`'s ``sa2c_warmup`` (epochs). Left out: the code's
+  :class:`~stages.recsys.train.TrainConfig`'s ``warmup`` (epochs). Left out: the code's
   negative items in the Q loss and its propensity factor (whose default exponent 0 makes it 1).
 """
 
@@ -108,7 +113,12 @@ class Objective:
     baseline: str = "mean"
     ceiling: float = 20.0
     weighted: bool = True
-    """SA2C: False during its warm-up, when the actor term is the plain cross-entropy (SQN's loss)."""
+    """CRR, SA2C: False during the warm-up, when the actor term is the plain cross-entropy (SA2C's
+    loss is then SQN's) and only the critic learns from the rewards."""
+    cql_weight: float = 0.0
+    """CRR: weight of the conservative term on the critic (tianshou's min_q_weight; 0: off)."""
+    critic_negatives: bool = False
+    """CRR: train the Q of the batch's sampled negatives toward the TD target of reward 0."""
 
 
 def objective(batch: Batch, settings: Objective) -> tuple[Tensor, dict[str, float]]:
@@ -118,16 +128,11 @@ def objective(batch: Batch, settings: Objective) -> tuple[Tensor, dict[str, floa
         actor = weighted_nll(log_probs, batch.action, 1.0)
         return actor, {"actor_loss": float(actor.detach())}
     q_sa = batch.q.gather(-1, batch.action.unsqueeze(-1)).squeeze(-1)
-    if settings.algo == "crr":
-        next_probs = F.softmax(batch.next_logits, dim=-1)
-        target = crr_target(batch.reward, batch.done, next_probs, batch.next_q_target, settings.gamma)
-    else:
-        target = sqn_target(batch.reward, batch.done, batch.next_q, batch.next_q_target, settings.gamma)
-    critic = critic_loss(q_sa, target)
+    critic, parts = _critic(batch, q_sa, settings)
     probs = log_probs.exp().detach()
-    if settings.algo == "sqn" or (settings.algo == "sa2c" and not settings.weighted):
+    if settings.algo == "sqn" or not settings.weighted:
         actor = weighted_nll(log_probs, batch.action, 1.0)
-        return actor + critic, {"actor_loss": float(actor.detach()), "critic_loss": float(critic.detach())}
+        return actor + critic, {"actor_loss": float(actor.detach()), **parts}
     if settings.algo == "crr":
         adv = advantage(batch.q.detach(), q_sa.detach(), probs, settings.baseline)
         f = crr_weight(adv, settings.weight, settings.beta, settings.ceiling)
@@ -137,5 +142,40 @@ def objective(batch: Batch, settings: Objective) -> tuple[Tensor, dict[str, floa
         adv = sampled_advantage(batch.q.detach(), q_sa.detach(), batch.negatives)
         f = adv.clamp(*SA2C_CLIP)
     actor = weighted_nll(log_probs, batch.action, f)
-    return actor + critic, {"actor_loss": float(actor.detach()), "critic_loss": float(critic.detach()),
-                            "advantage_mean": float(adv.mean()), "weight_mean": float(f.mean())}
+    return actor + critic, {"actor_loss": float(actor.detach()), "advantage_mean": float(adv.mean()),
+                            "weight_mean": float(f.mean()), **parts}
+
+
+def _critic(batch: Batch, q_sa: Tensor, settings: Objective) -> tuple[Tensor, dict[str, float]]:
+    """The critic's loss: the TD loss (CRR's expected-value target, SQN's and SA2C's double Q) and
+    CRR's optional terms; each part's value for the metrics (``critic_loss`` the TD loss)."""
+    if settings.algo != "crr":
+        critic = critic_loss(q_sa, sqn_target(batch.reward, batch.done, batch.next_q, batch.next_q_target, settings.gamma))
+        return critic, {"critic_loss": float(critic.detach())}
+    next_probs = F.softmax(batch.next_logits, dim=-1)
+    critic = critic_loss(q_sa, crr_target(batch.reward, batch.done, next_probs, batch.next_q_target, settings.gamma))
+    parts = {"critic_loss": float(critic.detach())}
+    if settings.cql_weight:
+        cql = conservative_term(batch.q, q_sa)
+        parts["cql_loss"] = float(cql.detach())
+        critic = critic + settings.cql_weight * cql
+    if settings.critic_negatives:
+        if batch.negatives is None:
+            raise ValueError("critic_negatives needs the batch's sampled negatives")
+        bootstrap = crr_target(torch.zeros_like(batch.reward), batch.done, next_probs, batch.next_q_target, settings.gamma)
+        negative = negatives_loss(batch.q, batch.negatives, bootstrap)
+        parts["negatives_loss"] = float(negative.detach())
+        critic = critic + negative
+    return critic, parts
+
+
+def conservative_term(q: Tensor, q_sa: Tensor) -> Tensor:
+    """``mean(logsumexp_a Q(s, a) - Q(s, a_logged))`` (tianshou's DiscreteCRR; the start token's Q,
+    the lowest float, adds nothing to the sum)."""
+    return (q.logsumexp(dim=-1) - q_sa).mean()
+
+
+def negatives_loss(q: Tensor, negatives: Tensor, bootstrap: Tensor) -> Tensor:
+    """``mean (Q(s, n) - bootstrap)^2`` over the sampled items ``n`` of each row, ``bootstrap``
+    ``(N,)`` the TD target of reward 0, held fixed."""
+    return (q.gather(-1, negatives) - bootstrap.detach().unsqueeze(-1)).pow(2).mean()

@@ -55,8 +55,15 @@ class TrainConfig(Rules):
     """CRR's temperature of the exp weight."""
     baseline: str = "mean"
     """CRR's advantage baseline: mean (E_pi Q) or max (max_a Q)."""
-    sa2c_warmup: int = 1
-    """SA2C: epochs of SQN's loss before the cross-entropy is weighted by the advantage."""
+    warmup: int = 1
+    """CRR, SA2C: epochs of the plain cross-entropy, the critic learning beside it, before the
+    advantage weighs the actor's loss (SA2C's loss is then SQN's)."""
+    cql_weight: float = 0.0
+    """CRR: weight of the conservative term on the critic, tianshou's min_q_weight form
+    mean(logsumexp Q(s, .) - Q(s, a)); 0: off."""
+    critic_negatives: bool = False
+    """CRR: also train the Q of 10 uniformly drawn items per transition toward the TD target of
+    reward 0 (as Xin et al.'s Q loss treats its negative items)."""
     checkpoint_every: int = 200
     """Write the resumable checkpoint every this many steps (0: never)."""
     select: str = "ndcg@10"
@@ -68,7 +75,8 @@ class TrainConfig(Rules):
 
     def __post_init__(self) -> None:
         self.at_least(1, "epochs", "batch_size")
-        self.at_least(0, "sa2c_warmup", "checkpoint_every", "patience")
+        self.at_least(0, "warmup", "checkpoint_every", "patience")
+        self.within("cql_weight", 0.0, 1e6)
         self.require(self.select in SELECTABLE, "select", "last, or hr@k or ndcg@k (k = 5, 10, 20), optionally with a "
                      "click_ or purchase_ prefix")
         self.require(self.patience == 0 or self.select != "last", "patience", "0 with --select last (nothing is measured)")
@@ -212,7 +220,8 @@ def fit(model: RecTransformer, windows: dict[str, torch.Tensor], algo: str, conf
     saved = checkpoint.load(key) if checkpoint is not None else None
     if saved is not None:
         run.restore(saved[0], saved[1], checkpoint.path)
-    settings = Objective(algo=algo, gamma=config.gamma, weight=config.weight, beta=config.beta, baseline=config.baseline)
+    settings = Objective(algo=algo, gamma=config.gamma, weight=config.weight, beta=config.beta, baseline=config.baseline,
+                         cql_weight=config.cql_weight, critic_negatives=config.critic_negatives)
     n = len(windows["items"])
     batches = math.ceil(n / config.batch_size)
     steps = config.epochs * batches
@@ -223,7 +232,7 @@ def fit(model: RecTransformer, windows: dict[str, torch.Tensor], algo: str, conf
         model.train()
         run.order_rng.set_state(run.epoch_rng)
         order = torch.randperm(n, generator=run.order_rng)
-        weighted = replace(settings, weighted=run.epoch >= config.sa2c_warmup)
+        weighted = replace(settings, weighted=run.epoch >= config.warmup)
         finished = False
         while not finished:
             lo = run.batch * config.batch_size
@@ -250,7 +259,8 @@ def selected_epoch(history: list[dict[str, float]], select: str) -> int:
 
 
 def _train_step(run: _Fit, picked: dict[str, torch.Tensor], algo: str, settings: Objective) -> None:
-    loss, parts = objective(_batch(run.model, run.target, picked, negatives=algo == "sa2c"), settings)
+    negatives = algo == "sa2c" or (algo == "crr" and settings.critic_negatives)
+    loss, parts = objective(_batch(run.model, run.target, picked, negatives=negatives), settings)
     if not torch.isfinite(loss):
         raise TempflowError(f"{algo}: the loss is NaN or infinite at epoch {run.epoch}; lower --learning-rate")
     run.optimizer.zero_grad()
