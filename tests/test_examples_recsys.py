@@ -1,0 +1,67 @@
+"""examples/recsys/recbole_sasrec.py's steps that run in tempflow's environment: the sessions
+exported as RecBole's atomic file in tempflow's order, and saved scores ranked under tempflow's
+protocol by hand. (Its train step needs RecBole's own environment; BENCHMARKS.md says how it was run,
+and that its ranks under `all-items` reproduce RecBole's own test metrics.)"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from stages.artifacts.sessions import write_sessions
+from stages.recsys.data import Events, PrepareConfig, build_sessions
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "examples/recsys/recbole_sasrec.py"
+
+
+def _step(*args) -> str:
+    done = subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def _sessions(tmp_path: Path) -> Path:
+    """u1 rates a b c d at one second (ties: file order), u2 b a e c: items a 1, b 2, c 3, d 4, e 5."""
+    events = Events()
+    for item in "abcd":
+        events.add("u1", item, item == "d", 100.0)
+    for t, item in enumerate("baec"):
+        events.add("u2", item, False, 200.0 + t)
+    path = tmp_path / "s.parquet"
+    write_sessions(path, build_sessions(events, PrepareConfig(split="user", min_session_length=3)), {})
+    return path
+
+
+def test_export_writes_positions_as_timestamps_in_tempflow_order(tmp_path):
+    data = _sessions(tmp_path)
+    _step("export", "--data", data, "--out", tmp_path / "rb")
+    lines = (tmp_path / "rb/tempflow-sessions/tempflow-sessions.inter").read_text().splitlines()
+    assert lines[0] == "user_id:token\titem_id:token\ttimestamp:float"
+    assert [line.split("\t") for line in lines[1:]] == [
+        ["0", "1", "0"], ["0", "2", "1"], ["0", "3", "2"], ["0", "4", "3"],  # u1's ties kept in file order
+        ["1", "2", "0"], ["1", "1", "1"], ["1", "5", "2"], ["1", "3", "3"]]
+
+
+def test_rank_ranks_saved_scores_under_either_protocol_by_hand(tmp_path):
+    data = _sessions(tmp_path)
+    folder = tmp_path / "rb"
+    folder.mkdir()
+    inf = -math.inf
+    # test targets: d (4) for u1, who saw a b c; c (3) for u2, who saw b a e
+    np.save(folder / "scores-s0.npy", np.array([[inf, 5, 4, 3, 2, 1], [inf, 1, 2, 3, 4, 5]], dtype=np.float32))
+    for protocol, expected in (("all-items", [3, 2]), ("seen-removed", [0, 1])):
+        out = tmp_path / f"{protocol}.json"
+        _step("rank", "--data", data, "--dir", folder, "--protocol", protocol, "--out", out)
+        record = json.loads(out.read_text())
+        assert record["ranks"] == expected and record["protocol"] == protocol and record["algo"] == "recbole-sasrec"
+        assert record["ndcg@5"] == np.mean([1 / math.log2(r + 2) for r in expected])
+    np.save(folder / "scores-s0.npy", np.zeros((3, 6), dtype=np.float32))
+    refused = subprocess.run([sys.executable, str(SCRIPT), "rank", "--data", str(data), "--dir", str(folder),
+                              "--out", str(tmp_path / "x.json")], capture_output=True, text=True, check=False)
+    assert refused.returncode != 0 and "one row per test target" in refused.stderr
