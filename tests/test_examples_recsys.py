@@ -65,3 +65,26 @@ def test_rank_ranks_saved_scores_under_either_protocol_by_hand(tmp_path):
     refused = subprocess.run([sys.executable, str(SCRIPT), "rank", "--data", str(data), "--dir", str(folder),
                               "--out", str(tmp_path / "x.json")], capture_output=True, text=True, check=False)
     assert refused.returncode != 0 and "one row per test target" in refused.stderr
+
+
+def test_benchmark_quick_run_pairs_each_model_with_bc_target_by_target(tmp_path):
+    """benchmark.py --quick (120 users, one epoch): the table's means and paired differences are
+    those of the eval records' ranks, and a rerun reuses every model."""
+    out = tmp_path / "bench"
+    args = [sys.executable, str(REPO / "examples/recsys/benchmark.py"), "--out", str(out), "--quick", "--seeds", "0,1",
+            "--variants", "bc,crr-exp", "--threads", "1"]
+    done = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert set(results) == {"popularity", "bc", "crr-exp"}
+    ranks = {s: {m: np.asarray(json.loads((out / "eval" / f"s{s}-{m}.json").read_text())["ranks"]) for m in ("bc", "crr-exp")}
+             for s in (0, 1)}
+    hit = {s: {m: (r < 10).astype(float) for m, r in models.items()} for s, models in ranks.items()}
+    assert results["crr-exp"]["hr@10"]["per_seed"] == [hit[s]["crr-exp"].mean() for s in (0, 1)]
+    paired = results["crr-exp"]["hr@10"]["vs_bc"]
+    assert paired["mean"] == np.mean([hit[s]["crr-exp"] - hit[s]["bc"] for s in (0, 1)])
+    assert paired["low"] <= paired["mean"] <= paired["high"] and paired["targets"] == len(ranks[0]["bc"])
+    assert "| crr-exp |" in (out / "table.md").read_text()
+    again = subprocess.run(args, capture_output=True, text=True, check=False)
+    assert again.returncode == 0 and "pretraining" not in again.stdout and json.loads(
+        (out / "results.json").read_text())["results"] == results

@@ -1,21 +1,22 @@
-"""The recommender's pipeline (examples/recsys/dvc.yaml, its params.yaml) over several seeds, with
-95 % intervals: MovieLens-100k hit rates and NDCG for the pretrained policy, BC, SQN, SA2C and CRR,
-and on the simulator CRR's online return against BC's.
+"""The recommender's benchmark under the standard protocol (issue 36): MovieLens-100k over several
+seeds, every model ranked among the items its user has not seen, with paired intervals against BC.
 
-    python examples/recsys/benchmark.py --out runs/recsys-benchmark              # seeds 0,1,2
-    python examples/recsys/benchmark.py --out runs/recsys-benchmark --seeds 0    # one seed
+    python examples/recsys/benchmark.py --out runs/recsys-benchmark --seeds 0,1,2,3,4 --threads 1
+    python examples/recsys/benchmark.py --out runs/recsys-benchmark --sasrec runs/rec/recbole   # with SASRec
+    python examples/recsys/benchmark.py --out /tmp/rb --quick    # a small data set, 2 seeds: checks the script
 
-Seed s sets the pretraining's initial weights and the window order and dropout of every training
-(``--seed s``). MovieLens is the same real data for every seed; the simulator's logs are drawn anew
-per seed (``--sim-seed s``), so that its interval also carries the logging noise, while its online
-evaluation plays the same 500 seeded users for every model. Every model of a seed starts from that
-seed's one pretraining, as in the pipeline.
+Per seed s: the transformer pretrained from scratch by next-item cross-entropy (``--seed s``), then
+every variant of :data:`VARIANTS` fine-tuned from that one pretraining with the same budget: at most
+``params.yaml``'s epochs, the epoch kept chosen on validation NDCG@10 (seen items removed), stopped
+after ``patience`` epochs without a better one. The test split is read only by ``rec eval``. The
+most-popular floor is the same for every seed. With ``--sasrec DIR``, RecBole's SASRec joins the
+table from the records ``examples/recsys/recbole_sasrec.py rank`` wrote there (``sasrec-sN.json``).
 
-Intervals: Student's t over the seeds (examples/benchmark/stats.py); ``vs bc`` is each model's
-difference from BC of the same seed. The mean within-seed standard error over test events (or
-simulated users) is given beside it: it is the evaluation's own resolution, the seed interval the
-training's noise on top. Every stage's output is kept in OUT, so a rerun after an interruption goes
-on from the first missing one. Writes OUT/results.json and OUT/table.md.
+Figures: each metric's mean over the seeds, and each model's difference from BC of the same seed,
+target by target, with a 95 % interval from a two-way bootstrap over seeds and test targets
+(examples/benchmark/stats.py ``paired_bootstrap``): it carries both the training noise and the
+sampling of the 943 users. Every stage's output is kept in OUT, so a rerun after an interruption
+goes on from the first missing one. Writes OUT/results.json and OUT/table.md.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 
@@ -36,14 +38,32 @@ sys.path.insert(0, str(ROOT / "examples" / "benchmark"))
 
 import stats  # noqa: E402  (the image benchmark's statistics)
 
+from stages.artifacts.sessions import read_sessions  # noqa: E402
 from stages.recsys.data import PrepareConfig  # noqa: E402
+from stages.recsys.metrics import per_target  # noqa: E402
 from stages.recsys.model import RecModelConfig  # noqa: E402
-from stages.recsys.stages import Run, run_eval, run_prepare, run_pretrain, run_train  # noqa: E402
-from stages.recsys.train import TrainConfig  # noqa: E402
+from stages.recsys.stages import RecEvalConfig, Run, run_eval, run_prepare, run_pretrain, run_train  # noqa: E402
+from stages.recsys.train import TrainConfig, eval_targets  # noqa: E402
 
 PARAMS = yaml.safe_load((Path(__file__).parent / "params.yaml").read_text())
-METRICS = ("purchase_hr@10", "purchase_ndcg@10", "click_hr@10", "click_ndcg@10")
-ONLINE = ("return", "length", "purchases")
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    # the table
+    "bc": ("bc", {}),
+    "crr-exp": ("crr", {"weight": "exp"}),
+    "crr-binary": ("crr", {"weight": "binary"}),
+    "sqn": ("sqn", {}),
+    "sa2c": ("sa2c", {}),
+    # the ablation of CRR (each one change from crr-exp)
+    "crr-exp-no-warmup": ("crr", {"weight": "exp", "warmup": 0}),
+    "crr-exp-cql": ("crr", {"weight": "exp", "cql_weight": 1.0}),
+    "crr-exp-negatives": ("crr", {"weight": "exp", "critic_negatives": True}),
+    "crr-exp-beta-0.3": ("crr", {"weight": "exp", "beta": 0.3}),
+    "crr-exp-beta-3": ("crr", {"weight": "exp", "beta": 3.0}),
+    "crr-exp-gamma-0.5": ("crr", {"weight": "exp", "gamma": 0.5}),
+}
+TABLE = ("popularity", "sasrec", "bc", "crr-exp", "crr-binary", "sqn", "sa2c")
+METRICS = ("hr@10", "ndcg@10")
+KINDS = ("", "click_", "purchase_")
 
 
 def fields(group: dict[str, Any]) -> dict[str, Any]:
@@ -51,98 +71,139 @@ def fields(group: dict[str, Any]) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in group.items()}
 
 
-def seed_runs(out: Path, seed: int) -> dict[str, dict[str, dict[str, Any]]]:
-    """Every dataset's pipeline for one seed; each stage skipped when its output is there."""
-    evals: dict[str, dict[str, dict[str, Any]]] = {}
-    for name, spec in PARAMS["datasets"].items():
-        prepare = PrepareConfig(**{**fields(spec["prepare"]), **({"sim_seed": seed} if name == "simulator" else {})})
-        data = out / (f"{name}.parquet" if name != "simulator" else f"{name}-s{seed}.parquet")
-        if not data.exists():
-            run_prepare(prepare, data)
-        folder = out / name / f"s{seed}"
-        pretrained = folder / "pretrained"
-        if not pretrained.exists():
-            print(f"  {name} seed {seed}: pretraining", flush=True)
-            run_pretrain(data, Run(pretrained), RecModelConfig(**fields(spec["model"])),
-                         TrainConfig(**{**fields(PARAMS["pretrain"]), "seed": seed}))
-        policies = {"pretrained": pretrained}
-        for algo in PARAMS["algos"]:
-            policies[algo] = folder / algo
-            if not policies[algo].exists():
-                print(f"  {name} seed {seed}: {algo}", flush=True)
-                config = TrainConfig(**{**fields(PARAMS["train"]), **fields(spec["train"]), "seed": seed})
-                run_train(data, pretrained, Run(policies[algo]), algo, config)
-        evals[name] = {}
-        for policy, path in policies.items():
-            result = out / "eval" / f"{name}-s{seed}-{policy}.json"
-            if not result.exists():
-                result.parent.mkdir(parents=True, exist_ok=True)
-                run_eval(data, path, result)
-            evals[name][policy] = json.loads(result.read_text())
+def budget(quick: bool) -> dict[str, Any]:
+    """The training budget every model gets, from params.yaml's ``benchmark`` group."""
+    group = fields(PARAMS["benchmark"])
+    return {**group, "epochs": 1, "patience": 0} if quick else group
+
+
+def seed_runs(out: Path, data: Path, seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every model of one seed, each stage skipped when its output is there: name -> eval record."""
+    spec, plan = PARAMS["datasets"]["movielens"], budget(args.quick)
+    folder = out / f"s{seed}"
+    pretrained = folder / "pretrained"
+    common = {"epochs": plan["epochs"], "patience": plan["patience"], "select": "ndcg@10", "seed": seed}
+    if not pretrained.exists():
+        print(f"  seed {seed}: pretraining", flush=True)
+        run_pretrain(data, Run(pretrained), RecModelConfig(**fields(spec["model"])),
+                     TrainConfig(**{**fields(PARAMS["pretrain"]), **common}))
+    evals = {"popularity": _eval(data, None, out / "eval" / "popularity.json")}
+    for name in args.variants:
+        algo, overrides = VARIANTS[name]
+        model = folder / name
+        if not model.exists():
+            print(f"  seed {seed}: {name}", flush=True)
+            config = TrainConfig(**{**fields(PARAMS["train"]), **common, **overrides})
+            run_train(data, pretrained, Run(model), algo, config)
+        evals[name] = _eval(data, model, out / "eval" / f"s{seed}-{name}.json")
+    if args.sasrec:
+        record = args.sasrec / f"sasrec-s{seed}.json"
+        if record.exists():
+            evals["sasrec"] = json.loads(record.read_text())
     return evals
 
 
-def summary(per_seed: list[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, Any]:
-    """Per dataset and model: each metric's mean over seeds with its interval, its difference from
-    BC with that interval, and the mean within-seed standard error."""
+def _eval(data: Path, model: Path | None, result: Path) -> dict[str, Any]:
+    if not result.exists():
+        result.parent.mkdir(parents=True, exist_ok=True)
+        run_eval(data, model, result, RecEvalConfig(split="test"))
+    return json.loads(result.read_text())
+
+
+def summary(per_seed: list[dict[str, dict[str, Any]]], purchase: np.ndarray) -> dict[str, Any]:
+    """Per model and metric (all targets, clicks, purchases): the mean over seeds and the paired
+    difference from BC with its two-way bootstrap interval."""
+    masks = {"": np.ones_like(purchase), "click_": ~purchase, "purchase_": purchase}
     out: dict[str, Any] = {}
     for name in per_seed[0]:
+        if not all(name in seed for seed in per_seed):
+            continue
         out[name] = {}
-        for policy in per_seed[0][name]:
-            rows = [seed[name][policy] for seed in per_seed]
-            bc = [seed[name]["bc"] for seed in per_seed]
-            keys = [(m, m) for m in METRICS] + ([(f"online_{m}", m) for m in ONLINE] if "online" in rows[0] else [])
-            out[name][policy] = {key: _figure(rows, bc, key, raw) for key, raw in keys}
+        for kind in KINDS:
+            for metric in METRICS:
+                mine = [per_target(np.asarray(seed[name]["ranks"]), metric)[masks[kind]] for seed in per_seed]
+                bc = [per_target(np.asarray(seed["bc"]["ranks"]), metric)[masks[kind]] for seed in per_seed]
+                out[name][kind + metric] = {"mean": float(np.mean(mine)), "per_seed": [float(m.mean()) for m in mine],
+                                            "vs_bc": stats.paired_bootstrap(mine, bc)}
     return out
 
 
-def _figure(rows: list[dict[str, Any]], bc: list[dict[str, Any]], key: str, raw: str) -> dict[str, Any]:
-    def value(row: dict[str, Any], suffix: str = "") -> float:
-        return row["online"][raw + suffix] if key.startswith("online_") else row[raw + suffix]
-
-    values = [value(r) for r in rows]
-    return {**stats.mean_ci(values), "per_seed": values, "within_seed_se": sum(value(r, "_se") for r in rows) / len(rows),
-            "vs_bc": stats.mean_ci([a - value(b) for a, b in zip(values, bc)])}
-
-
-def table(results: dict[str, Any], seeds: int) -> str:
-    lines = []
-    for name, models in results.items():
-        keys = list(next(iter(models.values())))
-        lines += [f"### {name} (test split, {seeds} seeds: mean ± 95 % interval; [difference from BC])", "",
-                  "| model | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
-        for policy, figures in models.items():
-            cells = []
-            for key in keys:
-                f = figures[key]
-                cell = f"{f['mean']:.3f} ± {f['ci95']:.3f}"
-                if policy != "bc":
-                    cell += f" [{f['vs_bc']['mean']:+.3f} ± {f['vs_bc']['ci95']:.3f}]"
-                cells.append(cell)
-            lines.append(f"| {policy} | " + " | ".join(cells) + " |")
-        se = {k: round(sum(m[k]["within_seed_se"] for m in models.values()) / len(models), 3) for k in keys}
-        lines += ["", f"Mean within-seed standard error: {se}", ""]
+def table(results: dict[str, Any], seeds: int, rows: tuple[str, ...]) -> str:
+    keys = [kind + metric for kind in KINDS for metric in METRICS]
+    heads = [f"{kind.rstrip('_') or 'all'} {metric.upper()}" for kind in KINDS for metric in METRICS]
+    lines = [f"MovieLens-100k, test split, seen items removed, {seeds} seeds: mean [difference from BC, "
+             "95 % two-way bootstrap interval over seeds and targets]", "",
+             "| model | " + " | ".join(heads) + " |", "|" + " --- |" * (len(keys) + 1)]
+    for name in rows:
+        if name not in results:
+            continue
+        cells = []
+        for key in keys:
+            f = results[name][key]
+            cell = f"{f['mean']:.3f}"
+            if name != "bc":
+                d = f["vs_bc"]
+                cell += f" [{d['mean']:+.3f}, {d['low']:+.3f} to {d['high']:+.3f}]"
+            cells.append(cell)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def quick_data(out: Path) -> Path:
+    """A small MovieLens: its first 120 users (every rating of theirs)."""
+    from stages.artifacts.sessions import write_sessions
+    from stages.recsys.data import build_sessions, read_movielens
+
+    config = PrepareConfig(**fields(PARAMS["datasets"]["movielens"]["prepare"]))
+    events = read_movielens(config)
+    keep = sorted(set(events.session), key=int)[:120]
+    chosen = set(keep)
+    small = type(events)()
+    for s, i, p, t in zip(events.session, events.item, events.purchase, events.time):
+        if s in chosen:
+            small.add(s, i, p, t)
+    path = out / "movielens-quick.parquet"
+    write_sessions(path, build_sessions(small, config), {"config": {"quick": True}})
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/recsys-benchmark"))
-    parser.add_argument("--seeds", default="0,1,2", help="Comma list of seeds.")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="Comma list of seeds.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="Comma list of VARIANTS to train.")
+    parser.add_argument("--sasrec", type=Path, default=None, help="Folder of recbole_sasrec.py's sasrec-sN.json records.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's).")
+    parser.add_argument("--quick", action="store_true", help="120 users, one epoch: checks the script, measures nothing.")
     args = parser.parse_args()
+    args.variants = [v for v in args.variants.split(",") if v]
+    unknown = [v for v in args.variants if v not in VARIANTS]
+    if unknown or "bc" not in args.variants:
+        parser.error(f"--variants: unknown {unknown}" if unknown else "--variants must include bc (the paired baseline)")
     if args.threads:
         torch.set_num_threads(args.threads)
     seeds = [int(s) for s in args.seeds.split(",")]
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.quick:
+        data = args.out / "movielens-quick.parquet"
+        data = data if data.exists() else quick_data(args.out)
+    else:
+        data = args.out / "movielens.parquet"
+        if not data.exists():
+            run_prepare(PrepareConfig(**fields(PARAMS["datasets"]["movielens"]["prepare"])), data)
     began = time.perf_counter()
-    per_seed = [seed_runs(args.out, seed) for seed in seeds]
-    results = summary(per_seed)
-    report = {"seeds": seeds, "params": PARAMS, "results": results, "seconds_this_run": time.perf_counter() - began,
+    per_seed = [seed_runs(args.out, data, seed, args) for seed in seeds]
+    sessions = read_sessions(data)
+    purchase = sessions.purchase[eval_targets(sessions, "test", context=0).rows]
+    results = summary(per_seed, purchase)
+    report = {"seeds": seeds, "params": PARAMS, "budget": budget(args.quick), "variants": {k: VARIANTS[k] for k in args.variants},
+              "results": results, "seconds_this_run": time.perf_counter() - began,
               "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out / "table.md").write_text(table(results, len(seeds)))
-    print(table(results, len(seeds)))
+    text = table(results, len(seeds), TABLE) + "\nAblation of CRR (each a change from crr-exp):\n\n" + table(
+        results, len(seeds), ("bc", "crr-exp", *(v for v in args.variants if v.startswith("crr-exp-"))))
+    (args.out / "table.md").write_text(text)
+    print(text)
     print(f"wrote {args.out}/results.json and table.md; this run took {report['seconds_this_run']:.0f} s")
 
 
