@@ -60,6 +60,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "crr-exp-beta-0.3": ("crr", {"weight": "exp", "beta": 0.3}),
     "crr-exp-beta-3": ("crr", {"weight": "exp", "beta": 3.0}),
     "crr-exp-gamma-0.5": ("crr", {"weight": "exp", "gamma": 0.5}),
+    "crr-warmup-only": ("crr", {"weight": "exp", "warmup": 1000}),  # never weighted: cross-entropy + CRR's critic
 }
 TABLE = ("popularity", "sasrec", "bc", "crr-exp", "crr-binary", "sqn", "sa2c")
 METRICS = ("hr@10", "ndcg@10")
@@ -95,7 +96,10 @@ def seed_runs(out: Path, data: Path, seed: int, args: argparse.Namespace) -> dic
             print(f"  seed {seed}: {name}", flush=True)
             config = TrainConfig(**{**fields(PARAMS["train"]), **common, **overrides})
             run_train(data, pretrained, Run(model), algo, config)
-        evals[name] = _eval(data, model, out / "eval" / f"s{seed}-{name}.json")
+        trained = json.loads((model / "metrics.json").read_text())
+        evals[name] = {**_eval(data, model, out / "eval" / f"s{seed}-{name}.json"),
+                       "training": {"selected_epoch": trained["selected_epoch"], "epochs_run": len(trained["epochs"]),
+                                    "seconds": trained["seconds"]}}
     if args.sasrec:
         record = args.sasrec / f"sasrec-s{seed}.json"
         if record.exists():
@@ -118,7 +122,7 @@ def summary(per_seed: list[dict[str, dict[str, Any]]], purchase: np.ndarray) -> 
     for name in per_seed[0]:
         if not all(name in seed for seed in per_seed):
             continue
-        out[name] = {}
+        out[name] = {"selected_epochs": [seed[name].get("training", {}).get("selected_epoch") for seed in per_seed]}
         for kind in KINDS:
             for metric in METRICS:
                 mine = [per_target(np.asarray(seed[name]["ranks"]), metric)[masks[kind]] for seed in per_seed]
@@ -132,8 +136,8 @@ def table(results: dict[str, Any], seeds: int, rows: tuple[str, ...]) -> str:
     keys = [kind + metric for kind in KINDS for metric in METRICS]
     heads = [f"{kind.rstrip('_') or 'all'} {metric.upper()}" for kind in KINDS for metric in METRICS]
     lines = [f"MovieLens-100k, test split, seen items removed, {seeds} seeds: mean [difference from BC, "
-             "95 % two-way bootstrap interval over seeds and targets]", "",
-             "| model | " + " | ".join(heads) + " |", "|" + " --- |" * (len(keys) + 1)]
+             "95 % two-way bootstrap interval over seeds and targets]; the epoch each seed kept", "",
+             "| model | " + " | ".join(heads) + " | epochs kept |", "|" + " --- |" * (len(keys) + 2)]
     for name in rows:
         if name not in results:
             continue
@@ -145,7 +149,8 @@ def table(results: dict[str, Any], seeds: int, rows: tuple[str, ...]) -> str:
                 d = f["vs_bc"]
                 cell += f" [{d['mean']:+.3f}, {d['low']:+.3f} to {d['high']:+.3f}]"
             cells.append(cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        kept = ", ".join("-" if e is None else str(e) for e in results[name]["selected_epochs"])
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {kept} |")
     return "\n".join(lines) + "\n"
 
 
