@@ -205,8 +205,8 @@ def main() -> None:
               "results": results, "seconds_this_run": time.perf_counter() - began,
               "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = table(results, len(seeds), TABLE) + "\nAblation of CRR (each a change from crr-exp):\n\n" + table(
-        results, len(seeds), ("bc", "crr-exp", *(v for v in args.variants if v.startswith("crr-exp-"))))
+    text = table(results, len(seeds), TABLE) + "\nAblation of CRR (each one change from crr-exp):\n\n" + table(
+        results, len(seeds), ("bc", "crr-exp", *(v for v in args.variants if v.startswith("crr-") and v not in TABLE)))
     (args.out / "table.md").write_text(text)
     print(text)
     print(f"wrote {args.out}/results.json and table.md; this run took {report['seconds_this_run']:.0f} s")
