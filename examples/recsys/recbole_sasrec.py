@@ -145,7 +145,7 @@ def rank(args: argparse.Namespace) -> None:
     from stages.artifacts.rec_model import write_rec_eval
     from stages.artifacts.sessions import read_sessions
     from stages.recsys.metrics import ranks, seen_mask
-    from stages.recsys.train import _summary, eval_targets
+    from stages.recsys.train import eval_record, eval_targets
 
     sessions = read_sessions(args.data)
     targets = eval_targets(sessions, "test", context=0)
@@ -156,7 +156,7 @@ def rank(args: argparse.Namespace) -> None:
     seen = seen_mask(targets.seen, scores.shape[1]) if args.protocol == "seen-removed" else None
     rank_of = ranks(scores, torch.tensor([t for _, t in targets.pairs]), seen).numpy()
     metrics = {"policy": str(args.dir), "algo": "recbole-sasrec", "split": "test", "seed": args.seed,
-               **_summary(rank_of, sessions, targets, args.protocol)}
+               **eval_record(rank_of, sessions, targets, args.protocol)}
     write_rec_eval(args.out, metrics)
     print({k: round(v, 4) for k, v in metrics.items() if k in ("hr@10", "ndcg@10", "purchase_ndcg@10")})
 

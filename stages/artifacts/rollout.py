@@ -22,6 +22,7 @@ the stage reads it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -297,8 +298,9 @@ class Sample:
         self._raw, self.shape, self.side = raw, shape, side
         self.holder: Sample = self
 
-    @property
+    @functools.cached_property
     def meta(self) -> dict[str, Any]:
+        """The sample's meta.json, parsed and checked once (the reader links it, the update reads it again)."""
         try:
             meta = loads_json(self.fields["meta.json"])
         except (ValueError, UnicodeDecodeError) as err:

@@ -56,12 +56,11 @@ def summarise(rank: np.ndarray, purchase: np.ndarray, reward: np.ndarray,
                                     "purchase_targets": float(purchase.sum())}
     everyone = np.ones_like(purchase, dtype=bool)
     for k in ks:
-        hit = rank < k
-        ndcg = np.where(hit, 1.0 / np.log2(rank + 2.0), 0.0)
+        values = {name: per_target(rank, name) for name in (f"hr@{k}", f"ndcg@{k}")}
         for kind, mask in (("", everyone), ("click_", ~purchase), ("purchase_", purchase)):
-            for name, values in ((f"hr@{k}", hit.astype(np.float64)), (f"ndcg@{k}", ndcg)):
-                out[f"{kind}{name}"], out[f"{kind}{name}_se"] = _mean_se(values[mask])
-        out[f"reward@{k}"], out[f"reward@{k}_se"] = _mean_se(np.where(hit, reward, 0.0))
+            for name, value in values.items():
+                out[f"{kind}{name}"], out[f"{kind}{name}_se"] = _mean_se(value[mask])
+        out[f"reward@{k}"], out[f"reward@{k}_se"] = _mean_se(np.where(rank < k, reward, 0.0))
     return out
 
 

@@ -319,7 +319,7 @@ def eval_targets(sessions: Sessions, split: str, context: int) -> EvalTargets:
     return EvalTargets(pairs, seen, np.asarray(rows))
 
 
-def _summary(rank: np.ndarray, sessions: Sessions, targets: EvalTargets, protocol: str) -> dict[str, Any]:
+def eval_record(rank: np.ndarray, sessions: Sessions, targets: EvalTargets, protocol: str) -> dict[str, Any]:
     """The metrics of ``rank``, the protocol they were ranked under, and every target's rank (in
     :func:`eval_targets`' order, the same for every model of the sessions: what paired tests compare)."""
     rows = targets.rows
@@ -333,7 +333,7 @@ def evaluate(model: RecTransformer, sessions: Sessions, split: str, device: str 
     model.eval()
     targets = eval_targets(sessions, split, model.config.context)
     rank = rank_targets(model, targets.pairs, _seen(targets, protocol), device=device)
-    return _summary(rank, sessions, targets, protocol)
+    return eval_record(rank, sessions, targets, protocol)
 
 
 def popularity_scores(sessions: Sessions) -> torch.Tensor:
@@ -348,7 +348,7 @@ def evaluate_popularity(sessions: Sessions, split: str, protocol: str = "seen-re
     """The metrics of ranking every target by :func:`popularity_scores` (ties by item index)."""
     targets = eval_targets(sessions, split, context=0)
     rank = rank_by_scores(popularity_scores(sessions), [t for _, t in targets.pairs], _seen(targets, protocol))
-    return _summary(rank, sessions, targets, protocol)
+    return eval_record(rank, sessions, targets, protocol)
 
 
 def _seen(targets: EvalTargets, protocol: str) -> list[list[int]] | None:
