@@ -5,6 +5,7 @@ and that its ranks under `all-items` reproduce RecBole's own test metrics.)"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -67,16 +68,39 @@ def test_rank_ranks_saved_scores_under_either_protocol_by_hand(tmp_path):
     assert refused.returncode != 0 and "one row per test target" in refused.stderr
 
 
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("recsys_benchmark", REPO / "examples/recsys/benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_chooses_each_crr_option_on_validation_by_hand():
+    choose = _benchmark().choose_crr
+    assert choose({"crr-exp": 0.10}) == {"weight": "exp"}
+    scores = {"crr-exp": 0.10, "crr-exp-beta-0.3": 0.09, "crr-exp-beta-3": 0.11, "crr-exp-gamma-0.5": 0.12,
+              "crr-exp-gamma-0": 0.13, "crr-exp-cql": 0.10, "crr-exp-negatives": 0.101, "crr-exp-no-warmup": 0.05}
+    # beta 3 beats 1 and 0.3; gamma 0 beats 0.5 and 0.9; cql only ties crr-exp, so it stays off
+    assert choose(scores) == {"weight": "exp", "beta": 3.0, "critic_negatives": True, "gamma": 0.0}
+
+
 def test_benchmark_quick_run_pairs_each_model_with_bc_target_by_target(tmp_path):
     """benchmark.py --quick (120 users, one epoch): the table's means and paired differences are
-    those of the eval records' ranks, and a rerun reuses every model."""
+    those of the eval records' ranks, crr-tuned is the variant validation prefers, and a rerun
+    reuses every model."""
     out = tmp_path / "bench"
     args = [sys.executable, str(REPO / "examples/recsys/benchmark.py"), "--out", str(out), "--quick", "--seeds", "0,1",
-            "--variants", "bc,crr-exp", "--threads", "1"]
+            "--variants", "bc,crr-exp,crr-exp-gamma-0", "--threads", "1"]
     done = subprocess.run(args, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    results = json.loads((out / "results.json").read_text())["results"]
-    assert set(results) == {"popularity", "bc", "crr-exp"}
+    report = json.loads((out / "results.json").read_text())
+    results, tuned = report["results"], report["crr_tuned"]
+    assert set(results) == {"popularity", "bc", "crr-exp", "crr-exp-gamma-0", "crr-tuned"}
+    validation = {m: np.mean([json.loads((out / f"s{s}" / m / "metrics.json").read_text())["validation"]["ndcg@10"]
+                              for s in (0, 1)]) for m in ("crr-exp", "crr-exp-gamma-0")}
+    preferred = "crr-exp-gamma-0" if validation["crr-exp-gamma-0"] > validation["crr-exp"] else "crr-exp"
+    assert tuned["validation_ndcg@10"] == validation and tuned["chosen"] == preferred
+    assert results["crr-tuned"]["ndcg@10"] == results[preferred]["ndcg@10"]
     ranks = {s: {m: np.asarray(json.loads((out / "eval" / f"s{s}-{m}.json").read_text())["ranks"]) for m in ("bc", "crr-exp")}
              for s in (0, 1)}
     hit = {s: {m: (r < 10).astype(float) for m, r in models.items()} for s, models in ranks.items()}

@@ -9,8 +9,11 @@ Per seed s: the transformer pretrained from scratch by next-item cross-entropy (
 every variant of :data:`VARIANTS` fine-tuned from that one pretraining with the same budget: at most
 ``params.yaml``'s epochs, the epoch kept chosen on validation NDCG@10 (seen items removed), stopped
 after ``patience`` epochs without a better one. The test split is read only by ``rec eval``. The
-most-popular floor is the same for every seed. With ``--sasrec DIR``, RecBole's SASRec joins the
-table from the records ``examples/recsys/recbole_sasrec.py rank`` wrote there (``sasrec-sN.json``).
+most-popular floor is the same for every seed. CRR is also tuned on validation (``crr-tuned``,
+:func:`tune_crr`): each option's value is chosen by its one-change variant's mean validation
+NDCG@10, the combination trained, and the best of them all on validation kept. With ``--sasrec
+DIR``, RecBole's SASRec joins the table from the records ``examples/recsys/recbole_sasrec.py rank``
+wrote there (``sasrec-sN.json``).
 
 Figures: each metric's mean over the seeds, and each model's difference from BC of the same seed,
 target by target, with a 95 % interval from a two-way bootstrap over seeds and test targets
@@ -46,6 +49,10 @@ from stages.recsys.stages import RecEvalConfig, Run, run_eval, run_prepare, run_
 from stages.recsys.train import TrainConfig, eval_targets  # noqa: E402
 
 PARAMS = yaml.safe_load((Path(__file__).parent / "params.yaml").read_text())
+BASE = {"weight": "exp", "beta": 1.0, "gamma": 0.9, "warmup": 1, "cql_weight": 0.0, "critic_negatives": False}
+"""The settings of crr-exp, which every variant of the ablation changes one of; SQN and SA2C take
+its gamma and warm-up too. Fixed here rather than read from params.yaml's ``train``, which holds the
+pipeline's CRR as this benchmark chose it."""
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     # the table
     "bc": ("bc", {}),
@@ -60,9 +67,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "crr-exp-beta-0.3": ("crr", {"weight": "exp", "beta": 0.3}),
     "crr-exp-beta-3": ("crr", {"weight": "exp", "beta": 3.0}),
     "crr-exp-gamma-0.5": ("crr", {"weight": "exp", "gamma": 0.5}),
+    "crr-exp-gamma-0": ("crr", {"weight": "exp", "gamma": 0.0}),
     "crr-warmup-only": ("crr", {"weight": "exp", "warmup": 1000}),  # never weighted: cross-entropy + CRR's critic
 }
-TABLE = ("popularity", "sasrec", "bc", "crr-exp", "crr-binary", "sqn", "sa2c")
+# CRR's options chosen on validation: each one-change variant tries one value of one option
+TUNING = ("crr-exp-no-warmup", "crr-exp-cql", "crr-exp-negatives", "crr-exp-beta-0.3", "crr-exp-beta-3",
+          "crr-exp-gamma-0.5", "crr-exp-gamma-0")
+TABLE = ("popularity", "sasrec", "bc", "crr-exp", "crr-tuned", "crr-binary", "sqn", "sa2c")
+ABLATION_EXTRA = ("crr-combined",)
 METRICS = ("hr@10", "ndcg@10")
 KINDS = ("", "click_", "purchase_")
 
@@ -78,33 +90,78 @@ def budget(quick: bool) -> dict[str, Any]:
     return {**group, "epochs": 1, "patience": 0} if quick else group
 
 
+def common(seed: int, quick: bool) -> dict[str, Any]:
+    """The settings every training of one seed shares: the budget, the epoch chosen on validation."""
+    plan = budget(quick)
+    return {"epochs": plan["epochs"], "patience": plan["patience"], "select": "ndcg@10", "seed": seed}
+
+
 def seed_runs(out: Path, data: Path, seed: int, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     """Every model of one seed, each stage skipped when its output is there: name -> eval record."""
-    spec, plan = PARAMS["datasets"]["movielens"], budget(args.quick)
+    spec, shared = PARAMS["datasets"]["movielens"], common(seed, args.quick)
     folder = out / f"s{seed}"
     pretrained = folder / "pretrained"
-    common = {"epochs": plan["epochs"], "patience": plan["patience"], "select": "ndcg@10", "seed": seed}
     if not pretrained.exists():
         print(f"  seed {seed}: pretraining", flush=True)
         run_pretrain(data, Run(pretrained), RecModelConfig(**fields(spec["model"])),
-                     TrainConfig(**{**fields(PARAMS["pretrain"]), **common}))
+                     TrainConfig(**{**fields(PARAMS["pretrain"]), **shared}))
     evals = {"popularity": _eval(data, None, out / "eval" / "popularity.json")}
     for name in args.variants:
-        algo, overrides = VARIANTS[name]
-        model = folder / name
-        if not model.exists():
-            print(f"  seed {seed}: {name}", flush=True)
-            config = TrainConfig(**{**fields(PARAMS["train"]), **common, **overrides})
-            run_train(data, pretrained, Run(model), algo, config)
-        trained = json.loads((model / "metrics.json").read_text())
-        evals[name] = {**_eval(data, model, out / "eval" / f"s{seed}-{name}.json"),
-                       "training": {"selected_epoch": trained["selected_epoch"], "epochs_run": len(trained["epochs"]),
-                                    "seconds": trained["seconds"]}}
+        evals[name] = trained_eval(data, folder, name, *VARIANTS[name], shared)
     if args.sasrec:
         record = args.sasrec / f"sasrec-s{seed}.json"
         if record.exists():
             evals["sasrec"] = json.loads(record.read_text())
     return evals
+
+
+def trained_eval(data: Path, folder: Path, name: str, algo: str, overrides: dict[str, Any],
+                 shared: dict[str, Any]) -> dict[str, Any]:
+    """One variant fine-tuned from the seed's pretraining (unless it is there) and its test record,
+    with what its training kept: the epoch, the epochs run, the seconds and the validation record."""
+    model = folder / name
+    if not model.exists():
+        print(f"  seed {shared['seed']}: {name}", flush=True)
+        config = TrainConfig(**{**fields(PARAMS["train"]), **BASE, **shared, **overrides})
+        run_train(data, folder / "pretrained", Run(model), algo, config)
+    trained = json.loads((model / "metrics.json").read_text())
+    return {**_eval(data, model, folder.parent / "eval" / f"s{shared['seed']}-{name}.json"),
+            "training": {"selected_epoch": trained["selected_epoch"], "epochs_run": len(trained["epochs"]),
+                         "seconds": trained["seconds"], "validation_ndcg@10": trained["validation"]["ndcg@10"]}}
+
+
+def choose_crr(validation: dict[str, float]) -> dict[str, Any]:
+    """CRR's settings chosen on validation: from crr-exp's, each option of :data:`TUNING` takes the
+    value whose one-change variant has the highest mean validation NDCG@10 over the seeds, if that
+    beats crr-exp's own. ``validation``: variant name -> that mean (crr-exp's included)."""
+    chosen: dict[str, tuple[Any, float]] = {}
+    for name in TUNING:
+        if name not in validation:
+            continue
+        (option, value), = ((k, v) for k, v in VARIANTS[name][1].items() if k != "weight")
+        if validation[name] > chosen.get(option, (None, validation["crr-exp"]))[1]:
+            chosen[option] = (value, validation[name])
+    return {"weight": "exp", **{option: value for option, (value, _) in sorted(chosen.items())}}
+
+
+def tune_crr(out: Path, data: Path, seeds: list[int], per_seed: list[dict[str, Any]], quick: bool) -> dict[str, Any]:
+    """Adds ``crr-tuned`` to every seed's records: of crr-exp, its one-change variants and
+    ``crr-combined`` (:func:`choose_crr`'s settings, trained with the same budget unless a variant
+    already holds exactly them), the one with the highest mean validation NDCG@10. Returns the choice."""
+    def mean_validation(name: str) -> float:
+        return float(np.mean([seed[name]["training"]["validation_ndcg@10"] for seed in per_seed]))
+
+    validation = {name: mean_validation(name) for name in ("crr-exp", *TUNING) if name in per_seed[0]}
+    combined = choose_crr(validation)
+    if not any(VARIANTS[name][1] == combined for name in validation):
+        for seed, evals in zip(seeds, per_seed):
+            evals["crr-combined"] = trained_eval(data, out / f"s{seed}", "crr-combined", "crr", combined,
+                                                 common(seed, quick))
+        validation["crr-combined"] = mean_validation("crr-combined")
+    chosen = max(validation, key=validation.__getitem__)
+    for evals in per_seed:
+        evals["crr-tuned"] = evals[chosen]
+    return {"combined": combined, "chosen": chosen, "validation_ndcg@10": validation}
 
 
 def _eval(data: Path, model: Path | None, result: Path) -> dict[str, Any]:
@@ -200,13 +257,21 @@ def main() -> None:
     per_seed = [seed_runs(args.out, data, seed, args) for seed in seeds]
     sessions = read_sessions(data)
     purchase = sessions.purchase[eval_targets(sessions, "test", context=0).rows]
+    tuned = tune_crr(args.out, data, seeds, per_seed, args.quick) if "crr-exp" in args.variants else None
     results = summary(per_seed, purchase)
-    report = {"seeds": seeds, "params": PARAMS, "budget": budget(args.quick), "variants": {k: VARIANTS[k] for k in args.variants},
+    report = {"seeds": seeds, "crr_tuned": tuned, "params": PARAMS, "budget": budget(args.quick),
+              "variants": {k: VARIANTS[k] for k in args.variants},
               "results": results, "seconds_this_run": time.perf_counter() - began,
               "torch_threads": torch.get_num_threads(), "command": " ".join(sys.argv)}
     (args.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    text = table(results, len(seeds), TABLE) + "\nAblation of CRR (each one change from crr-exp):\n\n" + table(
-        results, len(seeds), ("bc", "crr-exp", *(v for v in args.variants if v.startswith("crr-") and v not in TABLE)))
+    chosen = "" if tuned is None else (
+        f"\ncrr-tuned is {tuned['chosen']}, the best on validation NDCG@10 (mean over seeds): "
+        + ", ".join(f"{k} {v:.4f}" for k, v in tuned["validation_ndcg@10"].items())
+        + f"; crr-combined is {tuned['combined']}, each option at its best one-change value\n")
+    ablation = ("bc", "crr-exp", *(v for v in args.variants if v.startswith("crr-") and v not in TABLE), *ABLATION_EXTRA)
+    text = (table(results, len(seeds), TABLE) + chosen
+            + "\nAblation of CRR (each one change from crr-exp; crr-combined takes each option's best):\n\n"
+            + table(results, len(seeds), ablation))
     (args.out / "table.md").write_text(text)
     print(text)
     print(f"wrote {args.out}/results.json and table.md; this run took {report['seconds_this_run']:.0f} s")

@@ -104,6 +104,8 @@ def train(args: argparse.Namespace) -> None:
     from recbole.utils import get_model, get_trainer, init_logger, init_seed
 
     os.chdir(args.dir)  # RecBole's logs land in the working directory
+    for folder in ("log/SASRec", "log_tensorboard"):  # RecBole's check-then-create races between two seeds' runs
+        Path(folder).mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     config = Config(model="SASRec", dataset=DATASET, config_dict=_recbole_config(args))
     init_seed(config["seed"], config["reproducibility"])
