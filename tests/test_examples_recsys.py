@@ -56,11 +56,13 @@ def test_rank_ranks_saved_scores_under_either_protocol_by_hand(tmp_path):
     inf = -math.inf
     # test targets: d (4) for u1, who saw a b c; c (3) for u2, who saw b a e
     np.save(folder / "scores-s0.npy", np.array([[inf, 5, 4, 3, 2, 1], [inf, 1, 2, 3, 4, 5]], dtype=np.float32))
+    (folder / "train-s0.json").write_text(json.dumps({"epochs_run": 3, "seconds": 9.5, "selected_epoch": 2}))
     for protocol, expected in (("all-items", [3, 2]), ("seen-removed", [0, 1])):
         out = tmp_path / f"{protocol}.json"
         _step("rank", "--data", data, "--dir", folder, "--protocol", protocol, "--out", out)
         record = json.loads(out.read_text())
         assert record["ranks"] == expected and record["protocol"] == protocol and record["algo"] == "recbole-sasrec"
+        assert record["training"] == {"selected_epoch": 2, "epochs_run": 3, "seconds": 9.5}
         assert record["ndcg@5"] == np.mean([1 / math.log2(r + 2) for r in expected])
     np.save(folder / "scores-s0.npy", np.zeros((3, 6), dtype=np.float32))
     refused = subprocess.run([sys.executable, str(SCRIPT), "rank", "--data", str(data), "--dir", str(folder),

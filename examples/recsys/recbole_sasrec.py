@@ -115,7 +115,9 @@ def train(args: argparse.Namespace) -> None:
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model("SASRec")(config, train_data._dataset).to("cpu")
     trainer = get_trainer(config["MODEL_TYPE"], "SASRec")(config, model)
-    best_valid, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False)
+    curve: list[float] = []  # RecBole's validation NDCG@10 after each epoch
+    best_valid, _ = trainer.fit(train_data, valid_data, saved=True, show_progress=False,
+                                callback_fn=lambda epoch, score: curve.append(float(score)))
     test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     tokens = test_data._dataset.field2id_token
     ours = np.array([0] + [int(t) for t in tokens["item_id"][1:]])  # RecBole's column j is tempflow's item ours[j]
@@ -133,7 +135,8 @@ def train(args: argparse.Namespace) -> None:
     np.save(args.dir / f"scores-s{args.seed}.npy", np.concatenate(rows)[order].astype(np.float32))
     record = {"seed": args.seed, "best_valid_ndcg@10": float(best_valid), "recbole_test": dict(test),
               "seconds": time.perf_counter() - began, "config": _recbole_config(args),
-              "epochs_run": len(trainer.train_loss_dict), "threads": args.threads}
+              "epochs_run": len(trainer.train_loss_dict), "threads": args.threads, "validation_ndcg@10": curve,
+              "selected_epoch": curve.index(max(curve)) + 1}  # RecBole keeps the first best epoch, from 1
     (args.dir / f"train-s{args.seed}.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2, default=float))
 
@@ -157,8 +160,11 @@ def rank(args: argparse.Namespace) -> None:
                          f"and {sessions.n_items + 1} columns: export and train from these sessions")
     seen = seen_mask(targets.seen, scores.shape[1]) if args.protocol == "seen-removed" else None
     rank_of = ranks(scores, torch.tensor([t for _, t in targets.pairs]), seen).numpy()
+    trained = json.loads((args.dir / f"train-s{args.seed}.json").read_text())
     metrics = {"policy": str(args.dir), "algo": "recbole-sasrec", "split": "test", "seed": args.seed,
-               **eval_record(rank_of, sessions, targets, args.protocol)}
+               **eval_record(rank_of, sessions, targets, args.protocol),
+               "training": {"selected_epoch": trained.get("selected_epoch"), "epochs_run": trained["epochs_run"],
+                            "seconds": trained["seconds"]}}
     write_rec_eval(args.out, metrics)
     print({k: round(v, 4) for k, v in metrics.items() if k in ("hr@10", "ndcg@10", "purchase_ndcg@10")})
 
