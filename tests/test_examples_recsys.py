@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from stages.artifacts.sessions import write_sessions
 from stages.recsys.data import Events, PrepareConfig, build_sessions
@@ -84,6 +85,32 @@ def test_benchmark_chooses_each_crr_option_on_validation_by_hand():
               "crr-exp-gamma-0": 0.13, "crr-exp-cql": 0.10, "crr-exp-negatives": 0.101, "crr-exp-no-warmup": 0.05}
     # beta 3 beats 1 and 0.3; gamma 0 beats 0.5 and 0.9; cql only ties crr-exp, so it stays off
     assert choose(scores) == {"weight": "exp", "beta": 3.0, "critic_negatives": True, "gamma": 0.0}
+
+
+def test_benchmark_tune_crr_trains_the_combination_and_keeps_the_best_on_validation(monkeypatch, tmp_path):
+    """Two options win on validation (beta 3, gamma 0.5): their combination is trained for every
+    seed with those settings, and crr-tuned is whichever of all scores best on validation."""
+    bench = _benchmark()
+    scores = {"crr-exp": [0.10, 0.12], "crr-exp-beta-3": [0.11, 0.13], "crr-exp-gamma-0.5": [0.12, 0.12],
+              "crr-exp-cql": [0.09, 0.11]}
+    per_seed = [{name: {"training": {"validation_ndcg@10": v[i]}, "ranks": [name]} for name, v in scores.items()}
+                for i in (0, 1)]
+    trained = []
+
+    def fake_trained_eval(data, folder, name, algo, overrides, shared):
+        trained.append((folder.name, name, algo, overrides, shared["seed"]))
+        return {"training": {"validation_ndcg@10": 0.2 if shared["seed"] == 0 else 0.1}, "ranks": ["combined"]}
+
+    monkeypatch.setattr(bench, "trained_eval", fake_trained_eval)
+    tuned = bench.tune_crr(tmp_path, tmp_path / "d.parquet", [0, 1], per_seed, quick=True)
+    combined = {"weight": "exp", "beta": 3.0, "gamma": 0.5}
+    assert trained == [("s0", "crr-combined", "crr", combined, 0), ("s1", "crr-combined", "crr", combined, 1)]
+    assert tuned["combined"] == combined and tuned["validation_ndcg@10"]["crr-combined"] == pytest.approx(0.15)
+    assert tuned["chosen"] == "crr-combined" and all(seed["crr-tuned"]["ranks"] == ["combined"] for seed in per_seed)
+    scores["crr-exp-gamma-0.5"] = [0.2, 0.2]  # now one variant beats the combination on validation
+    per_seed = [{name: {"training": {"validation_ndcg@10": v[i]}, "ranks": [name]} for name, v in scores.items()}
+                for i in (0, 1)]
+    assert bench.tune_crr(tmp_path, tmp_path / "d.parquet", [0, 1], per_seed, quick=True)["chosen"] == "crr-exp-gamma-0.5"
 
 
 def test_benchmark_quick_run_pairs_each_model_with_bc_target_by_target(tmp_path):

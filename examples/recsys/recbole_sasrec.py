@@ -9,7 +9,7 @@ Three steps, each a subcommand; ``train`` runs in a virtual environment of its o
     .venv-recbole/bin/pip install recbole==1.2.1 "numpy<2" "pandas<3" "setuptools<81"
 
     .venv/bin/python examples/recsys/recbole_sasrec.py export --data SESSIONS.parquet --out DIR
-    .venv-recbole/bin/python examples/recsys/recbole_sasrec.py train --dir DIR --seed 0
+    .venv-recbole/bin/python examples/recsys/recbole_sasrec.py train --dir DIR --seed 0 --epochs 12 --patience 3
     .venv/bin/python examples/recsys/recbole_sasrec.py rank --data SESSIONS.parquet --dir DIR --seed 0 --out EVAL.json
 
 ``export`` writes the prepared sessions as a RecBole atomic file: one user per session, the items
@@ -18,7 +18,8 @@ that RecBole's leave-one-out split (``LS: valid_and_test``, time order) takes ex
 event as the test target and the one before as validation, ties in time already ordered as tempflow
 orders them. ``train`` fits SASRec (RecBole's implementation and trainer, cross-entropy over all
 items, early stopping on validation NDCG@10 as RecBole measures it) and saves each test user's
-scores over all items, in tempflow's item numbering. ``rank`` ranks those scores with
+scores over all items, in tempflow's item numbering, and a record of the training
+(``train-sN.json``: the validation curve, the epoch kept, seconds). ``rank`` ranks those scores with
 ``stages.recsys.metrics`` under the chosen protocol (seen items removed by default) and writes a
 record of `tempflow rec eval`'s form, so that the benchmark compares SASRec with tempflow's models
 target by target.
@@ -136,13 +137,15 @@ def train(args: argparse.Namespace) -> None:
     record = {"seed": args.seed, "best_valid_ndcg@10": float(best_valid), "recbole_test": dict(test),
               "seconds": time.perf_counter() - began, "config": _recbole_config(args),
               "epochs_run": len(trainer.train_loss_dict), "threads": args.threads, "validation_ndcg@10": curve,
-              "selected_epoch": curve.index(max(curve)) + 1}  # RecBole keeps the first best epoch, from 1
+              "selected_epoch": len(curve) - curve[::-1].index(max(curve))}  # RecBole keeps the last of equal
+    # best scores (its early_stopping updates on >=, and its metrics are rounded to 4 decimals); from 1
     (args.dir / f"train-s{args.seed}.json").write_text(json.dumps(record, indent=2, default=float) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "config"}, indent=2, default=float))
 
 
 def rank(args: argparse.Namespace) -> None:
-    """The saved scores ranked as `tempflow rec eval` ranks a model's logits, written in its form."""
+    """The saved scores ranked as `tempflow rec eval` ranks a model's logits, written in its form with
+    what train's record says of the training (epochs run, the epoch kept, seconds)."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     import numpy as np
     import torch
@@ -160,7 +163,10 @@ def rank(args: argparse.Namespace) -> None:
                          f"and {sessions.n_items + 1} columns: export and train from these sessions")
     seen = seen_mask(targets.seen, scores.shape[1]) if args.protocol == "seen-removed" else None
     rank_of = ranks(scores, torch.tensor([t for _, t in targets.pairs]), seen).numpy()
-    trained = json.loads((args.dir / f"train-s{args.seed}.json").read_text())
+    record = args.dir / f"train-s{args.seed}.json"
+    if not record.is_file():
+        raise SystemExit(f"{record} is missing: rank reads the scores and the record that train wrote together")
+    trained = json.loads(record.read_text())
     metrics = {"policy": str(args.dir), "algo": "recbole-sasrec", "split": "test", "seed": args.seed,
                **eval_record(rank_of, sessions, targets, args.protocol),
                "training": {"selected_epoch": trained.get("selected_epoch"), "epochs_run": trained["epochs_run"],
