@@ -108,6 +108,19 @@ def copy_project(work: Path, files: tuple[str, ...], folders: tuple[str, ...]) -
     return work
 
 
+def load_example(relative: str, name: str):
+    """The script at ``relative`` (from the repository root, e.g. ``examples/recsys/benchmark.py``)
+    loaded as a module called ``name``, registered in ``sys.modules`` while it runs (dataclasses
+    look their module up there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / relative)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def tool_env(**extra: str) -> dict[str, str]:
     """This environment with the test interpreter's scripts (tempflow, dvc) first on PATH."""
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **extra}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from tests.conftest import load_example
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,11 +68,7 @@ def test_quick_benchmark_writes_table_plot_and_measurements(tmp_path):
 
 
 def _benchmark_module():
-    spec = importlib.util.spec_from_file_location("benchmark", REPO / "examples/benchmark/benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
-    spec.loader.exec_module(module)
-    return module
+    return load_example("examples/benchmark/benchmark.py", "benchmark")
 
 
 def test_finished_runs_are_kept_only_for_the_same_settings(tmp_path):
@@ -100,10 +97,7 @@ def test_base_digest_follows_contents_not_path(tmp_path):
 
 
 def _stats_module():
-    spec = importlib.util.spec_from_file_location("stats", REPO / "examples/benchmark/stats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("examples/benchmark/stats.py", "stats")
 
 
 def test_paired_difference_hand_computed():
@@ -154,9 +148,7 @@ def test_reach_reads_kept_runs_and_finds_each_target_by_hand(tmp_path):
     """Two seeds of flow-grpo and of tempflow, hand-made curves: the targets are flow-grpo's mean
     final and mean last-three validation rewards, and each seed reaches them where the curve first
     gets there."""
-    spec = importlib.util.spec_from_file_location("reach", REPO / "examples/benchmark/reach.py")
-    reach = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(reach)
+    reach = load_example("examples/benchmark/reach.py", "reach")
 
     def curve(vals, step):
         return [{"nfe": i * step, "val_reward": v, "test_images": [v, v + 0.1]} for i, v in enumerate(vals)]

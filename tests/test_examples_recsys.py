@@ -5,7 +5,6 @@ and that its ranks under `all-items` reproduce RecBole's own test metrics.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 
 from stages.artifacts.sessions import write_sessions
 from stages.recsys.data import Events, PrepareConfig, build_sessions
+from tests.conftest import load_example
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "examples/recsys/recbole_sasrec.py"
@@ -72,10 +72,7 @@ def test_rank_ranks_saved_scores_under_either_protocol_by_hand(tmp_path):
 
 
 def _benchmark():
-    spec = importlib.util.spec_from_file_location("recsys_benchmark", REPO / "examples/recsys/benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("examples/recsys/benchmark.py", "recsys_benchmark")
 
 
 def test_benchmark_chooses_each_crr_option_on_validation_by_hand():

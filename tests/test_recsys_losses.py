@@ -3,10 +3,8 @@ against tianshou's discrete CRR (its formulas quoted, and tianshou itself), SQN 
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from stages.recsys import losses
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import load_example
 
 
 def test_crr_target_advantage_and_weights_by_hand():
@@ -122,9 +119,7 @@ def test_crr_matches_tianshou_itself():
     set-up installs tianshou 2.0.1 (tests/requirements-no-deps.txt), so this runs in CI."""
     import tianshou  # noqa: F401  (a missing install fails here, loudly, rather than skipping)
 
-    spec = importlib.util.spec_from_file_location("check_tianshou", REPO / "examples/recsys/check_tianshou.py")
-    check = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check)
+    check = load_example("examples/recsys/check_tianshou.py", "check_tianshou")
     for mode in ("binary", "exp"):
         r = check.compare(mode)
         assert check.agrees(r["tempflow_actor"], r["tianshou_actor_per_transition"]), r
